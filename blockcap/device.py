@@ -1,0 +1,27 @@
+"""Device selection: CUDA when present, with a clear error for a device that is not there."""
+
+from __future__ import annotations
+
+import torch
+
+from blockcap.errors import BlockcapError
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """``name`` as a torch device, checked to exist; ``None`` means CUDA when available, else CPU."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise BlockcapError(f"device={name!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BlockcapError(f"device={name!r} asked for, but no CUDA GPU is available; use --device=cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise BlockcapError(
+                f"device={name!r} does not exist: {torch.cuda.device_count()} GPU(s); use cuda:0..cuda:{torch.cuda.device_count() - 1}"
+            )
+    elif dev.type not in ("cpu", "mps"):
+        raise BlockcapError(f"device={name!r} is not supported; use cpu or cuda")
+    return dev

@@ -1,0 +1,383 @@
+"""The main job: validate, load, open or create the store, capture every pending chunk, finish.
+
+``run()`` is the library entry point; ``python -m blockcap run`` is a thin shell over it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numcodecs
+import torch
+import zarr
+from tqdm import tqdm
+
+from blockcap import __version__
+from blockcap.capture import CaptureModule
+from blockcap.checkpoint import BUNDLED, load_checkpoint
+from blockcap.codecs import DEFAULT_CODEC, DEFAULT_DTYPE, compressors, storage_dtype
+from blockcap.data import (
+    SPLITS,
+    TRAIN_FRACTION,
+    CharTokenizer,
+    Windows,
+    read_text,
+    resolve_dataset,
+    sha256_file,
+    split_tokens,
+    window_count,
+)
+from blockcap.device import pick_device
+from blockcap.errors import BlockcapError
+from blockcap.store import (
+    COMPLETE,
+    DEFAULT_SITES,
+    SITES,
+    VECTOR_SITES,
+    Layout,
+    choose_chunk_windows,
+    create,
+    is_blockcap_store,
+    meta,
+    open_group,
+    read_committed,
+    remove_partial_files,
+    aside_path,
+    set_aside,
+    update_meta,
+)
+from blockcap.writer import SlabWriter
+
+
+class Interrupted(BlockcapError):
+    """The run was stopped by SIGINT/SIGTERM; the store is consistent and resumable."""
+
+
+@dataclass
+class Summary:
+    """What a run did, for the CLI's closing lines and for callers."""
+
+    path: Path
+    status: str  # "complete" (just finished), "already complete", or "resumed"
+    n_windows: int
+    windows_computed: int
+    tokens: int
+    raw_bytes: int
+    stored_bytes: int
+    seconds: float
+
+    def lines(self) -> list[str]:
+        ratio = self.raw_bytes / max(1, self.stored_bytes)
+        rate = self.windows_computed * self.tokens / max(1, self.n_windows) / max(1e-9, self.seconds)
+        return [
+            f"{self.status}: {self.path}",
+            f"  windows {self.n_windows:,} ({self.windows_computed:,} computed now), tokens {self.tokens:,}",
+            f"  bytes raw {self.raw_bytes / 1e6:,.1f} MB, stored {self.stored_bytes / 1e6:,.1f} MB, ratio {ratio:.2f}x",
+            f"  time {self.seconds:.1f} s, {rate:,.0f} tokens/s",
+        ]
+
+
+def parse_blocks(block_idx: Any, n_layer: int) -> tuple[int, ...]:
+    """``block_idx`` as sorted unique ints: an int, a list/tuple of ints, "0,2" or "all"."""
+    if isinstance(block_idx, str):
+        if block_idx.strip() == "all":
+            return tuple(range(n_layer))
+        parts: list[Any] = [p.strip() for p in block_idx.split(",") if p.strip()]
+    elif isinstance(block_idx, (list, tuple)):
+        parts = list(block_idx)
+    else:
+        parts = [block_idx]
+    blocks = []
+    for p in parts:
+        value = p
+        if isinstance(p, str):
+            try:
+                value = int(p)
+            except ValueError:
+                value = p
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < n_layer:
+            raise BlockcapError(
+                f"block_idx={p!r} is not a block of this model; use an integer in 0..{n_layer - 1}, a list, or all"
+            )
+        blocks.append(value)
+    if not blocks:
+        raise BlockcapError(f"block_idx={block_idx!r} names no block; use an integer in 0..{n_layer - 1}")
+    return tuple(sorted(set(blocks)))
+
+
+def parse_sites(sites: Any) -> tuple[str, ...]:
+    """Site names in canonical order; "all" is every vector site (attention is opt-in)."""
+    names = [s.strip() for s in sites.split(",")] if isinstance(sites, str) else list(sites or ())
+    names = [n for n in names if n]
+    if "all" in names:
+        names = [n for n in names if n != "all"] + list(VECTOR_SITES)
+    bad = [n for n in names if n not in SITES]
+    if bad or not names:
+        raise BlockcapError(
+            f"sites={sites!r} {'has unknown ' + repr(bad[0]) if bad else 'is empty'}; "
+            f"use a comma list of {', '.join(SITES)} or all"
+        )
+    return tuple(s for s in SITES if s in names)
+
+
+def _positive(name: str, value: Any, upper: int | None = None) -> int:
+    hi = f"..{upper}" if upper else " or more"
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (upper and value > upper):
+        raise BlockcapError(f"{name}={value!r} is out of range; use an integer 1{hi}")
+    return value
+
+
+def _json(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt in the main thread, so both stop the same clean way."""
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stored_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _open_or_create(out: Path, layout: Layout, params: dict, attrs: dict, overwrite: bool):
+    """(group, committed-chunk mask), or (group, None) for a new store or a complete one.
+
+    A store replaced with ``overwrite`` is moved aside, not deleted, until the new one completes.
+    """
+    if out.exists() and not out.is_dir():
+        raise BlockcapError(f"out={str(out)!r} is a file; pass a directory path for the store with --out")
+    if out.exists():
+        if is_blockcap_store(out):
+            group = open_group(out, mode="r+")
+            old = meta(group).get("params", {})
+            if old == params:
+                if meta(group).get("state") == COMPLETE:
+                    return group, None
+                remove_partial_files(out)
+                return group, read_committed(group)
+            if not overwrite:
+                diff = ", ".join(f"{k} {old.get(k)!r} -> {v!r}" for k, v in params.items() if old.get(k) != v)
+                raise BlockcapError(
+                    f"store {out} holds a capture with other parameters ({diff}); "
+                    f"use another --out, or --overwrite to replace it"
+                )
+            set_aside(out)
+        elif any(out.iterdir()):
+            raise BlockcapError(
+                f"out={str(out)!r} exists and is not a blockcap store; refusing to touch it, choose another --out"
+            )
+    parent = out.absolute().parent
+    if not parent.is_dir():
+        raise BlockcapError(f"out={str(out)!r}: directory {parent} does not exist; create it or choose another --out")
+    if not os.access(parent, os.W_OK):
+        raise BlockcapError(f"out={str(out)!r}: directory {parent} is not writable; choose another --out")
+    return create(out, layout, {**attrs, "params": params}), None
+
+
+def run(
+    block_idx: Any = 0,
+    weights: str | None = None,
+    dataset: str | None = None,
+    out: str | None = None,
+    sites: Any = DEFAULT_SITES,
+    sample_len: int = 3,
+    stride: int = 96,
+    batch_size: int = 64,
+    split: str = "val",
+    dtype: str = DEFAULT_DTYPE,
+    codec: str = DEFAULT_CODEC,
+    device: str | None = None,
+    compile: bool = False,
+    fused: bool = False,
+    overwrite: bool = False,
+    writers: int = 2,
+    progress: bool = True,
+    command: str | None = None,
+) -> Summary:
+    """Capture block internals for every window of a dataset into a Zarr store.
+
+    Re-running with the same arguments resumes an interrupted store, or leaves a complete one
+    untouched. Every argument is checked before a store is created or changed.
+
+    Args:
+      block_idx: block to capture: an int, a list (0,2) or all.
+      weights: blockcap checkpoint or original state dict (default: the bundled model).
+      dataset: text file (default: $BLOCKCAP_DATASET, else TinyShakespeare, downloaded once).
+      out: store path (default: block{b}_internals.zarr).
+      sites: comma list of block_input, heads_output, proj_output, resid_mid, ffwd_output,
+        block_output, attention; or all (every site but attention).
+      sample_len: tokens per window (1..block_size).
+      stride: tokens between window starts.
+      batch_size: windows per forward pass.
+      split: val, train or all.
+      dtype: float32 (exact), float16 or bfloat16 storage.
+      codec: blosc-lz4, blosc-zstd, zstd or none, optionally name:level.
+      device: cpu, cuda or cuda:N (default: cuda when available).
+      compile: torch.compile the capture module.
+      fused: one q/k/v matmul and SDPA (faster; within a tested tolerance, not bitwise).
+      overwrite: replace a store captured with other parameters.
+      writers: background writer threads.
+      progress: show a progress bar.
+      command: the command line to show in the resume hint.
+    """
+    t0 = time.perf_counter()
+    # Checks that need no files come first, so a typo fails at once.
+    sites_t = parse_sites(sites)
+    _positive("stride", stride)
+    _positive("batch_size", batch_size)
+    _positive("writers", writers)
+    if split not in SPLITS:
+        raise BlockcapError(f"split={split!r} is unknown; use one of {', '.join(SPLITS)}")
+    sdtype = storage_dtype(dtype)
+    compressors(codec)
+    if not isinstance(sample_len, int) or isinstance(sample_len, bool):
+        raise BlockcapError(f"sample_len={sample_len!r} is not an integer; use 1..block_size")
+    dev = pick_device(device)
+
+    loaded = load_checkpoint(weights)
+    cfg = loaded.model.config
+    blocks = parse_blocks(block_idx, cfg.n_layer)
+    _positive("sample_len", sample_len, cfg.block_size)
+
+    data_path = resolve_dataset(dataset)
+    text = read_text(data_path)
+    tok = CharTokenizer(loaded.vocab) if loaded.vocab is not None else CharTokenizer.from_text(text)
+    if loaded.vocab is None and len(tok) != cfg.vocab_size:
+        raise BlockcapError(
+            f"dataset {data_path} has {len(tok)} distinct characters but weights {loaded.path} "
+            f"expect {cfg.vocab_size}; use the dataset the weights were trained on"
+        )
+    tok.check_covers(text, f"dataset {data_path}")
+    stream = split_tokens(torch.tensor(tok.encode(text), dtype=torch.long), split)
+    windows = Windows(stream, sample_len, stride)
+    n_windows = len(windows)
+    if n_windows == 0:
+        raise BlockcapError(
+            f"the {split} split of {data_path} has {len(stream)} tokens, fewer than one window "
+            f"(sample_len={sample_len}); use a smaller --sample_len or a longer dataset"
+        )
+
+    per_window = sample_len * cfg.n_embed * sdtype.zarr_dtype.itemsize
+    layout = Layout(
+        n_windows=n_windows, sample_len=sample_len, n_embed=cfg.n_embed, n_head=cfg.n_head,
+        vocab_size=cfg.vocab_size, blocks=blocks, sites=sites_t, dtype=sdtype, codec=codec,
+        chunk_windows=choose_chunk_windows(batch_size, per_window),
+    )
+    params = _json({
+        "weights_sha256": loaded.sha256, "dataset_sha256": sha256_file(data_path), "split": split,
+        "train_fraction": TRAIN_FRACTION, "sample_len": sample_len, "stride": stride,
+        "batch_size": batch_size, "blocks": blocks, "sites": sites_t, "dtype": dtype, "codec": codec,
+        "fused": fused, "compile": compile, "device_type": dev.type, "n_windows": n_windows,
+        "chunk_windows": layout.chunk_windows,
+    })
+    attrs = _json({
+        "blockcap_version": __version__, "torch_version": torch.__version__,
+        "zarr_version": zarr.__version__, "numcodecs_version": numcodecs.__version__,
+        "model_config": cfg.to_dict(), "weights_path": "bundled" if weights in (None, BUNDLED) else str(loaded.path),
+        "weights_meta": loaded.meta, "vocab": tok.vocab, "dataset_name": data_path.name,
+        "dataset_path": str(data_path.absolute()), "device": str(dev),
+        "command": command or "", "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    })
+    out_path = Path(out or f"block{'_'.join(map(str, blocks))}_internals.zarr")
+    group, committed = _open_or_create(out_path, layout, params, attrs, overwrite)
+    tokens_total = n_windows * sample_len
+    raw = sum(
+        torch.Size(layout.site_shape(s)).numel() * 4 for _, s in layout.outputs()
+    )
+    if meta(group).get("state") == COMPLETE:
+        return Summary(out_path, "already complete", n_windows, 0, tokens_total, raw,
+                       _stored_bytes(out_path), time.perf_counter() - t0)
+    resumed = committed is not None and bool(committed.any())
+
+    module = CaptureModule(loaded.model, blocks, sites_t, fused=fused).to(dev)
+    if compile:
+        module = torch.compile(module, fullgraph=True)
+    unit = max(layout.chunk_windows, batch_size)
+    per_unit = unit // layout.chunk_windows
+    todo = [
+        u for u in range(-(-n_windows // unit))
+        if committed is None or not committed[u * per_unit : (u + 1) * per_unit].all()
+    ]
+    writer = SlabWriter(group, layout, unit, workers=writers, pin=dev.type == "cuda")
+    bar = tqdm(
+        total=n_windows, initial=n_windows - sum(min(unit, n_windows - u * unit) for u in todo),
+        unit="win", desc=f"capture {out_path.name}", disable=not progress, dynamic_ncols=True,
+    )
+    computed = 0
+    try:
+        with _sigterm_as_interrupt(), torch.inference_mode():
+            for u in todo:
+                lo, hi = u * unit, min((u + 1) * unit, n_windows)
+                slab = writer.take()
+                slab.lo, slab.hi = lo, hi
+                for b_lo in range(lo, hi, batch_size):
+                    b_hi = min(b_lo + batch_size, hi)
+                    idx = windows.get(b_lo, b_hi)
+                    slab.tokens[b_lo - lo : b_hi - lo] = idx.numpy()
+                    slab.offsets[b_lo - lo : b_hi - lo] = windows.offsets(b_lo, b_hi).numpy()
+                    outs = module(idx.to(dev, non_blocking=True))
+                    for buf, o in zip(slab.sites, outs, strict=True):
+                        buf[b_lo - lo : b_hi - lo].copy_(o, non_blocking=True)
+                    bar.update(b_hi - b_lo)
+                    bar.set_postfix_str(f"{bar.format_dict['rate'] or 0:,.0f} win/s", refresh=False)
+                if dev.type == "cuda":
+                    slab.event = torch.cuda.Event()
+                    slab.event.record()
+                writer.submit(slab)
+                computed += hi - lo
+            writer.close()
+            writer.raise_error()
+    except KeyboardInterrupt:
+        writer.close()
+        bar.close()
+        done = int(read_committed(group).sum())
+        raise Interrupted(
+            f"interrupted: {done} of {layout.n_chunks} chunks of {out_path} are committed, the store is "
+            f"incomplete; to resume, re-run {command or 'the same command'}"
+        ) from None
+    except OSError as e:
+        writer.close()
+        bar.close()
+        raise BlockcapError(
+            f"writing {out_path} failed ({e}); the store is incomplete and resumable: "
+            f"fix the cause (e.g. free disk space) and re-run the same command"
+        ) from None
+    except BaseException:
+        writer.close()
+        raise
+    bar.close()
+    if not read_committed(group).all():
+        raise BlockcapError(f"store {out_path} has uncommitted chunks after the run; re-run the same command")
+    update_meta(group, state=COMPLETE, finished=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
+    shutil.rmtree(aside_path(out_path), ignore_errors=True)
+    return Summary(out_path, "resumed and completed" if resumed else COMPLETE, n_windows, computed,
+                   tokens_total, raw, _stored_bytes(out_path), time.perf_counter() - t0)
+
+
+def default_command() -> str:
+    """The command line that started this process, for the resume hint."""
+    return " ".join(["python -m blockcap", *sys.argv[1:]])

@@ -138,6 +138,17 @@ def _positive(name: str, value: Any, upper: int | None = None) -> int:
     return value
 
 
+def _chunking(chunk_windows: int | None, batch_size: int, bytes_per_window: int) -> int:
+    if chunk_windows is None:
+        return choose_chunk_windows(batch_size, bytes_per_window)
+    _positive("chunk_windows", chunk_windows)
+    if chunk_windows % batch_size and batch_size % chunk_windows:
+        raise BlockcapError(
+            f"chunk_windows={chunk_windows} must be a multiple or a divisor of batch_size={batch_size}"
+        )
+    return chunk_windows
+
+
 def _json(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
@@ -215,6 +226,7 @@ def run(
     fused: bool = False,
     overwrite: bool = False,
     writers: int = 2,
+    chunk_windows: int | None = None,
     progress: bool = True,
     command: str | None = None,
 ) -> Summary:
@@ -241,6 +253,7 @@ def run(
       fused: one q/k/v matmul and SDPA (faster; within a tested tolerance, not bitwise).
       overwrite: replace a store captured with other parameters.
       writers: background writer threads.
+      chunk_windows: windows per chunk, a multiple or divisor of batch_size (default: ~2 MB chunks).
       progress: show a progress bar.
       command: the command line to show in the resume hint.
     """
@@ -285,7 +298,7 @@ def run(
     layout = Layout(
         n_windows=n_windows, sample_len=sample_len, n_embed=cfg.n_embed, n_head=cfg.n_head,
         vocab_size=cfg.vocab_size, blocks=blocks, sites=sites_t, dtype=sdtype, codec=codec,
-        chunk_windows=choose_chunk_windows(batch_size, per_window),
+        chunk_windows=_chunking(chunk_windows, batch_size, per_window),
     )
     params = _json({
         "weights_sha256": loaded.sha256, "dataset_sha256": sha256_file(data_path), "split": split,

@@ -1,0 +1,68 @@
+"""Shared fixtures: a small synthetic corpus and small random models, made fresh, offline."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from blockcap.checkpoint import save_checkpoint
+from blockcap.data import CharTokenizer
+from blockcap.model import GPT, GPTConfig
+
+REAL_DATASET_ENV = "BLOCKCAP_TEST_DATASET"
+TINY = GPTConfig(vocab_size=0, n_embed=32, n_head=4, n_layer=3, block_size=32, dropout=0.0)
+
+
+def make_text(n_chars: int = 6000, seed: int = 0) -> str:
+    """Shakespeare-ish lines from a fixed word list: deterministic and small."""
+    rng = random.Random(seed)
+    words = "thou art the king my lord and shall not be what is love; fair sweet! O death, come hither?".split()
+    lines = []
+    while sum(map(len, lines)) < n_chars:
+        lines.append(" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))).capitalize() + ".\n")
+    return "".join(lines)[:n_chars]
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "tiny.txt"
+    path.write_text(make_text())
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(text_file) -> tuple[GPT, CharTokenizer]:
+    tok = CharTokenizer.from_text(text_file.read_text())
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**TINY.to_dict(), "vocab_size": len(tok)})).eval()
+    return model, tok
+
+
+@pytest.fixture(scope="session")
+def ckpt(tiny_model, tmp_path_factory) -> Path:
+    model, tok = tiny_model
+    path = tmp_path_factory.mktemp("weights") / "tiny.pt"
+    save_checkpoint(path, model, tok.vocab, {"note": "random init for tests"})
+    return path
+
+
+@pytest.fixture
+def run_args(ckpt, text_file, tmp_path) -> dict:
+    """Arguments for a quick ``blockcap.run`` on the tiny model and corpus."""
+    return {
+        "weights": str(ckpt), "dataset": str(text_file), "out": str(tmp_path / "s.zarr"),
+        "sample_len": 8, "stride": 5, "batch_size": 16, "progress": False,
+    }
+
+
+@pytest.fixture(scope="session")
+def real_dataset() -> Path:
+    """The real TinyShakespeare text when a path is given by environment; skipped otherwise."""
+    p = os.environ.get(REAL_DATASET_ENV)
+    if not p or not Path(p).is_file():
+        pytest.skip(f"set {REAL_DATASET_ENV} to the TinyShakespeare text to run this test")
+    return Path(p)

@@ -1,0 +1,174 @@
+"""The main job end to end: store contents, layout contract, options, existing stores."""
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+import blockcap
+from blockcap.capture import CaptureModule
+from blockcap.checkpoint import load_checkpoint
+from blockcap.data import CharTokenizer, Windows, split_tokens
+from blockcap.errors import BlockcapError
+from blockcap.store import DEFAULT_SITES
+
+
+def expected(run_args, blocks, sites, split="val"):
+    """Windows, offsets and captures computed directly, batch by batch, without the pipeline."""
+    loaded = load_checkpoint(run_args["weights"])
+    tok = CharTokenizer(loaded.vocab)
+    text = open(run_args["dataset"]).read()
+    stream = split_tokens(torch.tensor(tok.encode(text)), split)
+    direct = stream.unfold(0, run_args["sample_len"], run_args["stride"])
+    module = CaptureModule(loaded.model, blocks, sites)
+    bs = run_args["batch_size"]
+    with torch.inference_mode():
+        parts = [module(direct[i : i + bs]) for i in range(0, len(direct), bs)]
+    outs = {key: torch.cat([p[k] for p in parts]) for k, key in enumerate(module.outputs)}
+    return direct, outs, tok
+
+
+def test_store_matches_direct_capture(run_args):
+    summary = blockcap.run(**run_args)
+    direct, outs, tok = expected(run_args, (0,), DEFAULT_SITES)
+    assert summary.n_windows == len(direct) and summary.status == "complete"
+    s = blockcap.open_store(run_args["out"])
+    assert s.complete and s.blocks == (0,) and s.sites == DEFAULT_SITES
+    assert torch.equal(s.tokens[:].long(), direct)
+    assert torch.equal(s.offsets[:], torch.arange(len(direct)) * run_args["stride"])
+    for (b, site), value in outs.items():
+        assert torch.equal(s.site(site, b)[:], value), site  # float32 storage is bit-exact
+    assert s.text(3) == tok.decode(direct[3].tolist())
+    assert s.substring(3, 2) == s.text(3)[:3]
+
+
+def test_layout_readable_with_plain_zarr(run_args):
+    blockcap.run(**{**run_args, "sites": "all,attention"})
+    g = zarr.open_group(run_args["out"], mode="r")
+    n, T = g["tokens"].shape
+    assert g["tokens"].dtype == np.uint8
+    assert g["offsets"].dtype == np.int64
+    assert g["block0/ffwd_output"].shape == (n, T, 32)
+    assert g["block0/attention"].shape == (n, 4, T, T)
+    assert g["block0/ffwd_output"].metadata.dimension_names == ("window", "position", "embed")
+    assert g["block0/attention"].metadata.dimension_names == ("window", "head", "query", "key")
+    assert g["tokens"].metadata.dimension_names == ("window", "position")
+    assert [c.to_dict()["name"] for c in g["block0/ffwd_output"].compressors][-1] == "crc32c"
+    m = g.attrs["blockcap"]
+    for key in ("blockcap_version", "torch_version", "zarr_version", "model_config", "weights_path",
+                "vocab", "dataset_name", "dataset_path", "device", "started", "finished", "params"):
+        assert key in m, key
+    for key in ("weights_sha256", "dataset_sha256", "split", "train_fraction", "sample_len", "stride",
+                "batch_size", "blocks", "sites", "dtype", "codec", "compile"):
+        assert key in m["params"], key
+    assert m["state"] == "complete"
+    attn = np.asarray(g["block0/attention"][:5])
+    np.testing.assert_allclose(attn.sum(-1), 1.0, rtol=1e-5)  # softmax rows
+    assert np.all(np.triu(attn[0, 0], 1) == 0)  # causal
+
+
+def test_multi_block_single_pass_equals_separate_runs(run_args, tmp_path):
+    blockcap.run(**{**run_args, "block_idx": "0,2"})
+    both = blockcap.open_store(run_args["out"])
+    for b in (0, 2):
+        alone = blockcap.run(**{**run_args, "block_idx": b, "out": str(tmp_path / f"b{b}.zarr")})
+        s = blockcap.open_store(alone.path)
+        for site in DEFAULT_SITES:
+            assert torch.equal(s.site(site)[:], both.site(site, b)[:])
+
+
+@pytest.mark.parametrize("dtype, tol", [("float16", 1e-3), ("bfloat16", 8e-3)])
+def test_reduced_precision_storage(run_args, dtype, tol):
+    blockcap.run(**{**run_args, "dtype": dtype})
+    _, outs, _ = expected(run_args, (0,), DEFAULT_SITES)
+    s = blockcap.open_store(run_args["out"])
+    got = s.site("ffwd_output")[:]
+    assert got.dtype == getattr(torch, dtype)
+    want = outs[(0, "ffwd_output")]
+    assert torch.equal(got, want.to(getattr(torch, dtype)))  # round-to-nearest, nothing else
+    assert ((got.float() - want).abs() <= tol * want.abs().clamp_min(1e-3)).all()
+    # numpy has float16 but no bfloat16: bfloat16 widens to float32
+    assert s.site("ffwd_output").np[:2].dtype == (np.float32 if dtype == "bfloat16" else np.float16)
+
+
+@pytest.mark.parametrize("codec", ["none", "zstd", "zstd:1", "blosc-zstd", "blosc-lz4:9"])
+def test_codecs_round_trip(run_args, codec):
+    blockcap.run(**{**run_args, "codec": codec, "sites": "proj_output"})
+    _, outs, _ = expected(run_args, (0,), ("proj_output",))
+    s = blockcap.open_store(run_args["out"])
+    assert torch.equal(s.site("proj_output")[:], outs[(0, "proj_output")])
+    assert s.params["codec"] == codec
+
+
+def test_chunk_aligned_small_chunks(run_args):
+    blockcap.run(**{**run_args, "chunk_windows": 8})
+    _, outs, _ = expected(run_args, (0,), DEFAULT_SITES)
+    g = zarr.open_group(run_args["out"], mode="r")
+    assert g["block0/heads_output"].chunks[0] == 8
+    assert np.asarray(g["committed"][:]).all()
+    assert torch.equal(blockcap.open_store(run_args["out"]).site("heads_output")[:], outs[(0, "heads_output")])
+
+
+def test_reader_views_and_results(run_args):
+    blockcap.run(**{**run_args, "block_idx": (0, 1)})
+    s = blockcap.open_store(run_args["out"])
+    heads = s.heads(1)
+    assert heads.shape == (s.n_windows, 8, 4, 8)
+    assert torch.equal(heads[2:4].flatten(-2), s.site("heads_output", 1)[2:4])
+    records = list(s.results(block=1))
+    assert len(records) == s.n_windows * 8
+    r = records[8 * 5 + 3]
+    assert (r.window, r.position, r.substring) == (5, 3, s.substring(5, 3))
+    assert torch.equal(r.vectors["ffwd_output"], s.site("ffwd_output", 1)[5, 3])
+    with pytest.raises(BlockcapError, match="pass block="):
+        s.site("ffwd_output")
+    with pytest.raises(BlockcapError, match="was not captured"):
+        s.site("resid_mid", 0)
+
+
+def test_complete_store_is_left_untouched(run_args):
+    blockcap.run(**run_args)
+    before = {p: p.stat().st_mtime_ns for p in __import__("pathlib").Path(run_args["out"]).rglob("*")}
+    again = blockcap.run(**run_args)
+    assert again.status == "already complete" and again.windows_computed == 0
+    after = {p: p.stat().st_mtime_ns for p in __import__("pathlib").Path(run_args["out"]).rglob("*")}
+    assert before == after
+
+
+def test_other_parameters_refused_then_overwritten(run_args):
+    blockcap.run(**run_args)
+    with pytest.raises(BlockcapError, match=r"other parameters \(stride 5 -> 7"):
+        blockcap.run(**{**run_args, "stride": 7})
+    assert blockcap.open_store(run_args["out"]).params["stride"] == 5  # nothing lost
+    blockcap.run(**{**run_args, "stride": 7, "overwrite": True})
+    assert blockcap.open_store(run_args["out"]).params["stride"] == 7
+    assert not __import__("pathlib").Path(run_args["out"] + ".replaced").exists()
+
+
+def test_fused_run_within_tolerance(run_args):
+    from blockcap.capture import FUSED_TOLERANCE
+
+    blockcap.run(**{**run_args, "fused": True})
+    _, outs, _ = expected(run_args, (0,), DEFAULT_SITES)
+    s = blockcap.open_store(run_args["out"])
+    for site in DEFAULT_SITES:
+        want = outs[(0, site)]
+        assert (s.site(site)[:] - want).abs().max() <= FUSED_TOLERANCE * want.abs().max()
+
+
+def test_train_split_and_all(run_args):
+    for split in ("train", "all"):
+        blockcap.run(**{**run_args, "split": split, "sites": "block_output", "overwrite": True})
+        direct, outs, _ = expected(run_args, (0,), ("block_output",), split=split)
+        s = blockcap.open_store(run_args["out"])
+        assert torch.equal(s.site("block_output")[:], outs[(0, "block_output")])
+
+
+def test_default_run_gives_1162_windows_on_the_real_text(real_dataset, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    summary = blockcap.run(dataset=str(real_dataset), progress=False)
+    assert summary.n_windows == 1162
+    assert summary.path.name == "block0_internals.zarr"
+    s = blockcap.open_store(tmp_path / "block0_internals.zarr")
+    assert s.site("heads_output").shape == (1162, 3, 96)
+    assert s.text(0) == real_dataset.read_text()[int(0.9 * 1115394) :][:3]

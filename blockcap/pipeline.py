@@ -324,7 +324,7 @@ def run(
     if meta(group).get("state") == COMPLETE:
         return Summary(out_path, "already complete", n_windows, 0, tokens_total, raw,
                        _stored_bytes(out_path), time.perf_counter() - t0)
-    resumed = committed is not None and bool(committed.any())
+    resumed = committed is not None
 
     module = CaptureModule(loaded.model, blocks, sites_t, fused=fused).to(dev)
     if compile:

@@ -1,0 +1,87 @@
+"""The fire CLI: commands, one-line errors, exit codes, and no store left behind by bad input."""
+
+import subprocess
+import sys
+
+import pytest
+
+from blockcap.cli import EXIT_ERROR, main
+
+
+def cli(*args: str) -> None:
+    main(list(args))
+
+
+def test_help_lists_commands():
+    out = subprocess.run([sys.executable, "-m", "blockcap", "--help"], capture_output=True, text=True,
+                         env={"PAGER": "cat", "PATH": ""}, check=False)
+    text = out.stdout + out.stderr
+    for command in ("run", "info", "verify", "train", "generate"):
+        assert command in text
+
+
+def test_run_info_verify(run_args, capsys):
+    a = run_args
+    cli("run", f"--weights={a['weights']}", f"--dataset={a['dataset']}", f"--out={a['out']}",
+        "--sample_len=8", "--stride=5", "--batch_size=16", "--block_idx=0,1", "--progress=False")
+    out = capsys.readouterr().out
+    assert "complete:" in out and "ratio" in out and "tokens/s" in out
+    cli("info", a["out"])
+    out = capsys.readouterr().out
+    for word in ("state: complete", "block1/ffwd_output", "blosc+crc32c", "raw", "stored", "provenance"):
+        assert word in out
+    cli("verify", a["out"])
+    assert "ok:" in capsys.readouterr().out
+
+
+BAD = [
+    (["--block_idx=6"], "block_idx=6 is not a block of this model; use an integer in 0..2"),
+    (["--block_idx=-1"], "block_idx=-1"),
+    (["--block_idx=1.5"], "block_idx=1.5"),
+    (["--block_idx=x"], "block_idx='x'"),
+    (["--sites=nope"], "sites='nope' has unknown 'nope'"),
+    (["--sites="], "is empty"),
+    (["--sample_len=0"], "sample_len=0 is out of range; use an integer 1..32"),
+    (["--sample_len=33"], "sample_len=33 is out of range"),
+    (["--stride=0"], "stride=0 is out of range"),
+    (["--batch_size=-4"], "batch_size=-4 is out of range"),
+    (["--dtype=float64"], "dtype='float64' is unknown"),
+    (["--codec=gzip"], "codec='gzip' is unknown"),
+    (["--codec=zstd:99"], "codec='zstd:99' has a bad level"),
+    (["--split=test"], "split='test' is unknown"),
+    (["--device=cuda:7"], "device='cuda:7'"),
+    (["--device=tpu"], "device='tpu'"),
+    (["--chunk_windows=5"], "chunk_windows=5 must be a multiple or a divisor of batch_size=16"),
+    (["--weights=/nonexistent.pt"], "weights file /nonexistent.pt does not exist"),
+    (["--dataset=/nonexistent.txt"], "dataset /nonexistent.txt does not exist"),
+]
+
+
+@pytest.mark.parametrize("extra, message", BAD, ids=[b[0][0] for b in BAD])
+def test_bad_arguments_fail_before_any_store(run_args, capsys, extra, message):
+    a = run_args
+    args = {"weights": a["weights"], "dataset": a["dataset"], "out": a["out"], "sample_len": "8",
+            "stride": "5", "batch_size": "16", "progress": "False"}
+    for e in extra:
+        key, _, value = e[2:].partition("=")
+        args[key] = value
+    with pytest.raises(SystemExit) as exc:
+        cli("run", *[f"--{k}={v}" for k, v in args.items()])
+    assert exc.value.code == EXIT_ERROR
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("blockcap: error: ") and message in err
+    assert len(err.splitlines()) == 1
+    assert not __import__("os").path.exists(a["out"])
+
+
+def test_unknown_flag_is_an_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli("run", "--no_such_flag=1")
+    assert exc.value.code != 0
+
+
+def test_verify_reports_problems_with_exit_1(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli("verify", str(tmp_path / "missing.zarr"))
+    assert exc.value.code == 1
+    assert "does not exist" in capsys.readouterr().err

@@ -1,0 +1,276 @@
+"""Crash safety, resume, integrity checks and bad input that loses nothing."""
+
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+import blockcap
+from blockcap.errors import BlockcapError
+from blockcap.reader import IncompleteStoreWarning
+
+ROOT = Path(__file__).resolve().parent.parent
+N_ARRAYS = 5  # tokens, offsets, three sites: data writes per slab, plus one commit write
+
+
+@pytest.fixture(scope="module")
+def crash_base(ckpt, text_file) -> list[str]:
+    return [
+        "run", f"--weights={ckpt}", f"--dataset={text_file}", "--split=all", "--sample_len=16",
+        "--stride=6", "--batch_size=16", "--chunk_windows=32", "--block_idx=2", "--progress=False",
+    ]
+
+
+@pytest.fixture
+def crash_args(crash_base, tmp_path) -> list[str]:
+    return [*crash_base, f"--out={tmp_path / 'crash.zarr'}"]
+
+
+@pytest.fixture(scope="module")
+def reference(crash_base, tmp_path_factory) -> Path:
+    """The same capture, uninterrupted."""
+    out = tmp_path_factory.mktemp("ref") / "ref.zarr"
+    subprocess.run([sys.executable, "-m", "blockcap", *crash_base, f"--out={out}"], check=True, cwd=ROOT,
+                   capture_output=True)
+    return out
+
+
+def data_files(store: Path) -> dict[str, bytes]:
+    """Every chunk file of every array, by relative path (metadata files excluded)."""
+    return {
+        str(p.relative_to(store)): p.read_bytes()
+        for p in sorted(store.rglob("*"))
+        if p.is_file() and p.name != "zarr.json"
+    }
+
+
+def assert_identical(store: Path, ref: Path) -> None:
+    a, b = zarr.open_group(str(store), mode="r"), zarr.open_group(str(ref), mode="r")
+    names = ["tokens", "offsets", "committed"] + [f"block2/{s}" for s in ("heads_output", "proj_output", "ffwd_output")]
+    for name in names:
+        assert np.asarray(a[name][:]).tobytes() == np.asarray(b[name][:]).tobytes(), name
+    assert data_files(store) == data_files(ref)  # the chunk files themselves, byte for byte
+    assert blockcap.verify(store) == []
+
+
+def n_chunks(ref: Path) -> int:
+    return zarr.open_group(str(ref), mode="r")["committed"].shape[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["early", "middle", "last chunk"])
+def test_sigkill_then_resume_is_bitwise_identical(crash_args, reference, tmp_path, where):
+    writes = n_chunks(reference) * (N_ARRAYS + 1)
+    kill_at = {"early": 2, "middle": writes // 2, "last chunk": writes - 3}[where]
+    proc = subprocess.run([sys.executable, "tests/killer.py", str(kill_at), *crash_args], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    store = tmp_path / "crash.zarr"
+    with pytest.warns(IncompleteStoreWarning):
+        s = blockcap.open_store(store)
+    assert not s.complete
+    assert s.committed_windows().sum() < s.n_windows
+    assert any("not 'complete'" in p for p in blockcap.verify(store))
+    done = subprocess.run([sys.executable, "-m", "blockcap", *crash_args], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "resumed and completed" in done.stdout
+    assert_identical(store, reference)
+
+
+@pytest.mark.slow
+def test_external_sigkill_mid_write_then_resume(crash_args, reference, tmp_path):
+    """A kill from outside at an arbitrary instant, possibly inside a file write."""
+    store = tmp_path / "crash.zarr"
+    proc = subprocess.Popen([sys.executable, "-m", "blockcap", *crash_args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    committed = store / "committed" / "c"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if committed.is_dir() and len(list(committed.iterdir())) >= 3:
+            break
+        time.sleep(0.002)
+    proc.kill()
+    proc.wait()
+    subprocess.run([sys.executable, "-m", "blockcap", *crash_args], cwd=ROOT, check=True, capture_output=True)
+    assert not list(store.rglob("*.partial"))
+    assert_identical(store, reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_stops_cleanly_and_resumes(crash_args, reference, tmp_path, sig):
+    store = tmp_path / "crash.zarr"
+    proc = subprocess.Popen([sys.executable, "-m", "blockcap", *crash_args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    committed = store / "committed" / "c"
+    while proc.poll() is None and not (committed.is_dir() and any(committed.iterdir())):
+        time.sleep(0.002)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    assert proc.returncode == 130, err
+    assert "interrupted:" in err and "to resume, re-run python -m blockcap run" in err
+    assert len(err.strip().splitlines()) == 1
+    assert zarr.open_group(str(store), mode="r").attrs["blockcap"]["state"] == "incomplete"
+    subprocess.run([sys.executable, "-m", "blockcap", *crash_args], cwd=ROOT, check=True, capture_output=True)
+    assert_identical(store, reference)
+
+
+@pytest.mark.slow
+def test_full_disk_stops_with_a_resumable_store(crash_args, reference, tmp_path):
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8000, 8000))
+
+    proc = subprocess.run([sys.executable, "-m", "blockcap", *crash_args], cwd=ROOT, capture_output=True,
+                          text=True, preexec_fn=limit_file_size)
+    assert proc.returncode == 2
+    err = proc.stderr.strip()
+    assert "failed" in err and "File too large" in err and "re-run the same command" in err
+    assert len(err.splitlines()) == 1
+    store = tmp_path / "crash.zarr"
+    assert zarr.open_group(str(store), mode="r").attrs["blockcap"]["state"] == "incomplete"
+    subprocess.run([sys.executable, "-m", "blockcap", *crash_args], cwd=ROOT, check=True, capture_output=True)
+    assert_identical(store, reference)
+
+
+def test_resume_refuses_other_parameters(run_args):
+    blockcap.run(**run_args)
+    g = zarr.open_group(run_args["out"], mode="r+")
+    g.attrs["blockcap"] = {**g.attrs["blockcap"], "state": "incomplete"}
+    with pytest.raises(BlockcapError, match="other parameters"):
+        blockcap.run(**{**run_args, "dtype": "float16"})
+    assert blockcap.run(**run_args).status == "resumed and completed"  # same parameters: finishes it
+
+
+def corrupt_first_chunk(store: Path, array: str, how: str) -> Path:
+    chunk = sorted(p for p in (store / array / "c").rglob("*") if p.is_file())[0]
+    data = bytearray(chunk.read_bytes())
+    if how == "flip":
+        data[len(data) // 2] ^= 0xFF
+    else:
+        data = data[: len(data) // 2]
+    chunk.write_bytes(bytes(data))
+    return chunk
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate"])
+def test_corrupted_chunks_are_detected(run_args, how, capsys):
+    blockcap.run(**{**run_args, "chunk_windows": 16})
+    store = Path(run_args["out"])
+    corrupt_first_chunk(store, "block0/proj_output", how)
+    s = blockcap.open_store(store)
+    assert s.site("heads_output")[:].shape[0] == s.n_windows  # other arrays still read
+    with pytest.raises(BlockcapError, match=r"block0/proj_output: chunk 0 \(windows 0..15\) is damaged"):
+        s.site("proj_output")[:20]
+    problems = blockcap.verify(store)
+    assert any("block0/proj_output chunk 0" in p for p in problems)
+    from blockcap.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["verify", str(store)])
+    assert exc.value.code == 1
+
+
+def test_verify_checks_tokens_against_dataset(run_args):
+    blockcap.run(**run_args)
+    g = zarr.open_group(run_args["out"], mode="r+")
+    toks = np.asarray(g["tokens"][:])
+    toks[0, 0] = (toks[0, 0] + 1) % 10
+    g["tokens"][:] = toks  # a valid chunk with the wrong content
+    assert any("tokens differ" in p for p in blockcap.verify(run_args["out"]))
+
+
+def test_open_store_errors(run_args, tmp_path):
+    with pytest.raises(BlockcapError, match="does not exist"):
+        blockcap.open_store(tmp_path / "missing.zarr")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(BlockcapError, match="not a Zarr v3 store"):
+        blockcap.open_store(tmp_path / "plain")
+    zarr.open_group(str(tmp_path / "other.zarr"), mode="w").attrs["x"] = 1
+    with pytest.raises(BlockcapError, match="not a blockcap store"):
+        blockcap.open_store(tmp_path / "other.zarr")
+    blockcap.run(**run_args)
+    g = zarr.open_group(run_args["out"], mode="r+")
+    g.attrs["blockcap"] = {**g.attrs["blockcap"], "format_version": 99}
+    with pytest.raises(BlockcapError, match="newer than this blockcap"):
+        blockcap.open_store(run_args["out"])
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(BlockcapError, match="is a file"):
+        blockcap.open_store(tmp_path / "f")
+
+
+def test_output_path_problems(run_args, tmp_path):
+    (tmp_path / "file").write_text("precious")
+    with pytest.raises(BlockcapError, match="is a file"):
+        blockcap.run(**{**run_args, "out": str(tmp_path / "file")})
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("precious")
+    for overwrite in (False, True):
+        with pytest.raises(BlockcapError, match="not a blockcap store; refusing"):
+            blockcap.run(**{**run_args, "out": str(other), "overwrite": overwrite})
+    assert (other / "notes.txt").read_text() == "precious"
+    with pytest.raises(BlockcapError, match="does not exist"):
+        blockcap.run(**{**run_args, "out": str(tmp_path / "no" / "such" / "s.zarr")})
+    if os.geteuid() != 0:  # root can write anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(BlockcapError, match="not writable"):
+            blockcap.run(**{**run_args, "out": str(locked / "s.zarr")})
+
+
+def test_dataset_problems(run_args, tmp_path, ckpt):
+    short = tmp_path / "short.txt"
+    short.write_text(open(run_args["dataset"]).read()[:40])
+    with pytest.raises(BlockcapError, match="fewer than one window"):
+        blockcap.run(**{**run_args, "dataset": str(short)})
+    alien = tmp_path / "alien.txt"
+    alien.write_text("Ωμέγα " * 100)
+    with pytest.raises(BlockcapError, match="characters not in the model's vocabulary"):
+        blockcap.run(**{**run_args, "dataset": str(alien)})
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(BlockcapError, match="is empty"):
+        blockcap.run(**{**run_args, "dataset": str(empty)})
+    assert not Path(run_args["out"]).exists()
+
+
+def test_raw_state_dict_vocab_must_fit_dataset(tiny_model, run_args, tmp_path):
+    import torch
+
+    model, _ = tiny_model
+    torch.save(model.state_dict(), tmp_path / "raw.pt")
+    other = tmp_path / "fewer.txt"
+    other.write_text("abcabcabc" * 50)
+    with pytest.raises(BlockcapError, match="3 distinct characters but weights .* expect"):
+        blockcap.run(**{**run_args, "weights": str(tmp_path / "raw.pt"), "dataset": str(other)})
+    # the original way: vocabulary from the dataset itself
+    assert blockcap.run(**{**run_args, "weights": str(tmp_path / "raw.pt")}).status == "complete"
+
+
+def test_replaced_store_survives_a_failed_overwrite(run_args, monkeypatch):
+    blockcap.run(**run_args)
+    from blockcap import writer
+
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(writer, "mark_committed", boom)
+    with pytest.raises(BlockcapError, match="No space left"):
+        blockcap.run(**{**run_args, "stride": 7, "overwrite": True})
+    aside = Path(run_args["out"] + ".replaced")
+    assert aside.is_dir() and blockcap.open_store(aside).params["stride"] == 5  # the old capture is kept
+    monkeypatch.undo()
+    blockcap.run(**{**run_args, "stride": 7})
+    assert not aside.exists()
+    shutil.rmtree(run_args["out"])

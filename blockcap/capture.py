@@ -41,7 +41,9 @@ class FusedAttention(nn.Module):
     def forward(self, x: torch.Tensor, want_pattern: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, C = x.shape
         q, k, v = F.linear(x, self.qkv_weight).split(C, dim=-1)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        q, k, v = (
+            t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v)
+        )  # (B, nh, T, hs)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         pattern = None
         if want_pattern:
@@ -51,7 +53,9 @@ class FusedAttention(nn.Module):
         return out.transpose(1, 2).reshape(B, T, C), pattern
 
 
-def _exact_attention(block: Block, x: torch.Tensor, want_pattern: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _exact_attention(
+    block: Block, x: torch.Tensor, want_pattern: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The reference heads, call for call: key, query, mask, softmax, value, concatenation."""
     outs, patterns = [], []
     for head in block.sa.heads:
@@ -89,7 +93,9 @@ class CaptureModule(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
         T = idx.shape[1]
-        x = self.token_embedding_table(idx) + self.position_embedding_table(torch.arange(T, device=idx.device))
+        x = self.token_embedding_table(idx) + self.position_embedding_table(
+            torch.arange(T, device=idx.device)
+        )
         captured: list[torch.Tensor] = []
         for i, block in enumerate(self.blocks):
             h = block.ln1(x)
@@ -103,8 +109,13 @@ class CaptureModule(nn.Module):
             out = mid + ffwd
             if self.capture_at[i]:
                 values = {
-                    "block_input": x, "heads_output": heads, "proj_output": proj,
-                    "resid_mid": mid, "ffwd_output": ffwd, "block_output": out, "attention": pattern,
+                    "block_input": x,
+                    "heads_output": heads,
+                    "proj_output": proj,
+                    "resid_mid": mid,
+                    "ffwd_output": ffwd,
+                    "block_output": out,
+                    "attention": pattern,
                 }
                 captured.extend(values[s] for s in self.sites)
             x = out

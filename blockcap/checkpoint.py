@@ -102,7 +102,9 @@ def load_checkpoint(path: str | os.PathLike | None = None) -> Loaded:
     """Load a blockcap checkpoint or an original state dict; ``None`` or ``"bundled"`` is the default."""
     p = bundled_path() if path in (None, BUNDLED) else Path(path).expanduser()
     if not p.is_file():
-        raise BlockcapError(f"weights file {p} does not exist; pass --weights=PATH or omit it for the bundled model")
+        raise BlockcapError(
+            f"weights file {p} does not exist; pass --weights=PATH or omit it for the bundled model"
+        )
     raw = p.read_bytes()
     try:
         obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)

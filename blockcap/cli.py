@@ -61,8 +61,17 @@ def train(
     """Train a preset model (small, seed) on a text dataset and write a checkpoint."""
     from blockcap.train import train as train_model
 
-    train_model(out=out, preset=preset, dataset=dataset, max_iters=max_iters, batch_size=batch_size,
-                lr=lr, seed=seed, device=device, threads=threads)
+    train_model(
+        out=out,
+        preset=preset,
+        dataset=dataset,
+        max_iters=max_iters,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        device=device,
+        threads=threads,
+    )
 
 
 def generate(prompt: str = "\n", length: int = 300, weights: str | None = None, seed: int = 0) -> None:

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.abc.codec import BytesBytesCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from blockcap.errors import BlockcapError
 

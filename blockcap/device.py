@@ -20,7 +20,8 @@ def pick_device(name: str | None = None) -> torch.device:
             raise BlockcapError(f"device={name!r} asked for, but no CUDA GPU is available; use --device=cpu")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise BlockcapError(
-                f"device={name!r} does not exist: {torch.cuda.device_count()} GPU(s); use cuda:0..cuda:{torch.cuda.device_count() - 1}"
+                f"device={name!r} does not exist: {torch.cuda.device_count()} GPU(s); "
+                f"use cuda:0..cuda:{torch.cuda.device_count() - 1}"
             )
     elif dev.type not in ("cpu", "mps"):
         raise BlockcapError(f"device={name!r} is not supported; use cpu or cuda")

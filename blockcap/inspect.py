@@ -17,7 +17,10 @@ def describe(path: Path) -> str:
     group = open_group(path)
     m = meta(group)
     committed = read_committed(group)
-    lines = [f"store {path}", f"  state: {m.get('state')} ({int(committed.sum())}/{committed.size} chunks committed)"]
+    lines = [
+        f"store {path}",
+        f"  state: {m.get('state')} ({int(committed.sum())}/{committed.size} chunks committed)",
+    ]
     raw = 0
     names = sorted(name for name, _ in group.arrays()) + [
         f"{g}/{a}" for g, sub in sorted(group.groups()) for a, _ in sorted(sub.arrays())
@@ -36,7 +39,10 @@ def describe(path: Path) -> str:
             f"{codecs} {nbytes / 1e6:,.1f} MB -> {stored / 1e6:,.1f} MB"
         )
     stored_all = _tree_bytes(path)
-    lines.append(f"  bytes: raw {raw / 1e6:,.1f} MB, stored {stored_all / 1e6:,.1f} MB, ratio {raw / max(1, stored_all):.2f}x")
+    lines.append(
+        f"  bytes: raw {raw / 1e6:,.1f} MB, stored {stored_all / 1e6:,.1f} MB, "
+        f"ratio {raw / max(1, stored_all):.2f}x"
+    )
     prov = {k: v for k, v in m.items() if k not in ("vocab",)}
     lines.append("  provenance:")
     lines += ["    " + line for line in json.dumps(prov, indent=2, sort_keys=True).splitlines()]

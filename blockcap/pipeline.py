@@ -12,7 +12,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +36,6 @@ from blockcap.data import (
     resolve_dataset,
     sha256_file,
     split_tokens,
-    window_count,
 )
 from blockcap.device import pick_device
 from blockcap.errors import BlockcapError
@@ -46,6 +45,7 @@ from blockcap.store import (
     SITES,
     VECTOR_SITES,
     Layout,
+    aside_path,
     choose_chunk_windows,
     create,
     is_blockcap_store,
@@ -53,11 +53,12 @@ from blockcap.store import (
     open_group,
     read_committed,
     remove_partial_files,
-    aside_path,
     set_aside,
     update_meta,
 )
 from blockcap.writer import SlabWriter
+
+DEFAULT_SITES_ARG = ",".join(DEFAULT_SITES)
 
 
 class Interrupted(BlockcapError):
@@ -83,7 +84,8 @@ class Summary:
         return [
             f"{self.status}: {self.path}",
             f"  windows {self.n_windows:,} ({self.windows_computed:,} computed now), tokens {self.tokens:,}",
-            f"  bytes raw {self.raw_bytes / 1e6:,.1f} MB, stored {self.stored_bytes / 1e6:,.1f} MB, ratio {ratio:.2f}x",
+            f"  bytes raw {self.raw_bytes / 1e6:,.1f} MB, stored {self.stored_bytes / 1e6:,.1f} MB, "
+            f"ratio {ratio:.2f}x",
             f"  time {self.seconds:.1f} s, {rate:,.0f} tokens/s",
         ]
 
@@ -108,7 +110,8 @@ def parse_blocks(block_idx: Any, n_layer: int) -> tuple[int, ...]:
                 value = p
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < n_layer:
             raise BlockcapError(
-                f"block_idx={p!r} is not a block of this model; use an integer in 0..{n_layer - 1}, a list, or all"
+                f"block_idx={p!r} is not a block of this model; "
+                f"use an integer in 0..{n_layer - 1}, a list, or all"
             )
         blocks.append(value)
     if not blocks:
@@ -156,6 +159,7 @@ def _json(value: Any) -> Any:
 @contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
     """Turn SIGTERM into KeyboardInterrupt in the main thread, so both stop the same clean way."""
+
     def handler(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
@@ -199,11 +203,14 @@ def _open_or_create(out: Path, layout: Layout, params: dict, attrs: dict, overwr
             set_aside(out)
         elif any(out.iterdir()):
             raise BlockcapError(
-                f"out={str(out)!r} exists and is not a blockcap store; refusing to touch it, choose another --out"
+                f"out={str(out)!r} exists and is not a blockcap store; "
+                f"refusing to touch it, choose another --out"
             )
     parent = out.absolute().parent
     if not parent.is_dir():
-        raise BlockcapError(f"out={str(out)!r}: directory {parent} does not exist; create it or choose another --out")
+        raise BlockcapError(
+            f"out={str(out)!r}: directory {parent} does not exist; create it or choose another --out"
+        )
     if not os.access(parent, os.W_OK):
         raise BlockcapError(f"out={str(out)!r}: directory {parent} is not writable; choose another --out")
     return create(out, layout, {**attrs, "params": params}), None
@@ -214,7 +221,7 @@ def run(
     weights: str | None = None,
     dataset: str | None = None,
     out: str | None = None,
-    sites: Any = DEFAULT_SITES,
+    sites: Any = DEFAULT_SITES_ARG,
     sample_len: int = 3,
     stride: int = 96,
     batch_size: int = 64,
@@ -296,34 +303,69 @@ def run(
 
     per_window = sample_len * cfg.n_embed * sdtype.zarr_dtype.itemsize
     layout = Layout(
-        n_windows=n_windows, sample_len=sample_len, n_embed=cfg.n_embed, n_head=cfg.n_head,
-        vocab_size=cfg.vocab_size, blocks=blocks, sites=sites_t, dtype=sdtype, codec=codec,
+        n_windows=n_windows,
+        sample_len=sample_len,
+        n_embed=cfg.n_embed,
+        n_head=cfg.n_head,
+        vocab_size=cfg.vocab_size,
+        blocks=blocks,
+        sites=sites_t,
+        dtype=sdtype,
+        codec=codec,
         chunk_windows=_chunking(chunk_windows, batch_size, per_window),
     )
-    params = _json({
-        "weights_sha256": loaded.sha256, "dataset_sha256": sha256_file(data_path), "split": split,
-        "train_fraction": TRAIN_FRACTION, "sample_len": sample_len, "stride": stride,
-        "batch_size": batch_size, "blocks": blocks, "sites": sites_t, "dtype": dtype, "codec": codec,
-        "fused": fused, "compile": compile, "device_type": dev.type, "n_windows": n_windows,
-        "chunk_windows": layout.chunk_windows,
-    })
-    attrs = _json({
-        "blockcap_version": __version__, "torch_version": torch.__version__,
-        "zarr_version": zarr.__version__, "numcodecs_version": numcodecs.__version__,
-        "model_config": cfg.to_dict(), "weights_path": "bundled" if weights in (None, BUNDLED) else str(loaded.path),
-        "weights_meta": loaded.meta, "vocab": tok.vocab, "dataset_name": data_path.name,
-        "dataset_path": str(data_path.absolute()), "device": str(dev),
-        "command": command or "", "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-    })
+    params = _json(
+        {
+            "weights_sha256": loaded.sha256,
+            "dataset_sha256": sha256_file(data_path),
+            "split": split,
+            "train_fraction": TRAIN_FRACTION,
+            "sample_len": sample_len,
+            "stride": stride,
+            "batch_size": batch_size,
+            "blocks": blocks,
+            "sites": sites_t,
+            "dtype": dtype,
+            "codec": codec,
+            "fused": fused,
+            "compile": compile,
+            "device_type": dev.type,
+            "n_windows": n_windows,
+            "chunk_windows": layout.chunk_windows,
+        }
+    )
+    attrs = _json(
+        {
+            "blockcap_version": __version__,
+            "torch_version": torch.__version__,
+            "zarr_version": zarr.__version__,
+            "numcodecs_version": numcodecs.__version__,
+            "model_config": cfg.to_dict(),
+            "weights_path": "bundled" if weights in (None, BUNDLED) else str(loaded.path),
+            "weights_meta": loaded.meta,
+            "vocab": tok.vocab,
+            "dataset_name": data_path.name,
+            "dataset_path": str(data_path.absolute()),
+            "device": str(dev),
+            "command": command or "",
+            "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        }
+    )
     out_path = Path(out or f"block{'_'.join(map(str, blocks))}_internals.zarr")
     group, committed = _open_or_create(out_path, layout, params, attrs, overwrite)
     tokens_total = n_windows * sample_len
-    raw = sum(
-        torch.Size(layout.site_shape(s)).numel() * 4 for _, s in layout.outputs()
-    )
+    raw = sum(torch.Size(layout.site_shape(s)).numel() * 4 for _, s in layout.outputs())
     if meta(group).get("state") == COMPLETE:
-        return Summary(out_path, "already complete", n_windows, 0, tokens_total, raw,
-                       _stored_bytes(out_path), time.perf_counter() - t0)
+        return Summary(
+            out_path,
+            "already complete",
+            n_windows,
+            0,
+            tokens_total,
+            raw,
+            _stored_bytes(out_path),
+            time.perf_counter() - t0,
+        )
     resumed = committed is not None
 
     module = CaptureModule(loaded.model, blocks, sites_t, fused=fused).to(dev)
@@ -332,13 +374,18 @@ def run(
     unit = max(layout.chunk_windows, batch_size)
     per_unit = unit // layout.chunk_windows
     todo = [
-        u for u in range(-(-n_windows // unit))
+        u
+        for u in range(-(-n_windows // unit))
         if committed is None or not committed[u * per_unit : (u + 1) * per_unit].all()
     ]
     writer = SlabWriter(group, layout, unit, workers=writers, pin=dev.type == "cuda")
     bar = tqdm(
-        total=n_windows, initial=n_windows - sum(min(unit, n_windows - u * unit) for u in todo),
-        unit="win", desc=f"capture {out_path.name}", disable=not progress, dynamic_ncols=True,
+        total=n_windows,
+        initial=n_windows - sum(min(unit, n_windows - u * unit) for u in todo),
+        unit="win",
+        desc=f"capture {out_path.name}",
+        disable=not progress,
+        dynamic_ncols=True,
     )
     computed = 0
     try:
@@ -387,8 +434,16 @@ def run(
         raise BlockcapError(f"store {out_path} has uncommitted chunks after the run; re-run the same command")
     update_meta(group, state=COMPLETE, finished=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
     shutil.rmtree(aside_path(out_path), ignore_errors=True)
-    return Summary(out_path, "resumed and completed" if resumed else COMPLETE, n_windows, computed,
-                   tokens_total, raw, _stored_bytes(out_path), time.perf_counter() - t0)
+    return Summary(
+        out_path,
+        "resumed and completed" if resumed else COMPLETE,
+        n_windows,
+        computed,
+        tokens_total,
+        raw,
+        _stored_bytes(out_path),
+        time.perf_counter() - t0,
+    )
 
 
 def default_command() -> str:

@@ -64,7 +64,11 @@ class LazyArray:
     def _locate_damage(self, key: Any) -> str:
         """Name the first unreadable chunk among those ``key`` touches."""
         first = key[0] if isinstance(key, tuple) else key
-        rows = range(self.zarr.shape[0])[first] if isinstance(first, slice) else [int(first) % self.zarr.shape[0]]
+        rows = (
+            range(self.zarr.shape[0])[first]
+            if isinstance(first, slice)
+            else [int(first) % self.zarr.shape[0]]
+        )
         cw = self.zarr.chunks[0]
         for c in sorted({r // cw for r in rows}):
             try:
@@ -155,7 +159,9 @@ class CaptureStore:
         """Lazy (window, position, embed) array of ``name`` at ``block`` (the only block if omitted)."""
         block = self._block(block)
         if name not in self.sites:
-            raise BlockcapError(f"site {name!r} was not captured in {self.path}; it has {', '.join(self.sites)}")
+            raise BlockcapError(
+                f"site {name!r} was not captured in {self.path}; it has {', '.join(self.sites)}"
+            )
         return LazyArray(self.group[site_path(block, name)], site_path(block, name))
 
     def heads(self, block: int | None = None) -> LazyArray:
@@ -182,14 +188,18 @@ class CaptureStore:
         """Characters of window ``i`` up to and including position ``j``."""
         return self.text(i)[: j + 1]
 
-    def results(self, block: int | None = None, sites: tuple[str, ...] | None = None) -> Iterator[TokenRecord]:
+    def results(
+        self, block: int | None = None, sites: tuple[str, ...] | None = None
+    ) -> Iterator[TokenRecord]:
         """Every token in original order (window-major, then position) with its vectors.
 
         Reads one chunk of windows at a time, so memory stays at one chunk per site.
         """
         block = self._block(block)
-        names = sites or tuple(s for s in DEFAULT_SITES if s in self.sites) or tuple(
-            s for s in self.sites if s != "attention"
+        names = (
+            sites
+            or tuple(s for s in DEFAULT_SITES if s in self.sites)
+            or tuple(s for s in self.sites if s != "attention")
         )
         arrays = {n: self.site(n, block) for n in names}
         cw = self.group["tokens"].chunks[0]
@@ -204,7 +214,9 @@ class CaptureStore:
 
     def __repr__(self) -> str:
         state = "complete" if self.complete else "INCOMPLETE"
-        return f"CaptureStore({str(self.path)!r}, {self.n_windows} windows, blocks {list(self.blocks)}, {state})"
+        return (
+            f"CaptureStore({str(self.path)!r}, {self.n_windows} windows, blocks {list(self.blocks)}, {state})"
+        )
 
 
 def open_store(path: str | Path) -> CaptureStore:

@@ -112,29 +112,52 @@ def _dims(site: str) -> tuple[str, ...]:
 def create(path: Path, layout: Layout, attrs: dict[str, Any]) -> zarr.Group:
     """Create an empty store with every array pre-allocated and the state ``incomplete``."""
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
-    group.attrs.update({ATTR: {**attrs, "format": FORMAT, "format_version": FORMAT_VERSION, "state": INCOMPLETE}})
+    group.attrs.update(
+        {ATTR: {**attrs, "format": FORMAT, "format_version": FORMAT_VERSION, "state": INCOMPLETE}}
+    )
     cw = layout.chunk_windows
     common = {"compressors": compressors(layout.codec), "config": _WRITE_CONFIG, "fill_value": 0}
     group.create_array(
-        "tokens", shape=(layout.n_windows, layout.sample_len), chunks=(cw, layout.sample_len),
-        dtype=token_dtype(layout.vocab_size), dimension_names=("window", "position"), **common,
+        "tokens",
+        shape=(layout.n_windows, layout.sample_len),
+        chunks=(cw, layout.sample_len),
+        dtype=token_dtype(layout.vocab_size),
+        dimension_names=("window", "position"),
+        **common,
     )
     group.create_array(
-        "offsets", shape=(layout.n_windows,), chunks=(cw,), dtype="int64",
-        dimension_names=("window",), **common,
+        "offsets",
+        shape=(layout.n_windows,),
+        chunks=(cw,),
+        dtype="int64",
+        dimension_names=("window",),
+        **common,
     )
     group.create_array(
-        "committed", shape=(layout.n_chunks,), chunks=(1,), dtype="uint8", dimension_names=("chunk",),
-        compressors=[Crc32cCodec()], config=_WRITE_CONFIG, fill_value=0,
+        "committed",
+        shape=(layout.n_chunks,),
+        chunks=(1,),
+        dtype="uint8",
+        dimension_names=("chunk",),
+        compressors=[Crc32cCodec()],
+        config=_WRITE_CONFIG,
+        fill_value=0,
         attributes={"description": f"1 once windows [c*{cw}, (c+1)*{cw}) of every array are written"},
     )
     for b, site in layout.outputs():
         shape = layout.site_shape(site)
         group.create_array(
-            site_path(b, site), shape=shape, chunks=(cw, *shape[1:]), dtype=layout.dtype.zarr_dtype,
+            site_path(b, site),
+            shape=shape,
+            chunks=(cw, *shape[1:]),
+            dtype=layout.dtype.zarr_dtype,
             dimension_names=_dims(site),
-            attributes={"blockcap_dtype": layout.dtype.name, "site": site, "block": b,
-                        "transformer_lens": TRANSFORMER_LENS[site].format(b=b)},
+            attributes={
+                "blockcap_dtype": layout.dtype.name,
+                "site": site,
+                "block": b,
+                "transformer_lens": TRANSFORMER_LENS[site].format(b=b),
+            },
             **common,
         )
     return group

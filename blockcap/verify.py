@@ -32,11 +32,15 @@ def verify(path: str | Path, check_dataset: bool = True) -> list[str]:
     m = meta(group)
     problems = []
     if m.get("state") != COMPLETE:
-        problems.append(f"state is {m.get('state')!r}, not 'complete': re-run the capture command to finish it")
+        problems.append(
+            f"state is {m.get('state')!r}, not 'complete': re-run the capture command to finish it"
+        )
     committed = read_committed(group)
     if not committed.all():
         missing = np.flatnonzero(~committed)
-        problems.append(f"{missing.size} of {committed.size} chunks not committed (first: chunk {missing[0]})")
+        problems.append(
+            f"{missing.size} of {committed.size} chunks not committed (first: chunk {missing[0]})"
+        )
     try:
         shapes = _expected_shapes(m)
     except (KeyError, TypeError) as e:
@@ -54,7 +58,10 @@ def verify(path: str | Path, check_dataset: bool = True) -> list[str]:
             try:
                 arr[c * cw : (c + 1) * cw]
             except Exception as e:
-                problems.append(f"array {name} chunk {c} (windows {c * cw}..{min((c + 1) * cw, shape[0]) - 1}) is unreadable: {e}")
+                problems.append(
+                    f"array {name} chunk {c} (windows {c * cw}..{min((c + 1) * cw, shape[0]) - 1}) "
+                    f"is unreadable: {e}"
+                )
     if check_dataset and not any("tokens" in p for p in problems):
         problems += _check_tokens(group, m)
     return problems
@@ -67,7 +74,9 @@ def _check_tokens(group, m: dict) -> list[str]:
     if not data.is_file() or sha256_file(data) != p["dataset_sha256"]:
         return []
     tok = CharTokenizer(m["vocab"])
-    stream = split_tokens(torch.tensor(tok.encode(read_text(data)), dtype=torch.long), p["split"], p["train_fraction"])
+    stream = split_tokens(
+        torch.tensor(tok.encode(read_text(data)), dtype=torch.long), p["split"], p["train_fraction"]
+    )
     windows = Windows(stream, p["sample_len"], p["stride"])
     n = p["n_windows"]
     problems = []

@@ -36,7 +36,9 @@ class Slab:
 class SlabWriter:
     """A pool of slabs and the threads that write them into the store's arrays."""
 
-    def __init__(self, group: zarr.Group, layout: Layout, unit: int, workers: int = 2, pin: bool = False) -> None:
+    def __init__(
+        self, group: zarr.Group, layout: Layout, unit: int, workers: int = 2, pin: bool = False
+    ) -> None:
         self.layout = layout
         self.dtype: StorageDtype = layout.dtype
         self.tokens = group["tokens"]
@@ -57,7 +59,9 @@ class SlabWriter:
             torch.empty((unit, *L.site_shape(s)[1:]), dtype=self.dtype.torch_dtype, pin_memory=pin)
             for _, s in L.outputs()
         ]
-        return Slab(np.empty((unit, L.sample_len), token_dtype(L.vocab_size)), np.empty(unit, np.int64), sites)
+        return Slab(
+            np.empty((unit, L.sample_len), token_dtype(L.vocab_size)), np.empty(unit, np.int64), sites
+        )
 
     def take(self) -> Slab:
         """A free slab to fill; blocks while all are in flight, raises a writer's error."""

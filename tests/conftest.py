@@ -20,10 +20,31 @@ TINY = GPTConfig(vocab_size=0, n_embed=32, n_head=4, n_layer=3, block_size=32, d
 def make_text(n_chars: int = 6000, seed: int = 0) -> str:
     """Shakespeare-ish lines from a fixed word list: deterministic and small."""
     rng = random.Random(seed)
-    words = "thou art the king my lord and shall not be what is love; fair sweet! O death, come hither?".split()
-    lines = []
-    while sum(map(len, lines)) < n_chars:
+    words = [
+        "thou",
+        "art",
+        "the",
+        "king",
+        "my",
+        "lord",
+        "and",
+        "shall",
+        "not",
+        "be",
+        "what",
+        "is",
+        "love;",
+        "fair",
+        "sweet!",
+        "O",
+        "death,",
+        "come",
+        "hither?",
+    ]
+    lines, size = [], 0
+    while size < n_chars:
         lines.append(" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))).capitalize() + ".\n")
+        size += len(lines[-1])
     return "".join(lines)[:n_chars]
 
 
@@ -54,8 +75,13 @@ def ckpt(tiny_model, tmp_path_factory) -> Path:
 def run_args(ckpt, text_file, tmp_path) -> dict:
     """Arguments for a quick ``blockcap.run`` on the tiny model and corpus."""
     return {
-        "weights": str(ckpt), "dataset": str(text_file), "out": str(tmp_path / "s.zarr"),
-        "sample_len": 8, "stride": 5, "batch_size": 16, "progress": False,
+        "weights": str(ckpt),
+        "dataset": str(text_file),
+        "out": str(tmp_path / "s.zarr"),
+        "sample_len": 8,
+        "stride": 5,
+        "batch_size": 16,
+        "progress": False,
     }
 
 

@@ -28,6 +28,7 @@ def hooked(ref: GPTLanguageModel, idx: torch.Tensor) -> dict[tuple[int, str], to
     def keep(key, use_input):
         def hook(module, inputs, output):
             seen[key] = (inputs[0] if use_input else output).clone()
+
         return hook
 
     for b, block in enumerate(ref.blocks):
@@ -78,8 +79,14 @@ def test_capture_stops_after_the_deepest_block(models):
 def test_requested_order_and_default_sites(models):
     _, ours = models
     module = CaptureModule(ours, (0, 2), ("heads_output", "proj_output", "ffwd_output"))
-    assert module.outputs == [(0, "heads_output"), (0, "proj_output"), (0, "ffwd_output"),
-                              (2, "heads_output"), (2, "proj_output"), (2, "ffwd_output")]
+    assert module.outputs == [
+        (0, "heads_output"),
+        (0, "proj_output"),
+        (0, "ffwd_output"),
+        (2, "heads_output"),
+        (2, "proj_output"),
+        (2, "ffwd_output"),
+    ]
 
 
 def test_fused_capture_within_stated_tolerance(models):

@@ -104,8 +104,14 @@ def test_malicious_pickle_is_refused(tmp_path, monkeypatch):
 
 def test_newer_checkpoint_version(tiny_model, tmp_path):
     model, tok = tiny_model
-    obj = {"format": "blockcap-checkpoint", "version": 99, "config": model.config.to_dict(),
-           "vocab": tok.vocab, "state_dict": model.state_dict(), "meta": {}}
+    obj = {
+        "format": "blockcap-checkpoint",
+        "version": 99,
+        "config": model.config.to_dict(),
+        "vocab": tok.vocab,
+        "state_dict": model.state_dict(),
+        "meta": {},
+    }
     torch.save(obj, tmp_path / "new.pt")
     with pytest.raises(BlockcapError, match="newer"):
         load_checkpoint(tmp_path / "new.pt")

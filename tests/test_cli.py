@@ -1,5 +1,6 @@
 """The fire CLI: commands, one-line errors, exit codes, and no store left behind by bad input."""
 
+import os
 import subprocess
 import sys
 
@@ -13,8 +14,13 @@ def cli(*args: str) -> None:
 
 
 def test_help_lists_commands():
-    out = subprocess.run([sys.executable, "-m", "blockcap", "--help"], capture_output=True, text=True,
-                         env={"PAGER": "cat", "PATH": ""}, check=False)
+    out = subprocess.run(
+        [sys.executable, "-m", "blockcap", "--help"],
+        capture_output=True,
+        text=True,
+        env={"PAGER": "cat", "PATH": ""},
+        check=False,
+    )
     text = out.stdout + out.stderr
     for command in ("run", "info", "verify", "train", "generate"):
         assert command in text
@@ -22,8 +28,17 @@ def test_help_lists_commands():
 
 def test_run_info_verify(run_args, capsys):
     a = run_args
-    cli("run", f"--weights={a['weights']}", f"--dataset={a['dataset']}", f"--out={a['out']}",
-        "--sample_len=8", "--stride=5", "--batch_size=16", "--block_idx=0,1", "--progress=False")
+    cli(
+        "run",
+        f"--weights={a['weights']}",
+        f"--dataset={a['dataset']}",
+        f"--out={a['out']}",
+        "--sample_len=8",
+        "--stride=5",
+        "--batch_size=16",
+        "--block_idx=0,1",
+        "--progress=False",
+    )
     out = capsys.readouterr().out
     assert "complete:" in out and "ratio" in out and "tokens/s" in out
     cli("info", a["out"])
@@ -60,8 +75,15 @@ BAD = [
 @pytest.mark.parametrize("extra, message", BAD, ids=[b[0][0] for b in BAD])
 def test_bad_arguments_fail_before_any_store(run_args, capsys, extra, message):
     a = run_args
-    args = {"weights": a["weights"], "dataset": a["dataset"], "out": a["out"], "sample_len": "8",
-            "stride": "5", "batch_size": "16", "progress": "False"}
+    args = {
+        "weights": a["weights"],
+        "dataset": a["dataset"],
+        "out": a["out"],
+        "sample_len": "8",
+        "stride": "5",
+        "batch_size": "16",
+        "progress": "False",
+    }
     for e in extra:
         key, _, value = e[2:].partition("=")
         args[key] = value
@@ -71,7 +93,7 @@ def test_bad_arguments_fail_before_any_store(run_args, capsys, extra, message):
     err = capsys.readouterr().err.strip()
     assert err.startswith("blockcap: error: ") and message in err
     assert len(err.splitlines()) == 1
-    assert not __import__("os").path.exists(a["out"])
+    assert not os.path.exists(a["out"])
 
 
 def test_unknown_flag_is_an_error(capsys):

@@ -22,10 +22,16 @@ def test_state_dict_layout_matches_the_original():
     ref_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     assert ref_shapes == {k: tuple(v.shape) for k, v in ours.state_dict().items()}
     for key in (
-        "token_embedding_table.weight", "position_embedding_table.weight",
-        "blocks.1.sa.heads.5.query.weight", "blocks.0.sa.heads.0.tril", "blocks.0.sa.proj.bias",
-        "blocks.0.ffwd.net.0.weight", "blocks.0.ffwd.net.2.bias", "blocks.1.ln2.weight",
-        "ln_f.bias", "lm_head.weight",
+        "token_embedding_table.weight",
+        "position_embedding_table.weight",
+        "blocks.1.sa.heads.5.query.weight",
+        "blocks.0.sa.heads.0.tril",
+        "blocks.0.sa.proj.bias",
+        "blocks.0.ffwd.net.0.weight",
+        "blocks.0.ffwd.net.2.bias",
+        "blocks.1.ln2.weight",
+        "ln_f.bias",
+        "lm_head.weight",
     ):
         assert key in ref_shapes
 
@@ -44,13 +50,23 @@ def test_seed_preset_is_the_original_size():
     assert PRESETS["small"].n_layer == 6 and PRESETS["small"].block_size == 256
 
 
-@pytest.mark.parametrize("cfg", [GPTConfig(vocab_size=65, n_embed=384, n_head=6, n_layer=6, block_size=256),
-                                 GPTConfig(vocab_size=7, n_embed=16, n_head=2, n_layer=3, block_size=5)])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        GPTConfig(vocab_size=65, n_embed=384, n_head=6, n_layer=6, block_size=256),
+        GPTConfig(vocab_size=7, n_embed=16, n_head=2, n_layer=3, block_size=5),
+    ],
+)
 def test_config_inferred_from_shapes(cfg):
     ref = GPTLanguageModel(cfg.vocab_size, cfg.n_embed, cfg.n_head, cfg.n_layer, cfg.block_size)
     inferred = infer_config(ref.state_dict())
-    assert (inferred.vocab_size, inferred.n_embed, inferred.n_head, inferred.n_layer, inferred.block_size) == (
-        cfg.vocab_size, cfg.n_embed, cfg.n_head, cfg.n_layer, cfg.block_size)
+    assert (
+        inferred.vocab_size,
+        inferred.n_embed,
+        inferred.n_head,
+        inferred.n_layer,
+        inferred.block_size,
+    ) == (cfg.vocab_size, cfg.n_embed, cfg.n_head, cfg.n_layer, cfg.block_size)
 
 
 def test_embed_width_must_split_into_heads():

@@ -24,8 +24,16 @@ N_ARRAYS = 5  # tokens, offsets, three sites: data writes per slab, plus one com
 @pytest.fixture(scope="module")
 def crash_base(ckpt, text_file) -> list[str]:
     return [
-        "run", f"--weights={ckpt}", f"--dataset={text_file}", "--split=all", "--sample_len=16",
-        "--stride=6", "--batch_size=16", "--chunk_windows=32", "--block_idx=2", "--progress=False",
+        "run",
+        f"--weights={ckpt}",
+        f"--dataset={text_file}",
+        "--split=all",
+        "--sample_len=16",
+        "--stride=6",
+        "--batch_size=16",
+        "--chunk_windows=32",
+        "--block_idx=2",
+        "--progress=False",
     ]
 
 
@@ -38,8 +46,12 @@ def crash_args(crash_base, tmp_path) -> list[str]:
 def reference(crash_base, tmp_path_factory) -> Path:
     """The same capture, uninterrupted."""
     out = tmp_path_factory.mktemp("ref") / "ref.zarr"
-    subprocess.run([sys.executable, "-m", "blockcap", *crash_base, f"--out={out}"], check=True, cwd=ROOT,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "blockcap", *crash_base, f"--out={out}"],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+    )
     return out
 
 
@@ -54,7 +66,9 @@ def data_files(store: Path) -> dict[str, bytes]:
 
 def assert_identical(store: Path, ref: Path) -> None:
     a, b = zarr.open_group(str(store), mode="r"), zarr.open_group(str(ref), mode="r")
-    names = ["tokens", "offsets", "committed"] + [f"block2/{s}" for s in ("heads_output", "proj_output", "ffwd_output")]
+    names = ["tokens", "offsets", "committed"] + [
+        f"block2/{s}" for s in ("heads_output", "proj_output", "ffwd_output")
+    ]
     for name in names:
         assert np.asarray(a[name][:]).tobytes() == np.asarray(b[name][:]).tobytes(), name
     assert data_files(store) == data_files(ref)  # the chunk files themselves, byte for byte
@@ -70,8 +84,12 @@ def n_chunks(ref: Path) -> int:
 def test_sigkill_then_resume_is_bitwise_identical(crash_args, reference, tmp_path, where):
     writes = n_chunks(reference) * (N_ARRAYS + 1)
     kill_at = {"early": 2, "middle": writes // 2, "last chunk": writes - 3}[where]
-    proc = subprocess.run([sys.executable, "tests/killer.py", str(kill_at), *crash_args], cwd=ROOT,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "tests/killer.py", str(kill_at), *crash_args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     store = tmp_path / "crash.zarr"
     with pytest.warns(IncompleteStoreWarning):
@@ -79,7 +97,9 @@ def test_sigkill_then_resume_is_bitwise_identical(crash_args, reference, tmp_pat
     assert not s.complete
     assert s.committed_windows().sum() < s.n_windows
     assert any("not 'complete'" in p for p in blockcap.verify(store))
-    done = subprocess.run([sys.executable, "-m", "blockcap", *crash_args], cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "blockcap", *crash_args], cwd=ROOT, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     assert "resumed and completed" in done.stdout
     assert_identical(store, reference)
@@ -89,8 +109,12 @@ def test_sigkill_then_resume_is_bitwise_identical(crash_args, reference, tmp_pat
 def test_external_sigkill_mid_write_then_resume(crash_args, reference, tmp_path):
     """A kill from outside at an arbitrary instant, possibly inside a file write."""
     store = tmp_path / "crash.zarr"
-    proc = subprocess.Popen([sys.executable, "-m", "blockcap", *crash_args], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "blockcap", *crash_args],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     committed = store / "committed" / "c"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -108,8 +132,13 @@ def test_external_sigkill_mid_write_then_resume(crash_args, reference, tmp_path)
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_stops_cleanly_and_resumes(crash_args, reference, tmp_path, sig):
     store = tmp_path / "crash.zarr"
-    proc = subprocess.Popen([sys.executable, "-m", "blockcap", *crash_args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "blockcap", *crash_args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     committed = store / "committed" / "c"
     while proc.poll() is None and not (committed.is_dir() and any(committed.iterdir())):
         time.sleep(0.002)
@@ -131,8 +160,13 @@ def test_full_disk_stops_with_a_resumable_store(crash_args, reference, tmp_path)
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
         resource.setrlimit(resource.RLIMIT_FSIZE, (8000, 8000))
 
-    proc = subprocess.run([sys.executable, "-m", "blockcap", *crash_args], cwd=ROOT, capture_output=True,
-                          text=True, preexec_fn=limit_file_size)
+    proc = subprocess.run(
+        [sys.executable, "-m", "blockcap", *crash_args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        preexec_fn=limit_file_size,
+    )
     assert proc.returncode == 2
     err = proc.stderr.strip()
     assert "failed" in err and "File too large" in err and "re-run the same command" in err
@@ -231,7 +265,7 @@ def test_output_path_problems(run_args, tmp_path):
 
 def test_dataset_problems(run_args, tmp_path, ckpt):
     short = tmp_path / "short.txt"
-    short.write_text(open(run_args["dataset"]).read()[:40])
+    short.write_text(Path(run_args["dataset"]).read_text()[:40])
     with pytest.raises(BlockcapError, match="fewer than one window"):
         blockcap.run(**{**run_args, "dataset": str(short)})
     alien = tmp_path / "alien.txt"

@@ -1,5 +1,7 @@
 """The main job end to end: store contents, layout contract, options, existing stores."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +10,7 @@ import zarr
 import blockcap
 from blockcap.capture import CaptureModule
 from blockcap.checkpoint import load_checkpoint
-from blockcap.data import CharTokenizer, Windows, split_tokens
+from blockcap.data import CharTokenizer, split_tokens
 from blockcap.errors import BlockcapError
 from blockcap.store import DEFAULT_SITES
 
@@ -17,7 +19,7 @@ def expected(run_args, blocks, sites, split="val"):
     """Windows, offsets and captures computed directly, batch by batch, without the pipeline."""
     loaded = load_checkpoint(run_args["weights"])
     tok = CharTokenizer(loaded.vocab)
-    text = open(run_args["dataset"]).read()
+    text = Path(run_args["dataset"]).read_text()
     stream = split_tokens(torch.tensor(tok.encode(text)), split)
     direct = stream.unfold(0, run_args["sample_len"], run_args["stride"])
     module = CaptureModule(loaded.model, blocks, sites)
@@ -55,11 +57,35 @@ def test_layout_readable_with_plain_zarr(run_args):
     assert g["tokens"].metadata.dimension_names == ("window", "position")
     assert [c.to_dict()["name"] for c in g["block0/ffwd_output"].compressors][-1] == "crc32c"
     m = g.attrs["blockcap"]
-    for key in ("blockcap_version", "torch_version", "zarr_version", "model_config", "weights_path",
-                "vocab", "dataset_name", "dataset_path", "device", "started", "finished", "params"):
+    for key in (
+        "blockcap_version",
+        "torch_version",
+        "zarr_version",
+        "model_config",
+        "weights_path",
+        "vocab",
+        "dataset_name",
+        "dataset_path",
+        "device",
+        "started",
+        "finished",
+        "params",
+    ):
         assert key in m, key
-    for key in ("weights_sha256", "dataset_sha256", "split", "train_fraction", "sample_len", "stride",
-                "batch_size", "blocks", "sites", "dtype", "codec", "compile"):
+    for key in (
+        "weights_sha256",
+        "dataset_sha256",
+        "split",
+        "train_fraction",
+        "sample_len",
+        "stride",
+        "batch_size",
+        "blocks",
+        "sites",
+        "dtype",
+        "codec",
+        "compile",
+    ):
         assert key in m["params"], key
     assert m["state"] == "complete"
     attn = np.asarray(g["block0/attention"][:5])
@@ -106,7 +132,9 @@ def test_chunk_aligned_small_chunks(run_args):
     g = zarr.open_group(run_args["out"], mode="r")
     assert g["block0/heads_output"].chunks[0] == 8
     assert np.asarray(g["committed"][:]).all()
-    assert torch.equal(blockcap.open_store(run_args["out"]).site("heads_output")[:], outs[(0, "heads_output")])
+    assert torch.equal(
+        blockcap.open_store(run_args["out"]).site("heads_output")[:], outs[(0, "heads_output")]
+    )
 
 
 def test_reader_views_and_results(run_args):
@@ -128,10 +156,10 @@ def test_reader_views_and_results(run_args):
 
 def test_complete_store_is_left_untouched(run_args):
     blockcap.run(**run_args)
-    before = {p: p.stat().st_mtime_ns for p in __import__("pathlib").Path(run_args["out"]).rglob("*")}
+    before = {p: p.stat().st_mtime_ns for p in Path(run_args["out"]).rglob("*")}
     again = blockcap.run(**run_args)
     assert again.status == "already complete" and again.windows_computed == 0
-    after = {p: p.stat().st_mtime_ns for p in __import__("pathlib").Path(run_args["out"]).rglob("*")}
+    after = {p: p.stat().st_mtime_ns for p in Path(run_args["out"]).rglob("*")}
     assert before == after
 
 
@@ -142,7 +170,7 @@ def test_other_parameters_refused_then_overwritten(run_args):
     assert blockcap.open_store(run_args["out"]).params["stride"] == 5  # nothing lost
     blockcap.run(**{**run_args, "stride": 7, "overwrite": True})
     assert blockcap.open_store(run_args["out"]).params["stride"] == 7
-    assert not __import__("pathlib").Path(run_args["out"] + ".replaced").exists()
+    assert not Path(run_args["out"] + ".replaced").exists()
 
 
 def test_fused_run_within_tolerance(run_args):

@@ -1,0 +1,1 @@
+"""pytest-benchmark suite: blockcap against the bare forward pass and the original experiment."""

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import json
 import os
 import shutil
@@ -216,6 +217,187 @@ def _open_or_create(out: Path, layout: Layout, params: dict, attrs: dict, overwr
     return create(out, layout, {**attrs, "params": params}), None
 
 
+@dataclass
+class Plan:
+    """Everything a run needs, checked: model, windows, layout and the store's parameters."""
+
+    module: CaptureModule
+    windows: Windows
+    layout: Layout
+    params: dict[str, Any]
+    attrs: dict[str, Any]
+    out: Path
+    device: torch.device
+    batch_size: int
+
+
+def plan(
+    block_idx: Any,
+    weights: str | None,
+    dataset: str | None,
+    out: str | None,
+    sites: Any,
+    sample_len: int,
+    stride: int,
+    batch_size: int,
+    split: str,
+    dtype: str,
+    codec: str,
+    device: str | None,
+    compile: bool,
+    fused: bool,
+    chunk_windows: int | None,
+    command: str | None,
+) -> Plan:
+    """Check every argument and load what they name; raises BlockcapError before touching a store."""
+    # Checks that need no files come first, so a typo fails at once.
+    sites_t = parse_sites(sites)
+    _positive("stride", stride)
+    _positive("batch_size", batch_size)
+    if split not in SPLITS:
+        raise BlockcapError(f"split={split!r} is unknown; use one of {', '.join(SPLITS)}")
+    sdtype = storage_dtype(dtype)
+    compressors(codec)
+    if not isinstance(sample_len, int) or isinstance(sample_len, bool):
+        raise BlockcapError(f"sample_len={sample_len!r} is not an integer; use 1..block_size")
+    dev = pick_device(device)
+
+    loaded = load_checkpoint(weights)
+    cfg = loaded.model.config
+    blocks = parse_blocks(block_idx, cfg.n_layer)
+    _positive("sample_len", sample_len, cfg.block_size)
+
+    data_path = resolve_dataset(dataset)
+    text = read_text(data_path)
+    tok = CharTokenizer(loaded.vocab) if loaded.vocab is not None else CharTokenizer.from_text(text)
+    if loaded.vocab is None and len(tok) != cfg.vocab_size:
+        raise BlockcapError(
+            f"dataset {data_path} has {len(tok)} distinct characters but weights {loaded.path} "
+            f"expect {cfg.vocab_size}; use the dataset the weights were trained on"
+        )
+    tok.check_covers(text, f"dataset {data_path}")
+    stream = split_tokens(torch.tensor(tok.encode(text), dtype=torch.long), split)
+    windows = Windows(stream, sample_len, stride)
+    if len(windows) == 0:
+        raise BlockcapError(
+            f"the {split} split of {data_path} has {len(stream)} tokens, fewer than one window "
+            f"(sample_len={sample_len}); use a smaller --sample_len or a longer dataset"
+        )
+    layout = Layout(
+        n_windows=len(windows),
+        sample_len=sample_len,
+        n_embed=cfg.n_embed,
+        n_head=cfg.n_head,
+        vocab_size=cfg.vocab_size,
+        blocks=blocks,
+        sites=sites_t,
+        dtype=sdtype,
+        codec=codec,
+        chunk_windows=_chunking(
+            chunk_windows, batch_size, sample_len * cfg.n_embed * sdtype.zarr_dtype.itemsize
+        ),
+    )
+    params = {
+        "weights_sha256": loaded.sha256,
+        "dataset_sha256": sha256_file(data_path),
+        "split": split,
+        "train_fraction": TRAIN_FRACTION,
+        "sample_len": sample_len,
+        "stride": stride,
+        "batch_size": batch_size,
+        "blocks": blocks,
+        "sites": sites_t,
+        "dtype": dtype,
+        "codec": codec,
+        "fused": fused,
+        "compile": compile,
+        "device_type": dev.type,
+        "n_windows": len(windows),
+        "chunk_windows": layout.chunk_windows,
+    }
+    attrs = {
+        "blockcap_version": __version__,
+        "torch_version": str(torch.__version__),
+        "zarr_version": zarr.__version__,
+        "numcodecs_version": numcodecs.__version__,
+        "model_config": cfg.to_dict(),
+        "weights_path": "bundled" if weights in (None, BUNDLED) else str(loaded.path),
+        "weights_meta": loaded.meta,
+        "vocab": tok.vocab,
+        "dataset_name": data_path.name,
+        "dataset_path": str(data_path.absolute()),
+        "device": str(dev),
+        "command": command or "",
+        "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+    module = CaptureModule(loaded.model, blocks, sites_t, fused=fused).to(dev)
+    if compile:
+        module = torch.compile(module, fullgraph=True)
+    return Plan(
+        module=module,
+        windows=windows,
+        layout=layout,
+        params=_json(params),
+        attrs=_json(attrs),
+        out=Path(out or f"block{'_'.join(map(str, blocks))}_internals.zarr"),
+        device=dev,
+        batch_size=batch_size,
+    )
+
+
+def parse_part(part: Any) -> tuple[int, int]:
+    """``"k/n"`` as (k, n) with 0 <= k < n: this process's share of a multi-process capture."""
+    try:
+        k, n = (int(x) for x in str(part).split("/"))
+        if 0 <= k < n:
+            return k, n
+    except ValueError:
+        pass
+    raise BlockcapError(f"part={part!r} is not k/n with 0 <= k < n; use e.g. --part=0/2 and --part=1/2")
+
+
+@contextmanager
+def _store_lock(out: Path, shared: bool) -> Iterator[None]:
+    """Serialise store creation between processes capturing parts of one store."""
+    if not shared:
+        yield
+        return
+    with open(out.absolute().parent / f".{out.name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _capture(p: Plan, writer: SlabWriter, units: list[int], unit: int, bar: tqdm) -> int:
+    """Compute ``units`` batch by batch into slabs and hand each filled slab to the writer."""
+    n, bs = p.layout.n_windows, p.batch_size
+    computed = 0
+    with _sigterm_as_interrupt(), torch.inference_mode():
+        for u in units:
+            lo, hi = u * unit, min((u + 1) * unit, n)
+            slab = writer.take()
+            slab.lo, slab.hi = lo, hi
+            for b_lo in range(lo, hi, bs):
+                b_hi = min(b_lo + bs, hi)
+                idx = p.windows.get(b_lo, b_hi)
+                slab.tokens[b_lo - lo : b_hi - lo] = idx.numpy()
+                slab.offsets[b_lo - lo : b_hi - lo] = p.windows.offsets(b_lo, b_hi).numpy()
+                outs = p.module(idx.to(p.device, non_blocking=True))
+                for buf, o in zip(slab.sites, outs, strict=True):
+                    buf[b_lo - lo : b_hi - lo].copy_(o, non_blocking=True)
+                bar.update(b_hi - b_lo)
+            if p.device.type == "cuda":
+                slab.event = torch.cuda.Event()
+                slab.event.record()
+            writer.submit(slab)
+            computed += hi - lo
+        writer.close()
+        writer.raise_error()
+    return computed
+
+
 def run(
     block_idx: Any = 0,
     weights: str | None = None,
@@ -234,6 +416,7 @@ def run(
     overwrite: bool = False,
     writers: int = 2,
     chunk_windows: int | None = None,
+    part: str = "0/1",
     progress: bool = True,
     command: str | None = None,
 ) -> Summary:
@@ -261,189 +444,69 @@ def run(
       overwrite: replace a store captured with other parameters.
       writers: background writer threads.
       chunk_windows: windows per chunk, a multiple or divisor of batch_size (default: ~2 MB chunks).
+      part: k/n: capture only the k-th of n interleaved shares of the chunks, so n processes
+        (e.g. one per GPU) fill one store together; the last to finish marks it complete.
       progress: show a progress bar.
       command: the command line to show in the resume hint.
     """
     t0 = time.perf_counter()
-    # Checks that need no files come first, so a typo fails at once.
-    sites_t = parse_sites(sites)
-    _positive("stride", stride)
-    _positive("batch_size", batch_size)
     _positive("writers", writers)
-    if split not in SPLITS:
-        raise BlockcapError(f"split={split!r} is unknown; use one of {', '.join(SPLITS)}")
-    sdtype = storage_dtype(dtype)
-    compressors(codec)
-    if not isinstance(sample_len, int) or isinstance(sample_len, bool):
-        raise BlockcapError(f"sample_len={sample_len!r} is not an integer; use 1..block_size")
-    dev = pick_device(device)
-
-    loaded = load_checkpoint(weights)
-    cfg = loaded.model.config
-    blocks = parse_blocks(block_idx, cfg.n_layer)
-    _positive("sample_len", sample_len, cfg.block_size)
-
-    data_path = resolve_dataset(dataset)
-    text = read_text(data_path)
-    tok = CharTokenizer(loaded.vocab) if loaded.vocab is not None else CharTokenizer.from_text(text)
-    if loaded.vocab is None and len(tok) != cfg.vocab_size:
-        raise BlockcapError(
-            f"dataset {data_path} has {len(tok)} distinct characters but weights {loaded.path} "
-            f"expect {cfg.vocab_size}; use the dataset the weights were trained on"
-        )
-    tok.check_covers(text, f"dataset {data_path}")
-    stream = split_tokens(torch.tensor(tok.encode(text), dtype=torch.long), split)
-    windows = Windows(stream, sample_len, stride)
-    n_windows = len(windows)
-    if n_windows == 0:
-        raise BlockcapError(
-            f"the {split} split of {data_path} has {len(stream)} tokens, fewer than one window "
-            f"(sample_len={sample_len}); use a smaller --sample_len or a longer dataset"
-        )
-
-    per_window = sample_len * cfg.n_embed * sdtype.zarr_dtype.itemsize
-    layout = Layout(
-        n_windows=n_windows,
-        sample_len=sample_len,
-        n_embed=cfg.n_embed,
-        n_head=cfg.n_head,
-        vocab_size=cfg.vocab_size,
-        blocks=blocks,
-        sites=sites_t,
-        dtype=sdtype,
-        codec=codec,
-        chunk_windows=_chunking(chunk_windows, batch_size, per_window),
-    )
-    params = _json(
-        {
-            "weights_sha256": loaded.sha256,
-            "dataset_sha256": sha256_file(data_path),
-            "split": split,
-            "train_fraction": TRAIN_FRACTION,
-            "sample_len": sample_len,
-            "stride": stride,
-            "batch_size": batch_size,
-            "blocks": blocks,
-            "sites": sites_t,
-            "dtype": dtype,
-            "codec": codec,
-            "fused": fused,
-            "compile": compile,
-            "device_type": dev.type,
-            "n_windows": n_windows,
-            "chunk_windows": layout.chunk_windows,
-        }
-    )
-    attrs = _json(
-        {
-            "blockcap_version": __version__,
-            "torch_version": torch.__version__,
-            "zarr_version": zarr.__version__,
-            "numcodecs_version": numcodecs.__version__,
-            "model_config": cfg.to_dict(),
-            "weights_path": "bundled" if weights in (None, BUNDLED) else str(loaded.path),
-            "weights_meta": loaded.meta,
-            "vocab": tok.vocab,
-            "dataset_name": data_path.name,
-            "dataset_path": str(data_path.absolute()),
-            "device": str(dev),
-            "command": command or "",
-            "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        }
-    )
-    out_path = Path(out or f"block{'_'.join(map(str, blocks))}_internals.zarr")
-    group, committed = _open_or_create(out_path, layout, params, attrs, overwrite)
-    tokens_total = n_windows * sample_len
+    k, n_parts = parse_part(part)
+    p = plan(
+        block_idx, weights, dataset, out, sites, sample_len, stride, batch_size, split, dtype, codec,
+        device, compile, fused, chunk_windows, command,
+    )  # fmt: skip
+    layout, n_windows = p.layout, p.layout.n_windows
+    with _store_lock(p.out, n_parts > 1):
+        group, committed = _open_or_create(p.out, layout, p.params, p.attrs, overwrite)
     raw = sum(torch.Size(layout.site_shape(s)).numel() * 4 for _, s in layout.outputs())
-    if meta(group).get("state") == COMPLETE:
-        return Summary(
-            out_path,
-            "already complete",
-            n_windows,
-            0,
-            tokens_total,
-            raw,
-            _stored_bytes(out_path),
-            time.perf_counter() - t0,
-        )
-    resumed = committed is not None
 
-    module = CaptureModule(loaded.model, blocks, sites_t, fused=fused).to(dev)
-    if compile:
-        module = torch.compile(module, fullgraph=True)
+    def summary(status: str, computed: int) -> Summary:
+        return Summary(
+            p.out, status, n_windows, computed, n_windows * sample_len, raw, _stored_bytes(p.out),
+            time.perf_counter() - t0,
+        )  # fmt: skip
+
+    if meta(group).get("state") == COMPLETE:
+        return summary("already complete", 0)
     unit = max(layout.chunk_windows, batch_size)
     per_unit = unit // layout.chunk_windows
-    todo = [
+    units = [
         u
-        for u in range(-(-n_windows // unit))
+        for u in range(k, -(-n_windows // unit), n_parts)
         if committed is None or not committed[u * per_unit : (u + 1) * per_unit].all()
     ]
-    writer = SlabWriter(group, layout, unit, workers=writers, pin=dev.type == "cuda")
+    writer = SlabWriter(group, layout, unit, workers=writers, pin=p.device.type == "cuda")
+    mine = sum(min(unit, n_windows - u * unit) for u in range(k, -(-n_windows // unit), n_parts))
+    todo = sum(min(unit, n_windows - u * unit) for u in units)
+    label = f"capture {p.out.name}" + (f" part {part}" if n_parts > 1 else "")
     bar = tqdm(
-        total=n_windows,
-        initial=n_windows - sum(min(unit, n_windows - u * unit) for u in todo),
-        unit="win",
-        desc=f"capture {out_path.name}",
-        disable=not progress,
-        dynamic_ncols=True,
+        total=mine, initial=mine - todo, unit="win", desc=label, disable=not progress, dynamic_ncols=True
     )
-    computed = 0
     try:
-        with _sigterm_as_interrupt(), torch.inference_mode():
-            for u in todo:
-                lo, hi = u * unit, min((u + 1) * unit, n_windows)
-                slab = writer.take()
-                slab.lo, slab.hi = lo, hi
-                for b_lo in range(lo, hi, batch_size):
-                    b_hi = min(b_lo + batch_size, hi)
-                    idx = windows.get(b_lo, b_hi)
-                    slab.tokens[b_lo - lo : b_hi - lo] = idx.numpy()
-                    slab.offsets[b_lo - lo : b_hi - lo] = windows.offsets(b_lo, b_hi).numpy()
-                    outs = module(idx.to(dev, non_blocking=True))
-                    for buf, o in zip(slab.sites, outs, strict=True):
-                        buf[b_lo - lo : b_hi - lo].copy_(o, non_blocking=True)
-                    bar.update(b_hi - b_lo)
-                    bar.set_postfix_str(f"{bar.format_dict['rate'] or 0:,.0f} win/s", refresh=False)
-                if dev.type == "cuda":
-                    slab.event = torch.cuda.Event()
-                    slab.event.record()
-                writer.submit(slab)
-                computed += hi - lo
-            writer.close()
-            writer.raise_error()
+        computed = _capture(p, writer, units, unit, bar)
     except KeyboardInterrupt:
         writer.close()
-        bar.close()
         done = int(read_committed(group).sum())
         raise Interrupted(
-            f"interrupted: {done} of {layout.n_chunks} chunks of {out_path} are committed, the store is "
+            f"interrupted: {done} of {layout.n_chunks} chunks of {p.out} are committed, the store is "
             f"incomplete; to resume, re-run {command or 'the same command'}"
         ) from None
     except OSError as e:
-        writer.close()
-        bar.close()
         raise BlockcapError(
-            f"writing {out_path} failed ({e}); the store is incomplete and resumable: "
+            f"writing {p.out} failed ({e}); the store is incomplete and resumable: "
             f"fix the cause (e.g. free disk space) and re-run the same command"
         ) from None
-    except BaseException:
+    finally:
         writer.close()
-        raise
-    bar.close()
+        bar.close()
     if not read_committed(group).all():
-        raise BlockcapError(f"store {out_path} has uncommitted chunks after the run; re-run the same command")
+        if n_parts > 1:
+            return summary(f"part {part} done, store waiting for other parts", computed)
+        raise BlockcapError(f"store {p.out} has uncommitted chunks after the run; re-run the same command")
     update_meta(group, state=COMPLETE, finished=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
-    shutil.rmtree(aside_path(out_path), ignore_errors=True)
-    return Summary(
-        out_path,
-        "resumed and completed" if resumed else COMPLETE,
-        n_windows,
-        computed,
-        tokens_total,
-        raw,
-        _stored_bytes(out_path),
-        time.perf_counter() - t0,
-    )
+    shutil.rmtree(aside_path(p.out), ignore_errors=True)
+    return summary("resumed and completed" if committed is not None else COMPLETE, computed)
 
 
 def default_command() -> str:

@@ -200,3 +200,18 @@ def test_default_run_gives_1162_windows_on_the_real_text(real_dataset, tmp_path,
     s = blockcap.open_store(tmp_path / "block0_internals.zarr")
     assert s.site("heads_output").shape == (1162, 3, 96)
     assert s.text(0) == real_dataset.read_text()[int(0.9 * 1115394) :][:3]
+
+
+def test_parts_fill_one_store_like_a_single_run(run_args, tmp_path):
+    blockcap.run(**{**run_args, "chunk_windows": 16, "out": str(tmp_path / "one.zarr")})
+    first = blockcap.run(**{**run_args, "chunk_windows": 16, "part": "0/2"})
+    assert first.status.startswith("part 0/2 done")
+    with pytest.warns(blockcap.reader.IncompleteStoreWarning):
+        half = blockcap.open_store(run_args["out"]).committed_windows()
+    assert 0 < half.sum() < len(half)
+    assert blockcap.run(**{**run_args, "chunk_windows": 16, "part": "1/2"}).status == "resumed and completed"
+    a, b = zarr.open_group(run_args["out"], mode="r"), zarr.open_group(str(tmp_path / "one.zarr"), mode="r")
+    for name in ("tokens", "offsets", "committed", "block0/heads_output", "block0/ffwd_output"):
+        assert np.array_equal(a[name][:], b[name][:]), name
+    with pytest.raises(BlockcapError, match="part='2/2' is not k/n"):
+        blockcap.run(**{**run_args, "part": "2/2"})

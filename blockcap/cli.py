@@ -16,6 +16,7 @@ import fire
 from blockcap.errors import BlockcapError
 from blockcap.pipeline import Interrupted, default_command
 from blockcap.pipeline import run as run_capture
+from blockcap.train import train as train_model
 
 EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
 
@@ -47,31 +48,9 @@ def verify(store: str, dataset_check: bool = True) -> None:
     print(f"ok: {store} is complete and every chunk reads back with a valid checksum")
 
 
-def train(
-    out: str = "blockcap/weights/small.pt",
-    preset: str = "small",
-    dataset: str | None = None,
-    max_iters: int = 3500,
-    batch_size: int = 16,
-    lr: float = 2e-3,
-    seed: int = 1337,
-    device: str | None = None,
-    threads: int | None = None,
-) -> None:
-    """Train a preset model (small, seed) on a text dataset and write a checkpoint."""
-    from blockcap.train import train as train_model
-
-    train_model(
-        out=out,
-        preset=preset,
-        dataset=dataset,
-        max_iters=max_iters,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        device=device,
-        threads=threads,
-    )
+@functools.wraps(train_model)
+def train(*args, **kwargs) -> None:
+    train_model(*args, **kwargs)
 
 
 def generate(prompt: str = "\n", length: int = 300, weights: str | None = None, seed: int = 0) -> None:

@@ -179,10 +179,11 @@ def _stored_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _open_or_create(out: Path, layout: Layout, params: dict, attrs: dict, overwrite: bool):
+def _open_or_create(out: Path, layout: Layout, params: dict, attrs: dict, overwrite: bool, sole: bool):
     """(group, committed-chunk mask), or (group, None) for a new store or a complete one.
 
     A store replaced with ``overwrite`` is moved aside, not deleted, until the new one completes.
+    ``sole``: no other process writes this store, so temp files left by a crash can be removed.
     """
     if out.exists() and not out.is_dir():
         raise BlockcapError(f"out={str(out)!r} is a file; pass a directory path for the store with --out")
@@ -193,7 +194,8 @@ def _open_or_create(out: Path, layout: Layout, params: dict, attrs: dict, overwr
             if old == params:
                 if meta(group).get("state") == COMPLETE:
                     return group, None
-                remove_partial_files(out)
+                if sole:
+                    remove_partial_files(out)
                 return group, read_committed(group)
             if not overwrite:
                 diff = ", ".join(f"{k} {old.get(k)!r} -> {v!r}" for k, v in params.items() if old.get(k) != v)
@@ -458,7 +460,7 @@ def run(
     )  # fmt: skip
     layout, n_windows = p.layout, p.layout.n_windows
     with _store_lock(p.out, n_parts > 1):
-        group, committed = _open_or_create(p.out, layout, p.params, p.attrs, overwrite)
+        group, committed = _open_or_create(p.out, layout, p.params, p.attrs, overwrite, sole=n_parts == 1)
     raw = sum(torch.Size(layout.site_shape(s)).numel() * 4 for _, s in layout.outputs())
 
     def summary(status: str, computed: int) -> Summary:
@@ -491,6 +493,11 @@ def run(
         raise Interrupted(
             f"interrupted: {done} of {layout.n_chunks} chunks of {p.out} are committed, the store is "
             f"incomplete; to resume, re-run {command or 'the same command'}"
+        ) from None
+    except torch.OutOfMemoryError:
+        raise BlockcapError(
+            f"out of memory at batch_size={batch_size}; committed chunks of {p.out} are kept, but a "
+            f"smaller --batch_size changes the chunking: use it with another --out or --overwrite"
         ) from None
     except OSError as e:
         raise BlockcapError(

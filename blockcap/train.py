@@ -43,7 +43,7 @@ def estimate_loss(
 
 
 def train(
-    out: str = "blockcap/weights/small.pt",
+    out: str = "checkpoint.pt",
     preset: str = "small",
     dataset: str | None = None,
     max_iters: int = 3500,
@@ -58,7 +58,12 @@ def train(
     device: str | None = None,
     threads: int | None = None,
 ) -> dict[str, float]:
-    """Train ``preset`` with AdamW (warm-up, cosine decay) and save a checkpoint to ``out``."""
+    """Train a preset model (small, seed) on a text dataset and write a checkpoint to ``out``.
+
+    AdamW with linear warm-up and cosine decay; train/val loss estimated every ``eval_interval``
+    steps on ``eval_iters`` fixed batches. ``block_size`` trains on shorter contexts than the
+    model's; ``threads`` sets torch's CPU threads.
+    """
     if preset not in PRESETS:
         raise BlockcapError(f"preset={preset!r} is unknown; use one of {', '.join(PRESETS)}")
     if threads:

@@ -70,7 +70,8 @@ def _threads():
 
 @pytest.fixture(scope="session")
 def enabled(request) -> bool:
-    return not request.config.getoption("benchmark_disable")
+    cfg = request.config
+    return bool(cfg.getoption("benchmark_enable")) or not cfg.getoption("benchmark_disable")
 
 
 @pytest.fixture(scope="session")

@@ -83,10 +83,12 @@ def _is_mask(key: str) -> bool:
 
 
 def _build(state: dict[str, torch.Tensor], config: GPTConfig, masks_included: bool = True) -> GPT:
-    model = GPT(config)
+    with torch.device("meta"):  # no time spent on a random init that the weights replace
+        model = GPT(config)
     expected = model.state_dict()
     if not masks_included:
-        state = {**state, **{k: v for k, v in expected.items() if _is_mask(k)}}
+        mask = torch.tril(torch.ones(config.block_size, config.block_size))
+        state = {**state, **{k: mask for k in expected if _is_mask(k)}}
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
     if missing or unexpected:
@@ -94,7 +96,7 @@ def _build(state: dict[str, torch.Tensor], config: GPTConfig, masks_included: bo
     for k, v in state.items():
         if tuple(v.shape) != tuple(expected[k].shape):
             raise ValueError(f"{k} has shape {tuple(v.shape)}, the model needs {tuple(expected[k].shape)}")
-    model.load_state_dict(state)
+    model.load_state_dict(state, assign=True)
     return model.eval()
 
 

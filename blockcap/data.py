@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from blockcap.errors import BlockcapError
@@ -121,13 +122,23 @@ class CharTokenizer:
         return len(self.vocab)
 
     def encode(self, text: str) -> list[int]:
-        try:
-            return [self.stoi[c] for c in text]
-        except KeyError as e:
+        return self.encode_tensor(text).tolist()
+
+    def encode_tensor(self, text: str) -> torch.Tensor:
+        """Token ids of ``text`` as int64, via a code-point lookup table (fast on megabytes)."""
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        table = np.full(
+            max(max(map(ord, self.vocab), default=0), int(codes.max(initial=0))) + 1, -1, np.int64
+        )
+        table[[ord(c) for c in self.vocab]] = np.arange(len(self.vocab))
+        ids = table[codes]
+        if (ids < 0).any():
+            bad = chr(int(codes[np.argmax(ids < 0)]))
             raise BlockcapError(
-                f"character {e.args[0]!r} is not in the model's vocabulary; "
+                f"character {bad!r} is not in the model's vocabulary; "
                 f"use a checkpoint trained on this text or remove the character"
-            ) from None
+            )
+        return torch.from_numpy(ids)
 
     def decode(self, ids: Iterable[int]) -> str:
         return "".join(self.vocab[i] for i in ids)

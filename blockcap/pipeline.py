@@ -278,7 +278,7 @@ def plan(
             f"expect {cfg.vocab_size}; use the dataset the weights were trained on"
         )
     tok.check_covers(text, f"dataset {data_path}")
-    stream = split_tokens(torch.tensor(tok.encode(text), dtype=torch.long), split)
+    stream = split_tokens(tok.encode_tensor(text), split)
     windows = Windows(stream, sample_len, stride)
     if len(windows) == 0:
         raise BlockcapError(
@@ -372,28 +372,47 @@ def _store_lock(out: Path, shared: bool) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _capture(p: Plan, writer: SlabWriter, units: list[int], unit: int, bar: tqdm) -> int:
-    """Compute ``units`` batch by batch into slabs and hand each filled slab to the writer."""
-    n, bs = p.layout.n_windows, p.batch_size
+def _batches_covering(chunks: list[int], chunk_windows: int, batch_size: int, n: int) -> list[int]:
+    """Indices of the batches whose windows overlap ``chunks`` (batches start at multiples of batch_size)."""
+    out: set[int] = set()
+    for c in chunks:
+        first, last = c * chunk_windows, min((c + 1) * chunk_windows, n) - 1
+        out.update(range(first // batch_size, last // batch_size + 1))
+    return sorted(out)
+
+
+def _capture(p: Plan, writer: SlabWriter, chunks: list[int], bar: tqdm) -> int:
+    """Compute the batches that cover ``chunks``; hand each chunk to the writer once it is whole.
+
+    Batches keep their fixed composition (a resumed chunk is computed exactly as before); a
+    batch's windows in chunks that are already committed are computed but not written again.
+    """
+    n, bs, cw = p.layout.n_windows, p.batch_size, p.layout.chunk_windows
+    pending, open_slabs = set(chunks), {}
+    to_storage, cuda = p.layout.dtype.torch_dtype, p.device.type == "cuda"
     computed = 0
     with _sigterm_as_interrupt(), torch.inference_mode():
-        for u in units:
-            lo, hi = u * unit, min((u + 1) * unit, n)
-            slab = writer.take()
-            slab.lo, slab.hi = lo, hi
-            for b_lo in range(lo, hi, bs):
-                b_hi = min(b_lo + bs, hi)
-                idx = p.windows.get(b_lo, b_hi)
-                slab.tokens[b_lo - lo : b_hi - lo] = idx.numpy()
-                slab.offsets[b_lo - lo : b_hi - lo] = p.windows.offsets(b_lo, b_hi).numpy()
-                outs = p.module(idx.to(p.device, non_blocking=True))
-                for buf, o in zip(slab.sites, outs, strict=True):
-                    buf[b_lo - lo : b_hi - lo].copy_(o, non_blocking=True)
-                bar.update(b_hi - b_lo)
-            if p.device.type == "cuda":
-                slab.event = torch.cuda.Event()
-                slab.event.record()
-            writer.submit(slab)
+        for b in _batches_covering(chunks, cw, bs, n):
+            lo, hi = b * bs, min((b + 1) * bs, n)
+            idx = p.windows.get(lo, hi)
+            outs = [o.to(to_storage) for o in p.module(idx.to(p.device, non_blocking=True))]
+            event = None
+            if cuda:  # async copies into pinned host memory; the writer waits on the event
+                outs = [o.to("cpu", non_blocking=True) for o in outs]
+                event = torch.cuda.Event()
+                event.record()
+            for c in range(lo // cw, (hi - 1) // cw + 1):
+                if c not in pending:
+                    continue
+                slab = open_slabs.get(c) or open_slabs.setdefault(c, writer.new_slab(c))
+                a, z = max(lo, slab.lo) - lo, min(hi, slab.hi) - lo
+                slab.tokens.append(idx[a:z])
+                for pieces, o in zip(slab.sites, outs, strict=True):
+                    pieces.append(o[a:z])
+                slab.event, slab.filled = event, slab.filled + z - a
+                bar.update(z - a)
+                if slab.filled == slab.hi - slab.lo:
+                    writer.submit(open_slabs.pop(c))
             computed += hi - lo
         writer.close()
         writer.raise_error()
@@ -471,22 +490,21 @@ def run(
 
     if meta(group).get("state") == COMPLETE:
         return summary("already complete", 0)
-    unit = max(layout.chunk_windows, batch_size)
-    per_unit = unit // layout.chunk_windows
-    units = [
-        u
-        for u in range(k, -(-n_windows // unit), n_parts)
-        if committed is None or not committed[u * per_unit : (u + 1) * per_unit].all()
-    ]
-    writer = SlabWriter(group, layout, unit, workers=writers, pin=p.device.type == "cuda")
-    mine = sum(min(unit, n_windows - u * unit) for u in range(k, -(-n_windows // unit), n_parts))
-    todo = sum(min(unit, n_windows - u * unit) for u in units)
+    cw = layout.chunk_windows
+    # Parts take interleaved runs of chunks, each run as long as a batch (or one chunk).
+    run_len = max(1, batch_size // cw)
+    share = [c for c in range(layout.n_chunks) if (c // run_len) % n_parts == k]
+    chunks = [c for c in share if committed is None or not committed[c]]
+    in_flight = writers + 1 + run_len
+    writer = SlabWriter(group, layout, p.windows, workers=writers, max_pending=in_flight)
+    mine = sum(min(cw, n_windows - c * cw) for c in share)
+    todo = sum(min(cw, n_windows - c * cw) for c in chunks)
     label = f"capture {p.out.name}" + (f" part {part}" if n_parts > 1 else "")
     bar = tqdm(
         total=mine, initial=mine - todo, unit="win", desc=label, disable=not progress, dynamic_ncols=True
     )
     try:
-        computed = _capture(p, writer, units, unit, bar)
+        computed = _capture(p, writer, chunks, bar)
     except KeyboardInterrupt:
         writer.close()
         done = int(read_committed(group).sum())

@@ -72,7 +72,7 @@ def train(
     path = resolve_dataset(dataset)
     text = read_text(path)
     tok = CharTokenizer.from_text(text)
-    data = torch.tensor(tok.encode(text), dtype=torch.long)
+    data = tok.encode_tensor(text)
     splits = {"train": split_tokens(data, "train"), "val": split_tokens(data, "val")}
     config = replace(PRESETS[preset], vocab_size=len(tok))
     train_block = block_size or config.block_size

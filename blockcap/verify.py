@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from blockcap.data import CharTokenizer, Windows, read_text, sha256_file, split_tokens
 from blockcap.errors import BlockcapError
@@ -74,9 +73,7 @@ def _check_tokens(group, m: dict) -> list[str]:
     if not data.is_file() or sha256_file(data) != p["dataset_sha256"]:
         return []
     tok = CharTokenizer(m["vocab"])
-    stream = split_tokens(
-        torch.tensor(tok.encode(read_text(data)), dtype=torch.long), p["split"], p["train_fraction"]
-    )
+    stream = split_tokens(tok.encode_tensor(read_text(data)), p["split"], p["train_fraction"])
     windows = Windows(stream, p["sample_len"], p["stride"])
     n = p["n_windows"]
     problems = []

@@ -1,99 +1,86 @@
-"""Background chunk writer: compresses and writes filled slabs while the next ones are computed.
+"""Background chunk writer: encodes and writes finished chunks while the next batches compute.
 
-A *slab* holds ``unit`` consecutive windows of every array (a whole number of chunks). The
-compute loop fills a free slab, hands it over, and takes the next free one; with a fixed pool
-of slabs, memory is bounded however large the dataset. Each slab's chunks are recorded as
-committed only after all its arrays are written, so a crash never counts a chunk it lost.
+A *slab* is one chunk of windows of every array, made of the pieces of the batch outputs that
+fall in it (views, not copies, when a chunk is part of one batch). Worker threads join the pieces,
+write each array's chunk and only then set the chunk's ``committed`` flag, so a crash never counts
+a chunk whose bytes are missing. A semaphore bounds the slabs in flight, and with them memory.
 """
 
 from __future__ import annotations
 
-import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import zarr
 
-from blockcap.codecs import StorageDtype
-from blockcap.store import Layout, mark_committed, site_path, token_dtype
+from blockcap.data import Windows
+from blockcap.store import Layout, mark_committed, site_path
 
 
 @dataclass
 class Slab:
-    """Host buffers for one unit of windows, reused from a pool."""
+    """The pieces of one chunk (windows ``lo:hi``), in window order."""
 
-    tokens: np.ndarray  # (unit, T)
-    offsets: np.ndarray  # (unit,)
-    sites: list[torch.Tensor]  # one per layout.outputs(), storage dtype, pinned on CUDA
+    chunk: int
+    lo: int
+    hi: int
+    tokens: list[torch.Tensor] = field(default_factory=list)
+    sites: list[list[torch.Tensor]] = field(default_factory=list)  # per layout.outputs()
     event: torch.cuda.Event | None = None  # recorded after the device-to-host copies
-    lo: int = 0
-    hi: int = 0
+    filled: int = 0
+
+
+def _join(pieces: list[torch.Tensor]) -> torch.Tensor:
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 class SlabWriter:
-    """A pool of slabs and the threads that write them into the store's arrays."""
+    """Threads that write slabs into the store, at most ``max_pending`` slabs queued or in flight."""
 
     def __init__(
-        self, group: zarr.Group, layout: Layout, unit: int, workers: int = 2, pin: bool = False
+        self, group: zarr.Group, layout: Layout, windows: Windows, workers: int, max_pending: int
     ) -> None:
         self.layout = layout
-        self.dtype: StorageDtype = layout.dtype
+        self.windows = windows
+        self.group = group
         self.tokens = group["tokens"]
         self.offsets = group["offsets"]
         self.arrays = [group[site_path(b, s)] for b, s in layout.outputs()]
-        self.group = group
-        self.free: queue.Queue[Slab] = queue.Queue()
-        for _ in range(workers + 1):
-            self.free.put(self._new_slab(unit, pin))
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="blockcap-writer")
+        self.slots = threading.BoundedSemaphore(max_pending)
         self.error: BaseException | None = None
         self.lock = threading.Lock()
-        self.windows_written = 0
 
-    def _new_slab(self, unit: int, pin: bool) -> Slab:
-        L = self.layout
-        sites = [
-            torch.empty((unit, *L.site_shape(s)[1:]), dtype=self.dtype.torch_dtype, pin_memory=pin)
-            for _, s in L.outputs()
-        ]
-        return Slab(
-            np.empty((unit, L.sample_len), token_dtype(L.vocab_size)), np.empty(unit, np.int64), sites
-        )
-
-    def take(self) -> Slab:
-        """A free slab to fill; blocks while all are in flight, raises a writer's error."""
-        while True:
+    def new_slab(self, chunk: int) -> Slab:
+        """An empty slab for ``chunk``; blocks while too many are pending, raises a writer's error."""
+        while not self.slots.acquire(timeout=0.1):
             self.raise_error()
-            try:
-                return self.free.get(timeout=0.1)
-            except queue.Empty:
-                continue
+        self.raise_error()
+        cw = self.layout.chunk_windows
+        lo, hi = chunk * cw, min((chunk + 1) * cw, self.layout.n_windows)
+        return Slab(chunk, lo, hi, sites=[[] for _ in self.arrays])
 
     def submit(self, slab: Slab) -> None:
-        """Write ``slab`` (windows ``slab.lo:slab.hi``) in the background."""
         self.pool.submit(self._write, slab)
 
     def _write(self, slab: Slab) -> None:
         try:
             if slab.event is not None:
                 slab.event.synchronize()
-            lo, hi, n = slab.lo, slab.hi, slab.hi - slab.lo
-            self.tokens[lo:hi] = slab.tokens[:n]
-            self.offsets[lo:hi] = slab.offsets[:n]
-            for arr, buf in zip(self.arrays, slab.sites, strict=True):
-                arr[lo:hi] = self.dtype.to_numpy(buf[:n])
-            cw = self.layout.chunk_windows
-            mark_committed(self.group, lo // cw, -(-hi // cw))
-            with self.lock:
-                self.windows_written += n
+            lo, hi = slab.lo, slab.hi
+            toks = _join(slab.tokens).numpy()
+            self.tokens[lo:hi] = toks.astype(self.tokens.dtype, copy=False)
+            self.offsets[lo:hi] = self.windows.offsets(lo, hi).numpy()
+            for arr, pieces in zip(self.arrays, slab.sites, strict=True):
+                arr[lo:hi] = self.layout.dtype.to_numpy(_join(pieces))
+            mark_committed(self.group, slab.chunk, slab.chunk + 1)
         except BaseException as e:
             with self.lock:
                 self.error = self.error or e
         finally:
-            self.free.put(slab)
+            self.slots.release()
 
     def raise_error(self) -> None:
         if self.error is not None:

@@ -20,7 +20,7 @@ from blockcap.data import CharTokenizer, split_tokens
 from blockcap.model import GPT, PRESETS
 
 THREADS = int(os.environ.get("BLOCKCAP_BENCH_THREADS", "2"))
-LONG_WINDOWS = int(os.environ.get("BLOCKCAP_BENCH_LONG_WINDOWS", "48"))  # of 435 in the val split
+LONG_WINDOWS = int(os.environ.get("BLOCKCAP_BENCH_LONG_WINDOWS", "128"))  # of 435 in the val split
 
 
 def pytest_addoption(parser):
@@ -38,12 +38,13 @@ class Workload:
     stride: int
     block: int
     max_windows: int | None  # None: the whole val split
+    batch_size: int
 
 
 WORKLOADS = [
-    Workload("orig-cli", 3, 96, 0, None),  # the original experiment's settings
-    Workload("long-b0", 256, 256, 0, LONG_WINDOWS),
-    Workload("long-b5", 256, 256, 5, LONG_WINDOWS),
+    Workload("orig-cli", 3, 96, 0, None, 64),  # the original experiment's settings
+    Workload("long-b0", 256, 256, 0, LONG_WINDOWS, 8),  # 2048 tokens a batch
+    Workload("long-b5", 256, 256, 5, LONG_WINDOWS, 8),
 ]
 
 
@@ -56,7 +57,10 @@ class Setup:
     windows: torch.Tensor  # (n, sample_len) int64
     text_file: Path  # its "all" split yields exactly ``windows``
     workload: Workload
-    batch_size: int = 64
+
+    @property
+    def batch_size(self) -> int:
+        return self.workload.batch_size
 
     @property
     def tokens(self) -> int:

@@ -83,8 +83,7 @@ def _is_mask(key: str) -> bool:
 
 
 def _build(state: dict[str, torch.Tensor], config: GPTConfig, masks_included: bool = True) -> GPT:
-    with torch.device("meta"):  # no time spent on a random init that the weights replace
-        model = GPT(config)
+    model = GPT(config, init=False)  # the weights replace any initialisation
     expected = model.state_dict()
     if not masks_included:
         mask = torch.tril(torch.ones(config.block_size, config.block_size))
@@ -96,7 +95,7 @@ def _build(state: dict[str, torch.Tensor], config: GPTConfig, masks_included: bo
     for k, v in state.items():
         if tuple(v.shape) != tuple(expected[k].shape):
             raise ValueError(f"{k} has shape {tuple(v.shape)}, the model needs {tuple(expected[k].shape)}")
-    model.load_state_dict(state, assign=True)
+    model.load_state_dict(state)
     return model.eval()
 
 

@@ -115,7 +115,7 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """Token + position embeddings, ``n_layer`` blocks, final LayerNorm, LM head."""
 
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, init: bool = True) -> None:
         super().__init__()
         self.config = config
         self.token_embedding_table = nn.Embedding(config.vocab_size, config.n_embed)
@@ -123,7 +123,8 @@ class GPT(nn.Module):
         self.blocks = nn.Sequential(*[Block(config) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embed)
         self.lm_head = nn.Linear(config.n_embed, config.vocab_size)
-        self.apply(self._init_weights)
+        if init:  # skipped when weights are loaded right after
+            self.apply(self._init_weights)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

@@ -46,7 +46,7 @@ TRANSFORMER_LENS = {
     "block_output": "blocks.{b}.hook_resid_post",
     "attention": "blocks.{b}.attn.hook_pattern",
 }
-TARGET_CHUNK_BYTES = 2 << 20
+TARGET_CHUNK_BYTES = 8 << 20
 _WRITE_CONFIG = {"write_empty_chunks": True}  # skip the per-chunk fill-value scan
 
 

@@ -8,6 +8,8 @@ a chunk whose bytes are missing. A semaphore bounds the slabs in flight, and wit
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,6 +34,37 @@ class Slab:
     filled: int = 0
 
 
+def _set_policy(tids: set[int], policy: int) -> None:
+    for tid in tids:
+        with contextlib.suppress(AttributeError, OSError):
+            os.sched_setscheduler(tid, policy, os.sched_param(0))
+
+
+class _Background:
+    """Python helper threads (ours, zarr's event loop and codec threads) at idle CPU priority.
+
+    On a machine whose cores torch keeps busy, encoding then runs in the gaps instead of
+    preempting torch's worker threads, whose barriers stall whenever one of them is descheduled.
+    With spare cores (a GPU run) idle priority costs nothing. Restored when the run ends.
+    """
+
+    def __init__(self) -> None:
+        self.tids: set[int] = set()
+        self.lock = threading.Lock()
+
+    def claim(self) -> None:
+        main = threading.main_thread().native_id
+        with self.lock:
+            new = {t.native_id for t in threading.enumerate() if t.native_id not in (main, None)} - self.tids
+            _set_policy(new, getattr(os, "SCHED_IDLE", 0))
+            self.tids |= new
+
+    def release(self) -> None:
+        with self.lock:
+            _set_policy(self.tids, getattr(os, "SCHED_OTHER", 0))
+            self.tids.clear()
+
+
 def _join(pieces: list[torch.Tensor]) -> torch.Tensor:
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
@@ -49,6 +82,7 @@ class SlabWriter:
         self.offsets = group["offsets"]
         self.arrays = [group[site_path(b, s)] for b, s in layout.outputs()]
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="blockcap-writer")
+        self.background = _Background()
         self.slots = threading.BoundedSemaphore(max_pending)
         self.error: BaseException | None = None
         self.lock = threading.Lock()
@@ -67,6 +101,7 @@ class SlabWriter:
 
     def _write(self, slab: Slab) -> None:
         try:
+            self.background.claim()
             if slab.event is not None:
                 slab.event.synchronize()
             lo, hi = slab.lo, slab.hi
@@ -89,3 +124,4 @@ class SlabWriter:
     def close(self) -> None:
         """Wait for every submitted slab to be written (or to fail), then stop the threads."""
         self.pool.shutdown(wait=True)
+        self.background.release()

@@ -50,7 +50,7 @@ def test_write(benchmark, activations, tmp_path, codec, dtype):
     tensors = [activations[k] for k in ("heads", "proj", "ffwd")]
     raw = sum(t.numel() * 4 for t in tensors)
     n, T, C = tensors[0].shape
-    cw = choose_chunk_windows(64, T * C * sd.zarr_dtype.itemsize)
+    cw = choose_chunk_windows(64, T * C * sd.zarr_dtype.itemsize, n)
     out = tmp_path / "w.zarr"
 
     def fresh():

@@ -142,9 +142,9 @@ def _positive(name: str, value: Any, upper: int | None = None) -> int:
     return value
 
 
-def _chunking(chunk_windows: int | None, batch_size: int, bytes_per_window: int) -> int:
+def _chunking(chunk_windows: int | None, batch_size: int, bytes_per_window: int, n_windows: int) -> int:
     if chunk_windows is None:
-        return choose_chunk_windows(batch_size, bytes_per_window)
+        return choose_chunk_windows(batch_size, bytes_per_window, n_windows)
     _positive("chunk_windows", chunk_windows)
     if chunk_windows % batch_size and batch_size % chunk_windows:
         raise BlockcapError(
@@ -234,9 +234,11 @@ class Plan:
 
 
 def plan(
+    *,
     block_idx: Any,
     weights: str | None,
     dataset: str | None,
+    dataset_sha256: str | None,
     out: str | None,
     sites: Any,
     sample_len: int,
@@ -269,7 +271,9 @@ def plan(
     blocks = parse_blocks(block_idx, cfg.n_layer)
     _positive("sample_len", sample_len, cfg.block_size)
 
-    data_path = resolve_dataset(dataset)
+    if isinstance(dataset_sha256, int):  # fire reads an all-digit hash as a number
+        dataset_sha256 = f"{dataset_sha256:064d}"
+    data_path = resolve_dataset(dataset, sha256=dataset_sha256)
     text = read_text(data_path)
     tok = CharTokenizer(loaded.vocab) if loaded.vocab is not None else CharTokenizer.from_text(text)
     if loaded.vocab is None and len(tok) != cfg.vocab_size:
@@ -296,7 +300,7 @@ def plan(
         dtype=sdtype,
         codec=codec,
         chunk_windows=_chunking(
-            chunk_windows, batch_size, sample_len * cfg.n_embed * sdtype.zarr_dtype.itemsize
+            chunk_windows, batch_size, sample_len * cfg.n_embed * sdtype.zarr_dtype.itemsize, len(windows)
         ),
     )
     params = {
@@ -396,24 +400,25 @@ def _capture(p: Plan, writer: SlabWriter, chunks: list[int], bar: tqdm) -> int:
             lo, hi = b * bs, min((b + 1) * bs, n)
             idx = p.windows.get(lo, hi)
             outs = [o.to(to_storage) for o in p.module(idx.to(p.device, non_blocking=True))]
-            event = None
-            if cuda:  # async copies into pinned host memory; the writer waits on the event
-                outs = [o.to("cpu", non_blocking=True) for o in outs]
+            slabs = []
+            for c in range(lo // cw, (hi - 1) // cw + 1):
+                if c in pending:
+                    slab = open_slabs.get(c) or open_slabs.setdefault(c, writer.new_slab(c))
+                    a, z = max(lo, slab.lo) - lo, min(hi, slab.hi) - lo
+                    slab.put(a + lo - slab.lo, idx[a:z], [o[a:z] for o in outs])  # async on CUDA
+                    slabs.append(slab)
+                    bar.update(z - a)
+            if cuda:  # the writer waits for the copies into pinned memory before reading them
                 event = torch.cuda.Event()
                 event.record()
-            for c in range(lo // cw, (hi - 1) // cw + 1):
-                if c not in pending:
-                    continue
-                slab = open_slabs.get(c) or open_slabs.setdefault(c, writer.new_slab(c))
-                a, z = max(lo, slab.lo) - lo, min(hi, slab.hi) - lo
-                slab.tokens.append(idx[a:z])
-                for pieces, o in zip(slab.sites, outs, strict=True):
-                    pieces.append(o[a:z])
-                slab.event, slab.filled = event, slab.filled + z - a
-                bar.update(z - a)
-                if slab.filled == slab.hi - slab.lo:
-                    writer.submit(open_slabs.pop(c))
+                for slab in slabs:
+                    slab.event = event
+            for slab in slabs:
+                if slab.full:
+                    writer.submit(open_slabs.pop(slab.chunk))
             computed += hi - lo
+            tokens_per_s = (bar.format_dict["rate"] or 0) * p.layout.sample_len
+            bar.set_postfix_str(f"{tokens_per_s:,.0f} tok/s", refresh=False)
         writer.close()
         writer.raise_error()
     return computed
@@ -423,6 +428,7 @@ def run(
     block_idx: Any = 0,
     weights: str | None = None,
     dataset: str | None = None,
+    dataset_sha256: str | None = None,
     out: str | None = None,
     sites: Any = DEFAULT_SITES_ARG,
     sample_len: int = 3,
@@ -450,6 +456,7 @@ def run(
       block_idx: block to capture: an int, a list (0,2) or all.
       weights: blockcap checkpoint or original state dict (default: the bundled model).
       dataset: text file (default: $BLOCKCAP_DATASET, else TinyShakespeare, downloaded once).
+      dataset_sha256: refuse a dataset file whose sha256 differs.
       out: store path (default: block{b}_internals.zarr).
       sites: comma list of block_input, heads_output, proj_output, resid_mid, ffwd_output,
         block_output, attention; or all (every site but attention).
@@ -464,7 +471,7 @@ def run(
       fused: one q/k/v matmul and SDPA (faster; within a tested tolerance, not bitwise).
       overwrite: replace a store captured with other parameters.
       writers: background writer threads.
-      chunk_windows: windows per chunk, a multiple or divisor of batch_size (default: ~2 MB chunks).
+      chunk_windows: windows per chunk, a multiple or divisor of batch_size (default: ~4 MB chunks).
       part: k/n: capture only the k-th of n interleaved shares of the chunks, so n processes
         (e.g. one per GPU) fill one store together; the last to finish marks it complete.
       progress: show a progress bar.
@@ -474,8 +481,10 @@ def run(
     _positive("writers", writers)
     k, n_parts = parse_part(part)
     p = plan(
-        block_idx, weights, dataset, out, sites, sample_len, stride, batch_size, split, dtype, codec,
-        device, compile, fused, chunk_windows, command,
+        block_idx=block_idx, weights=weights, dataset=dataset, dataset_sha256=dataset_sha256, out=out,
+        sites=sites, sample_len=sample_len, stride=stride, batch_size=batch_size, split=split, dtype=dtype,
+        codec=codec, device=device, compile=compile, fused=fused, chunk_windows=chunk_windows,
+        command=command,
     )  # fmt: skip
     layout, n_windows = p.layout, p.layout.n_windows
     with _store_lock(p.out, n_parts > 1):
@@ -495,7 +504,7 @@ def run(
     run_len = max(1, batch_size // cw)
     share = [c for c in range(layout.n_chunks) if (c // run_len) % n_parts == k]
     chunks = [c for c in share if committed is None or not committed[c]]
-    in_flight = writers + 1 + run_len
+    in_flight = writers + run_len  # slabs being filled + slabs being written
     writer = SlabWriter(group, layout, p.windows, workers=writers, max_pending=in_flight)
     mine = sum(min(cw, n_windows - c * cw) for c in share)
     todo = sum(min(cw, n_windows - c * cw) for c in chunks)

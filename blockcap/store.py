@@ -46,7 +46,7 @@ TRANSFORMER_LENS = {
     "block_output": "blocks.{b}.hook_resid_post",
     "attention": "blocks.{b}.attn.hook_pattern",
 }
-TARGET_CHUNK_BYTES = 8 << 20
+TARGET_CHUNK_BYTES = 4 << 20
 _WRITE_CONFIG = {"write_empty_chunks": True}  # skip the per-chunk fill-value scan
 
 
@@ -62,16 +62,19 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.int64)
 
 
-def choose_chunk_windows(batch_size: int, bytes_per_window: int, target: int = TARGET_CHUNK_BYTES) -> int:
+def choose_chunk_windows(
+    batch_size: int, bytes_per_window: int, n_windows: int, target: int = TARGET_CHUNK_BYTES
+) -> int:
     """Windows per chunk: about ``target`` bytes, and a multiple or a divisor of the batch size.
 
     Either way every batch fills whole chunks (or a chunk is filled by whole batches), so writes
     are chunk-aligned and a chunk is always computed from the same batches, which makes resumed
-    runs bitwise identical to uninterrupted ones.
+    runs bitwise identical to uninterrupted ones. Never longer than the whole run needs, so a
+    small store is not padded to a large chunk.
     """
     want = max(1, target // max(1, bytes_per_window))
     if want >= batch_size:
-        return (want // batch_size) * batch_size
+        return min(want // batch_size, -(-n_windows // batch_size)) * batch_size
     return max(d for d in range(1, batch_size + 1) if batch_size % d == 0 and d <= want)
 
 

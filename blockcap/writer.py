@@ -1,9 +1,10 @@
 """Background chunk writer: encodes and writes finished chunks while the next batches compute.
 
-A *slab* is one chunk of windows of every array, made of the pieces of the batch outputs that
-fall in it (views, not copies, when a chunk is part of one batch). Worker threads join the pieces,
-write each array's chunk and only then set the chunk's ``committed`` flag, so a crash never counts
-a chunk whose bytes are missing. A semaphore bounds the slabs in flight, and with them memory.
+A *slab* is one chunk of windows of every array: views of a batch's outputs when the chunk lies
+in one batch on the CPU, else a buffer (pinned on CUDA) that batches copy their rows into.
+Worker threads write each array's chunk and only then set the chunk's ``committed`` flag, so a
+crash never counts a chunk whose bytes are missing. A semaphore bounds the slabs in flight,
+and with them memory.
 """
 
 from __future__ import annotations
@@ -23,15 +24,36 @@ from blockcap.store import Layout, mark_committed, site_path
 
 @dataclass
 class Slab:
-    """The pieces of one chunk (windows ``lo:hi``), in window order."""
+    """One chunk (windows ``lo:hi``) of tokens and of every captured array."""
 
     chunk: int
     lo: int
     hi: int
-    tokens: list[torch.Tensor] = field(default_factory=list)
-    sites: list[list[torch.Tensor]] = field(default_factory=list)  # per layout.outputs()
+    tokens: torch.Tensor | None = None  # (n, T)
+    sites: list[torch.Tensor] = field(default_factory=list)  # per layout.outputs(), storage dtype
     event: torch.cuda.Event | None = None  # recorded after the device-to-host copies
     filled: int = 0
+
+    @property
+    def full(self) -> bool:
+        return self.filled == self.hi - self.lo
+
+    def put(self, row: int, tokens: torch.Tensor, outs: list[torch.Tensor]) -> None:
+        """Add rows ``row:row+n`` of the chunk from a batch (``outs`` already in storage dtype)."""
+        n = tokens.shape[0]
+        if n == self.hi - self.lo and not outs[0].is_cuda:  # the whole chunk: keep views
+            self.tokens, self.sites = tokens, outs
+        else:
+            if self.tokens is None:
+                size = self.hi - self.lo
+                self.tokens = torch.empty((size, *tokens.shape[1:]), dtype=tokens.dtype)
+                self.sites = [
+                    torch.empty((size, *o.shape[1:]), dtype=o.dtype, pin_memory=o.is_cuda) for o in outs
+                ]
+            self.tokens[row : row + n] = tokens
+            for buf, o in zip(self.sites, outs, strict=True):
+                buf[row : row + n].copy_(o, non_blocking=True)
+        self.filled += n
 
 
 def _set_policy(tids: set[int], policy: int) -> None:
@@ -65,10 +87,6 @@ class _Background:
             self.tids.clear()
 
 
-def _join(pieces: list[torch.Tensor]) -> torch.Tensor:
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-
-
 class SlabWriter:
     """Threads that write slabs into the store, at most ``max_pending`` slabs queued or in flight."""
 
@@ -94,7 +112,7 @@ class SlabWriter:
         self.raise_error()
         cw = self.layout.chunk_windows
         lo, hi = chunk * cw, min((chunk + 1) * cw, self.layout.n_windows)
-        return Slab(chunk, lo, hi, sites=[[] for _ in self.arrays])
+        return Slab(chunk, lo, hi)
 
     def submit(self, slab: Slab) -> None:
         self.pool.submit(self._write, slab)
@@ -105,11 +123,10 @@ class SlabWriter:
             if slab.event is not None:
                 slab.event.synchronize()
             lo, hi = slab.lo, slab.hi
-            toks = _join(slab.tokens).numpy()
-            self.tokens[lo:hi] = toks.astype(self.tokens.dtype, copy=False)
+            self.tokens[lo:hi] = slab.tokens.numpy().astype(self.tokens.dtype, copy=False)
             self.offsets[lo:hi] = self.windows.offsets(lo, hi).numpy()
-            for arr, pieces in zip(self.arrays, slab.sites, strict=True):
-                arr[lo:hi] = self.layout.dtype.to_numpy(_join(pieces))
+            for arr, buf in zip(self.arrays, slab.sites, strict=True):
+                arr[lo:hi] = self.layout.dtype.to_numpy(buf)
             mark_committed(self.group, slab.chunk, slab.chunk + 1)
         except BaseException as e:
             with self.lock:

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from blockcap.cli import EXIT_ERROR, main
 
@@ -66,6 +67,13 @@ BAD = [
     (["--split=test"], "split='test' is unknown"),
     (["--device=cuda:7"], "device='cuda:7'"),
     (["--device=tpu"], "device='tpu'"),
+    *(
+        [(["--device=cuda"], "no CUDA GPU is available; use --device=cpu")]
+        if not torch.cuda.is_available()
+        else []
+    ),
+    (["--dataset_sha256=" + "ab" * 32], "expected abab"),
+    (["--dataset_sha256=" + "0" * 64], "expected 0000"),
     (["--chunk_windows=5"], "chunk_windows=5 must be a multiple or a divisor of batch_size=16"),
     (["--weights=/nonexistent.pt"], "weights file /nonexistent.pt does not exist"),
     (["--dataset=/nonexistent.txt"], "dataset /nonexistent.txt does not exist"),

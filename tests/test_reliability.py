@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -308,3 +309,25 @@ def test_replaced_store_survives_a_failed_overwrite(run_args, monkeypatch):
     blockcap.run(**{**run_args, "stride": 7})
     assert not aside.exists()
     shutil.rmtree(run_args["out"])
+
+
+@pytest.mark.slow
+def test_reader_during_a_run_sees_only_committed_data(crash_args, reference, tmp_path):
+    store = tmp_path / "crash.zarr"
+    proc = subprocess.Popen([sys.executable, "-m", "blockcap", *crash_args], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    want = blockcap.open_store(reference).site("ffwd_output", 2)
+    reads = 0
+    while proc.poll() is None:
+        if not (store / "zarr.json").exists() or not (store / "committed" / "zarr.json").exists():
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", IncompleteStoreWarning)
+            s = blockcap.open_store(store)
+        done = np.flatnonzero(s.committed_windows())
+        if done.size:
+            got = s.site("ffwd_output", 2)
+            assert np.array_equal(got.np[done], want.np[done])
+            reads += 1
+    assert proc.returncode == 0
+    assert reads > 0

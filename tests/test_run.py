@@ -215,3 +215,11 @@ def test_parts_fill_one_store_like_a_single_run(run_args, tmp_path):
         assert np.array_equal(a[name][:], b[name][:]), name
     with pytest.raises(BlockcapError, match="part='2/2' is not k/n"):
         blockcap.run(**{**run_args, "part": "2/2"})
+
+
+@pytest.mark.slow
+def test_compiled_run_within_tolerance(run_args):
+    blockcap.run(**{**run_args, "compile": True, "sites": "ffwd_output"})
+    _, outs, _ = expected(run_args, (0,), ("ffwd_output",))
+    got = blockcap.open_store(run_args["out"]).site("ffwd_output")[:]
+    torch.testing.assert_close(got, outs[(0, "ffwd_output")], rtol=1e-5, atol=1e-6)

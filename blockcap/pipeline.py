@@ -394,7 +394,7 @@ def _capture(p: Plan, writer: SlabWriter, chunks: list[int], bar: tqdm) -> int:
     n, bs, cw = p.layout.n_windows, p.batch_size, p.layout.chunk_windows
     pending, open_slabs = set(chunks), {}
     to_storage, cuda = p.layout.dtype.torch_dtype, p.device.type == "cuda"
-    computed = 0
+    computed, t0 = 0, time.perf_counter()
     with _sigterm_as_interrupt(), torch.inference_mode():
         for b in _batches_covering(chunks, cw, bs, n):
             lo, hi = b * bs, min((b + 1) * bs, n)
@@ -417,7 +417,7 @@ def _capture(p: Plan, writer: SlabWriter, chunks: list[int], bar: tqdm) -> int:
                 if slab.full:
                     writer.submit(open_slabs.pop(slab.chunk))
             computed += hi - lo
-            tokens_per_s = (bar.format_dict["rate"] or 0) * p.layout.sample_len
+            tokens_per_s = computed * p.layout.sample_len / (time.perf_counter() - t0)
             bar.set_postfix_str(f"{tokens_per_s:,.0f} tok/s", refresh=False)
         writer.close()
         writer.raise_error()

@@ -5,11 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from blockcap.store import meta, open_group, read_committed
-
-
-def _tree_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+from blockcap.store import meta, open_group, read_committed, stored_bytes
 
 
 def describe(path: Path) -> str:
@@ -28,7 +24,7 @@ def describe(path: Path) -> str:
     lines.append("  arrays:")
     for name in names:
         arr = group[name]
-        stored = _tree_bytes(path / name) if (path / name).is_dir() else 0
+        stored = stored_bytes(path / name) if (path / name).is_dir() else 0
         nbytes = arr.nbytes
         raw += nbytes
         codecs = "+".join(c.to_dict()["name"] for c in arr.compressors) or "none"
@@ -38,7 +34,7 @@ def describe(path: Path) -> str:
             f"    {name:24} {str(tuple(arr.shape)):22} {kind:9} ({dims}) chunks {tuple(arr.chunks)} "
             f"{codecs} {nbytes / 1e6:,.1f} MB -> {stored / 1e6:,.1f} MB"
         )
-    stored_all = _tree_bytes(path)
+    stored_all = stored_bytes(path)
     lines.append(
         f"  bytes: raw {raw / 1e6:,.1f} MB, stored {stored_all / 1e6:,.1f} MB, "
         f"ratio {raw / max(1, stored_all):.2f}x"

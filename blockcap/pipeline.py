@@ -55,6 +55,7 @@ from blockcap.store import (
     read_committed,
     remove_partial_files,
     set_aside,
+    stored_bytes,
     update_meta,
 )
 from blockcap.writer import SlabWriter
@@ -173,10 +174,6 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def _stored_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def _open_or_create(out: Path, layout: Layout, params: dict, attrs: dict, overwrite: bool, sole: bool):
@@ -493,7 +490,7 @@ def run(
 
     def summary(status: str, computed: int) -> Summary:
         return Summary(
-            p.out, status, n_windows, computed, n_windows * sample_len, raw, _stored_bytes(p.out),
+            p.out, status, n_windows, computed, n_windows * sample_len, raw, stored_bytes(p.out),
             time.perf_counter() - t0,
         )  # fmt: skip
 

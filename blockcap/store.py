@@ -219,6 +219,11 @@ def open_group(path: Path, mode: str = "r") -> zarr.Group:
     return group
 
 
+def stored_bytes(path: Path) -> int:
+    """Bytes on disk of every file under ``path``."""
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
 def remove_partial_files(path: Path) -> int:
     """Delete temporary files a killed writer left behind (zarr writes via *.partial + rename)."""
     n = 0

@@ -76,6 +76,20 @@ def assert_identical(store: Path, ref: Path) -> None:
     assert blockcap.verify(store) == []
 
 
+def start_cli(args: list[str], **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "blockcap", *args], cwd=ROOT, **popen)
+
+
+def wait_for_commits(store: Path, proc: subprocess.Popen, n: int) -> None:
+    """Until ``n`` chunks of ``store`` are committed, or the run ends (2 minutes at most)."""
+    committed = store / "committed" / "c"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if committed.is_dir() and len(list(committed.iterdir())) >= n:
+            return
+        time.sleep(0.002)
+
+
 def n_chunks(ref: Path) -> int:
     return zarr.open_group(str(ref), mode="r")["committed"].shape[0]
 
@@ -110,18 +124,8 @@ def test_sigkill_then_resume_is_bitwise_identical(crash_args, reference, tmp_pat
 def test_external_sigkill_mid_write_then_resume(crash_args, reference, tmp_path):
     """A kill from outside at an arbitrary instant, possibly inside a file write."""
     store = tmp_path / "crash.zarr"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "blockcap", *crash_args],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    committed = store / "committed" / "c"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if committed.is_dir() and len(list(committed.iterdir())) >= 3:
-            break
-        time.sleep(0.002)
+    proc = start_cli(crash_args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_commits(store, proc, 3)
     proc.kill()
     proc.wait()
     subprocess.run([sys.executable, "-m", "blockcap", *crash_args], cwd=ROOT, check=True, capture_output=True)
@@ -133,16 +137,8 @@ def test_external_sigkill_mid_write_then_resume(crash_args, reference, tmp_path)
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_stops_cleanly_and_resumes(crash_args, reference, tmp_path, sig):
     store = tmp_path / "crash.zarr"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "blockcap", *crash_args],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    committed = store / "committed" / "c"
-    while proc.poll() is None and not (committed.is_dir() and any(committed.iterdir())):
-        time.sleep(0.002)
+    proc = start_cli(crash_args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_commits(store, proc, 1)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     if proc.returncode == 0:
@@ -314,8 +310,7 @@ def test_replaced_store_survives_a_failed_overwrite(run_args, monkeypatch):
 @pytest.mark.slow
 def test_reader_during_a_run_sees_only_committed_data(crash_args, reference, tmp_path):
     store = tmp_path / "crash.zarr"
-    proc = subprocess.Popen([sys.executable, "-m", "blockcap", *crash_args], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = start_cli(crash_args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     want = blockcap.open_store(reference).site("ffwd_output", 2)
     reads = 0
     while proc.poll() is None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numcodecs
+import numpy as np
 import torch
 import zarr
 from tqdm import tqdm
@@ -72,7 +73,7 @@ class Summary:
     """What a run did, for the CLI's closing lines and for callers."""
 
     path: Path
-    status: str  # "complete" (just finished), "already complete", or "resumed"
+    status: str  # complete / already complete / resumed and completed / part k/n done, ...
     n_windows: int
     windows_computed: int
     tokens: int
@@ -176,7 +177,9 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _open_or_create(out: Path, layout: Layout, params: dict, attrs: dict, overwrite: bool, sole: bool):
+def _open_or_create(
+    out: Path, layout: Layout, params: dict, attrs: dict, overwrite: bool, sole: bool
+) -> tuple[zarr.Group, np.ndarray | None]:
     """(group, committed-chunk mask), or (group, None) for a new store or a complete one.
 
     A store replaced with ``overwrite`` is moved aside, not deleted, until the new one completes.

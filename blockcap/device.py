@@ -23,6 +23,6 @@ def pick_device(name: str | None = None) -> torch.device:
                 f"device={name!r} does not exist: {torch.cuda.device_count()} GPU(s); "
                 f"use cuda:0..cuda:{torch.cuda.device_count() - 1}"
             )
-    elif dev.type not in ("cpu", "mps"):
-        raise BlockcapError(f"device={name!r} is not supported; use cpu or cuda")
+    elif dev.type != "cpu":
+        raise BlockcapError(f"device={name!r} is not supported; use cpu, cuda or cuda:N")
     return dev

@@ -1,6 +1,7 @@
 """blockcap: capture transformer block internals for every token into compressed Zarr v3 stores.
 
-Library entry points: ``run`` (capture), ``open_store`` (lazy reading), ``verify`` (integrity),
+Library entry points: ``run`` (capture), ``open_store`` (lazy reading), ``nearest`` (top-k
+neighbours of a vector over a site), ``verify`` (integrity),
 ``CaptureModule`` (the hook-free capture module), ``load_checkpoint``.
 """
 
@@ -11,6 +12,7 @@ from blockcap.checkpoint import load_checkpoint  # noqa: E402
 from blockcap.errors import BlockcapError  # noqa: E402
 from blockcap.pipeline import run  # noqa: E402
 from blockcap.reader import CaptureStore, open_store  # noqa: E402
+from blockcap.search import nearest  # noqa: E402
 from blockcap.verify import verify  # noqa: E402
 
 __all__ = [
@@ -19,6 +21,7 @@ __all__ = [
     "CaptureStore",
     "__version__",
     "load_checkpoint",
+    "nearest",
     "open_store",
     "run",
     "verify",

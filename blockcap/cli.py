@@ -69,7 +69,30 @@ def generate(prompt: str = "\n", length: int = 300, weights: str | None = None, 
     print(tok.decode(loaded.model.generate(idx, length)[0].tolist()))
 
 
-COMMANDS = {"run": run, "info": info, "verify": verify, "train": train, "generate": generate}
+def search(
+    store: str, window: int, position: int = -1, site: str = "ffwd_output", block: int | None = None,
+    k: int = 10, metric: str = "cosine",
+) -> None:  # fmt: skip
+    """Print the k tokens whose vectors are nearest to those of one token (window, position)."""
+    from blockcap.reader import open_store
+    from blockcap.search import nearest
+
+    s = open_store(store)
+    arr = s.site(site, block)
+    if not -arr.shape[0] <= window < arr.shape[0] or not -arr.shape[1] <= position < arr.shape[1]:
+        raise BlockcapError(
+            f"window={window}, position={position} is outside the store; "
+            f"use 0..{arr.shape[0] - 1} and 0..{arr.shape[1] - 1}"
+        )
+    w, p = window % arr.shape[0], position % arr.shape[1]
+    print(f"nearest to window {w}, position {p}: {s.substring(w, p)!r} ({arr.name}, {metric})")
+    for m in nearest(s, arr[w, p], site, block, k, metric):
+        print(f"  {m.score:9.4f}  window {m.window:>7} position {m.position:>3}  {m.substring!r}")
+
+
+COMMANDS = {
+    "run": run, "info": info, "verify": verify, "search": search, "train": train, "generate": generate,
+}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -74,10 +74,12 @@ class _Background:
         self.tids: set[int] = set()
         self.lock = threading.Lock()
 
+    NAMES = ("blockcap-writer", "zarr_", "asyncio_")  # ours, zarr's loop, its executor threads
+
     def claim(self) -> None:
-        main = threading.main_thread().native_id
         with self.lock:
-            new = {t.native_id for t in threading.enumerate() if t.native_id not in (main, None)} - self.tids
+            mine = {t.native_id for t in threading.enumerate() if t.name.startswith(self.NAMES)}
+            new = mine - {None} - self.tids
             _set_policy(new, getattr(os, "SCHED_IDLE", 0))
             self.tids |= new
 

@@ -251,6 +251,7 @@ def plan(
     compile: bool,
     fused: bool,
     chunk_windows: int | None,
+    shard_chunks: int,
     command: str | None,
 ) -> Plan:
     """Check every argument and load what they name; raises BlockcapError before touching a store."""
@@ -302,6 +303,7 @@ def plan(
         chunk_windows=_chunking(
             chunk_windows, batch_size, sample_len * cfg.n_embed * sdtype.zarr_dtype.itemsize, len(windows)
         ),
+        shard_chunks=_positive("shard_chunks", shard_chunks),
     )
     params = {
         "weights_sha256": loaded.sha256,
@@ -320,6 +322,7 @@ def plan(
         "device_type": dev.type,
         "n_windows": len(windows),
         "chunk_windows": layout.chunk_windows,
+        "shard_chunks": layout.shard_chunks,
     }
     attrs = {
         "blockcap_version": __version__,
@@ -376,34 +379,35 @@ def _store_lock(out: Path, shared: bool) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _batches_covering(chunks: list[int], chunk_windows: int, batch_size: int, n: int) -> list[int]:
-    """Indices of the batches whose windows overlap ``chunks`` (batches start at multiples of batch_size)."""
+def _batches_covering(units: list[int], unit_windows: int, batch_size: int, n: int) -> list[int]:
+    """Indices of the batches whose windows overlap ``units`` (batches start at multiples of batch_size)."""
     out: set[int] = set()
-    for c in chunks:
-        first, last = c * chunk_windows, min((c + 1) * chunk_windows, n) - 1
+    for u in units:
+        first, last = u * unit_windows, min((u + 1) * unit_windows, n) - 1
         out.update(range(first // batch_size, last // batch_size + 1))
     return sorted(out)
 
 
-def _capture(p: Plan, writer: SlabWriter, chunks: list[int], bar: tqdm) -> int:
-    """Compute the batches that cover ``chunks``; hand each chunk to the writer once it is whole.
+def _capture(p: Plan, writer: SlabWriter, units: list[int], bar: tqdm) -> int:
+    """Compute the batches that cover ``units``; hand each unit to the writer once it is whole.
 
-    Batches keep their fixed composition (a resumed chunk is computed exactly as before); a
-    batch's windows in chunks that are already committed are computed but not written again.
+    A unit is a chunk, or a shard of chunks. Batches keep their fixed composition (a resumed
+    chunk is computed exactly as before); a batch's windows in units that are already committed
+    are computed but not written again.
     """
-    n, bs, cw = p.layout.n_windows, p.batch_size, p.layout.chunk_windows
-    pending, open_slabs = set(chunks), {}
+    n, bs, uw = p.layout.n_windows, p.batch_size, p.layout.unit_windows
+    pending, open_slabs = set(units), {}
     to_storage, cuda = p.layout.dtype.torch_dtype, p.device.type == "cuda"
     computed, t0 = 0, time.perf_counter()
     with _sigterm_as_interrupt(), torch.inference_mode():
-        for b in _batches_covering(chunks, cw, bs, n):
+        for b in _batches_covering(units, uw, bs, n):
             lo, hi = b * bs, min((b + 1) * bs, n)
             idx = p.windows.get(lo, hi)
             outs = [o.to(to_storage) for o in p.module(idx.to(p.device, non_blocking=True))]
             slabs = []
-            for c in range(lo // cw, (hi - 1) // cw + 1):
-                if c in pending:
-                    slab = open_slabs.get(c) or open_slabs.setdefault(c, writer.new_slab(c))
+            for u in range(lo // uw, (hi - 1) // uw + 1):
+                if u in pending:
+                    slab = open_slabs.get(u) or open_slabs.setdefault(u, writer.new_slab(u))
                     a, z = max(lo, slab.lo) - lo, min(hi, slab.hi) - lo
                     slab.put(a + lo - slab.lo, idx[a:z], [o[a:z] for o in outs])  # async on CUDA
                     slabs.append(slab)
@@ -415,7 +419,7 @@ def _capture(p: Plan, writer: SlabWriter, chunks: list[int], bar: tqdm) -> int:
                     slab.event = event
             for slab in slabs:
                 if slab.full:
-                    writer.submit(open_slabs.pop(slab.chunk))
+                    writer.submit(open_slabs.pop(slab.unit))
             computed += hi - lo
             tokens_per_s = computed * p.layout.sample_len / (time.perf_counter() - t0)
             bar.set_postfix_str(f"{tokens_per_s:,.0f} tok/s", refresh=False)
@@ -443,6 +447,7 @@ def run(
     overwrite: bool = False,
     writers: int = 2,
     chunk_windows: int | None = None,
+    shard_chunks: int = 1,
     part: str = "0/1",
     progress: bool = True,
     command: str | None = None,
@@ -472,6 +477,8 @@ def run(
       overwrite: replace a store captured with other parameters.
       writers: background writer threads.
       chunk_windows: windows per chunk, a multiple or divisor of batch_size (default: ~4 MB chunks).
+      shard_chunks: store this many chunks per file (Zarr v3 sharding), for object storage or
+        very large runs; a shard is then the unit of writing and of resume.
       part: k/n: capture only the k-th of n interleaved shares of the chunks, so n processes
         (e.g. one per GPU) fill one store together; the last to finish marks it complete.
       progress: show a progress bar.
@@ -484,7 +491,7 @@ def run(
         block_idx=block_idx, weights=weights, dataset=dataset, dataset_sha256=dataset_sha256, out=out,
         sites=sites, sample_len=sample_len, stride=stride, batch_size=batch_size, split=split, dtype=dtype,
         codec=codec, device=device, compile=compile, fused=fused, chunk_windows=chunk_windows,
-        command=command,
+        shard_chunks=shard_chunks, command=command,
     )  # fmt: skip
     layout, n_windows = p.layout, p.layout.n_windows
     with _store_lock(p.out, n_parts > 1):
@@ -499,21 +506,21 @@ def run(
 
     if meta(group).get("state") == COMPLETE:
         return summary("already complete", 0)
-    cw = layout.chunk_windows
-    # Parts take interleaved runs of chunks, each run as long as a batch (or one chunk).
-    run_len = max(1, batch_size // cw)
-    share = [c for c in range(layout.n_chunks) if (c // run_len) % n_parts == k]
-    chunks = [c for c in share if committed is None or not committed[c]]
+    uw, per_unit = layout.unit_windows, layout.shard_chunks
+    # Parts take interleaved runs of units, each run as long as a batch (or one unit).
+    run_len = max(1, batch_size // uw)
+    share = [u for u in range(layout.n_units) if (u // run_len) % n_parts == k]
+    units = [u for u in share if committed is None or not committed[u * per_unit : (u + 1) * per_unit].all()]
     in_flight = writers + run_len  # slabs being filled + slabs being written
     writer = SlabWriter(group, layout, p.windows, workers=writers, max_pending=in_flight)
-    mine = sum(min(cw, n_windows - c * cw) for c in share)
-    todo = sum(min(cw, n_windows - c * cw) for c in chunks)
+    mine = sum(min(uw, n_windows - u * uw) for u in share)
+    todo = sum(min(uw, n_windows - u * uw) for u in units)
     label = f"capture {p.out.name}" + (f" part {part}" if n_parts > 1 else "")
     bar = tqdm(
         total=mine, initial=mine - todo, unit="win", desc=label, disable=not progress, dynamic_ncols=True
     )
     try:
-        computed = _capture(p, writer, chunks, bar)
+        computed = _capture(p, writer, units, bar)
     except KeyboardInterrupt:
         writer.close()
         done = int(read_committed(group).sum())

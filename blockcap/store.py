@@ -11,6 +11,8 @@
 
 All arrays share one chunk grid along the window axis (``chunk_windows``), so "chunk c" names the
 same windows everywhere; ``committed`` is written only after those windows of every array are.
+With ``shard_chunks`` > 1 the data arrays are Zarr v3 sharded, ``shard_chunks`` chunks a file,
+and a shard is written (and its chunks committed) as one unit.
 """
 
 from __future__ import annotations
@@ -92,10 +94,26 @@ class Layout:
     dtype: StorageDtype
     codec: str
     chunk_windows: int
+    shard_chunks: int = 1
 
     @property
     def n_chunks(self) -> int:
         return -(-self.n_windows // self.chunk_windows)
+
+    @property
+    def unit_windows(self) -> int:
+        """Windows written and committed together: a chunk, or a whole shard."""
+        return self.chunk_windows * self.shard_chunks
+
+    @property
+    def n_units(self) -> int:
+        return -(-self.n_windows // self.unit_windows)
+
+    def grid(self, shape: tuple[int, ...]) -> dict[str, tuple[int, ...] | None]:
+        """``chunks`` and ``shards`` arguments for a data array of ``shape``."""
+        chunks = (self.chunk_windows, *shape[1:])
+        shards = (self.unit_windows, *shape[1:]) if self.shard_chunks > 1 else None
+        return {"chunks": chunks, "shards": shards}
 
     def site_shape(self, site: str) -> tuple[int, ...]:
         T = self.sample_len
@@ -123,7 +141,7 @@ def create(path: Path, layout: Layout, attrs: dict[str, Any]) -> zarr.Group:
     group.create_array(
         "tokens",
         shape=(layout.n_windows, layout.sample_len),
-        chunks=(cw, layout.sample_len),
+        **layout.grid((layout.n_windows, layout.sample_len)),
         dtype=token_dtype(layout.vocab_size),
         dimension_names=("window", "position"),
         **common,
@@ -131,7 +149,7 @@ def create(path: Path, layout: Layout, attrs: dict[str, Any]) -> zarr.Group:
     group.create_array(
         "offsets",
         shape=(layout.n_windows,),
-        chunks=(cw,),
+        **layout.grid((layout.n_windows,)),
         dtype="int64",
         dimension_names=("window",),
         **common,
@@ -152,7 +170,7 @@ def create(path: Path, layout: Layout, attrs: dict[str, Any]) -> zarr.Group:
         group.create_array(
             site_path(b, site),
             shape=shape,
-            chunks=(cw, *shape[1:]),
+            **layout.grid(shape),
             dtype=layout.dtype.zarr_dtype,
             dimension_names=_dims(site),
             attributes={

@@ -24,9 +24,9 @@ from blockcap.store import Layout, mark_committed, site_path
 
 @dataclass
 class Slab:
-    """One chunk (windows ``lo:hi``) of tokens and of every captured array."""
+    """One write unit (windows ``lo:hi``) of tokens and of every captured array."""
 
-    chunk: int
+    unit: int
     lo: int
     hi: int
     tokens: torch.Tensor | None = None  # (n, T)
@@ -107,14 +107,14 @@ class SlabWriter:
         self.error: BaseException | None = None
         self.lock = threading.Lock()
 
-    def new_slab(self, chunk: int) -> Slab:
-        """An empty slab for ``chunk``; blocks while too many are pending, raises a writer's error."""
+    def new_slab(self, unit: int) -> Slab:
+        """An empty slab for write unit ``unit`` (a chunk or a shard); blocks while too many are
+        pending, raises a writer's error."""
         while not self.slots.acquire(timeout=0.1):
             self.raise_error()
         self.raise_error()
-        cw = self.layout.chunk_windows
-        lo, hi = chunk * cw, min((chunk + 1) * cw, self.layout.n_windows)
-        return Slab(chunk, lo, hi)
+        uw = self.layout.unit_windows
+        return Slab(unit, unit * uw, min((unit + 1) * uw, self.layout.n_windows))
 
     def submit(self, slab: Slab) -> None:
         self.pool.submit(self._write, slab)
@@ -129,7 +129,8 @@ class SlabWriter:
             self.offsets[lo:hi] = self.windows.offsets(lo, hi).numpy()
             for arr, buf in zip(self.arrays, slab.sites, strict=True):
                 arr[lo:hi] = self.layout.dtype.to_numpy(buf)
-            mark_committed(self.group, slab.chunk, slab.chunk + 1)
+            cw = self.layout.chunk_windows
+            mark_committed(self.group, lo // cw, -(-hi // cw))
         except BaseException as e:
             with self.lock:
                 self.error = self.error or e

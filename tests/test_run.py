@@ -223,3 +223,31 @@ def test_compiled_run_within_tolerance(run_args):
     _, outs, _ = expected(run_args, (0,), ("ffwd_output",))
     got = blockcap.open_store(run_args["out"]).site("ffwd_output")[:]
     torch.testing.assert_close(got, outs[(0, "ffwd_output")], rtol=1e-5, atol=1e-6)
+
+
+def test_sharded_store_equals_unsharded_and_resumes(run_args, tmp_path, monkeypatch):
+    plain = blockcap.run(**{**run_args, "chunk_windows": 16, "out": str(tmp_path / "plain.zarr")})
+    sharded = {**run_args, "chunk_windows": 16, "shard_chunks": 3}
+    from blockcap import writer
+
+    calls = []
+
+    def fail_on_second(group, lo, hi):
+        calls.append((lo, hi))
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        group["committed"][lo:hi] = 1
+
+    monkeypatch.setattr(writer, "mark_committed", fail_on_second)
+    with pytest.raises(BlockcapError, match="No space left"):
+        blockcap.run(**sharded, writers=1)
+    assert calls[0] == (0, 3)  # a whole shard of three chunks is committed at once
+    monkeypatch.undo()
+    assert blockcap.run(**sharded).status == "resumed and completed"
+    a, b = zarr.open_group(run_args["out"], mode="r"), zarr.open_group(str(plain.path), mode="r")
+    assert a["block0/ffwd_output"].shards == (48, 8, 32)
+    for name in ("tokens", "offsets", "committed", "block0/heads_output", "block0/ffwd_output"):
+        assert np.array_equal(a[name][:], b[name][:]), name
+    files = [p for p in Path(run_args["out"], "block0", "ffwd_output").rglob("*") if p.is_file()]
+    assert len(files) == 1 + -(-b["block0/ffwd_output"].shape[0] // 48)  # zarr.json + one file a shard
+    assert blockcap.verify(run_args["out"]) == []

@@ -31,7 +31,7 @@ def run(*args, **kwargs) -> None:
 
 def info(store: str) -> None:
     """Print a store's layout, sizes, completion state and provenance."""
-    from blockcap.inspect import describe
+    from blockcap.describe import describe
 
     print(describe(Path(store)))
 

@@ -27,7 +27,7 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
 
-from blockcap.codecs import StorageDtype, compressors
+from blockcap.codecs import StorageDtype, compressors, storage_dtype
 from blockcap.errors import BlockcapError
 
 FORMAT = "blockcap-store"
@@ -114,6 +114,24 @@ class Layout:
         chunks = (self.chunk_windows, *shape[1:])
         shards = (self.unit_windows, *shape[1:]) if self.shard_chunks > 1 else None
         return {"chunks": chunks, "shards": shards}
+
+    @classmethod
+    def from_meta(cls, m: dict[str, Any]) -> Layout:
+        """The layout a store's provenance attribute describes (KeyError if it is incomplete)."""
+        p, cfg = m["params"], m["model_config"]
+        return cls(
+            n_windows=p["n_windows"], sample_len=p["sample_len"], n_embed=cfg["n_embed"],
+            n_head=cfg["n_head"], vocab_size=cfg["vocab_size"], blocks=tuple(p["blocks"]),
+            sites=tuple(p["sites"]), dtype=storage_dtype(p["dtype"]), codec=p["codec"],
+            chunk_windows=p["chunk_windows"], shard_chunks=p.get("shard_chunks", 1),
+        )  # fmt: skip
+
+    def arrays(self) -> dict[str, tuple[int, ...]]:
+        """Every array's path and shape."""
+        shapes = {"tokens": (self.n_windows, self.sample_len), "offsets": (self.n_windows,)}
+        shapes["committed"] = (self.n_chunks,)
+        shapes.update({site_path(b, s): self.site_shape(s) for b, s in self.outputs()})
+        return shapes
 
     def site_shape(self, site: str) -> tuple[int, ...]:
         T = self.sample_len

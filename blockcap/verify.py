@@ -8,17 +8,7 @@ import numpy as np
 
 from blockcap.data import CharTokenizer, Windows, read_text, sha256_file, split_tokens
 from blockcap.errors import BlockcapError
-from blockcap.store import COMPLETE, meta, open_group, read_committed, site_path
-
-
-def _expected_shapes(m: dict) -> dict[str, tuple[int, ...]]:
-    p, cfg = m["params"], m["model_config"]
-    n, T, C, H = p["n_windows"], p["sample_len"], cfg["n_embed"], cfg["n_head"]
-    shapes = {"tokens": (n, T), "offsets": (n,), "committed": (-(-n // p["chunk_windows"]),)}
-    for b in p["blocks"]:
-        for s in p["sites"]:
-            shapes[site_path(b, s)] = (n, H, T, T) if s == "attention" else (n, T, C)
-    return shapes
+from blockcap.store import COMPLETE, Layout, meta, open_group, read_committed
 
 
 def verify(path: str | Path, check_dataset: bool = True) -> list[str]:
@@ -41,8 +31,8 @@ def verify(path: str | Path, check_dataset: bool = True) -> list[str]:
             f"{missing.size} of {committed.size} chunks not committed (first: chunk {missing[0]})"
         )
     try:
-        shapes = _expected_shapes(m)
-    except (KeyError, TypeError) as e:
+        shapes = Layout.from_meta(m).arrays()
+    except (KeyError, TypeError, BlockcapError) as e:
         return [*problems, f"provenance attribute is missing {e}"]
     for name, shape in shapes.items():
         if name not in group:

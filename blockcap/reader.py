@@ -17,8 +17,17 @@ import numpy as np
 import torch
 import zarr
 
+from blockcap.data import CharTokenizer
 from blockcap.errors import BlockcapError
-from blockcap.store import COMPLETE, DEFAULT_SITES, meta, open_group, read_committed, site_path
+from blockcap.store import (
+    COMPLETE,
+    DEFAULT_SITES,
+    damaged_chunks,
+    meta,
+    open_group,
+    read_committed,
+    site_path,
+)
 
 
 class IncompleteStoreWarning(UserWarning):
@@ -70,12 +79,9 @@ class LazyArray:
             else [int(first) % self.zarr.shape[0]]
         )
         cw = self.zarr.chunks[0]
-        for c in sorted({r // cw for r in rows}):
-            try:
-                self.zarr[c * cw : (c + 1) * cw]
-            except Exception:
-                return f"chunk {c} (windows {c * cw}..{min((c + 1) * cw, self.zarr.shape[0]) - 1})"
-        return "a chunk"
+        return next(
+            (where for where, _ in damaged_chunks(self.zarr, sorted({r // cw for r in rows}))), "a chunk"
+        )
 
     def __getitem__(self, key: Any) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(self._read(key)))
@@ -125,6 +131,10 @@ class CaptureStore:
                 IncompleteStoreWarning,
                 stacklevel=2,
             )
+
+    @cached_property
+    def tokenizer(self) -> CharTokenizer:
+        return CharTokenizer(self.vocab)
 
     @property
     def complete(self) -> bool:
@@ -182,7 +192,7 @@ class CaptureStore:
 
     def text(self, i: int) -> str:
         """The characters of window ``i``."""
-        return "".join(self.vocab[t] for t in self.tokens.np[i].tolist())
+        return self.tokenizer.decode(self.tokens.np[i].tolist())
 
     def substring(self, i: int, j: int) -> str:
         """Characters of window ``i`` up to and including position ``j``."""
@@ -208,7 +218,7 @@ class CaptureStore:
             toks = self.tokens.np[lo:hi]
             chunk = {n: a[lo:hi] for n, a in arrays.items()}
             for w in range(hi - lo):
-                text = "".join(self.vocab[t] for t in toks[w].tolist())
+                text = self.tokenizer.decode(toks[w].tolist())
                 for p in range(len(text)):
                     yield TokenRecord(lo + w, p, text[: p + 1], {n: c[w, p] for n, c in chunk.items()})
 

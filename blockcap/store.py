@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -225,6 +226,16 @@ def read_committed(group: zarr.Group) -> np.ndarray:
             except Exception:
                 mask[c] = False
         return mask
+
+
+def damaged_chunks(arr: zarr.Array, chunks: Iterable[int]) -> Iterator[tuple[str, Exception]]:
+    """(``"chunk c (windows a..b)"``, error) for each of ``chunks`` of ``arr`` that fails to read."""
+    cw, n = arr.chunks[0], arr.shape[0]
+    for c in chunks:
+        try:
+            arr[c * cw : (c + 1) * cw]
+        except Exception as e:  # checksum mismatch, truncated file, decode error: all damage
+            yield f"chunk {c} (windows {c * cw}..{min((c + 1) * cw, n) - 1})", e
 
 
 def mark_committed(group: zarr.Group, lo: int, hi: int) -> None:

@@ -8,7 +8,7 @@ import numpy as np
 
 from blockcap.data import CharTokenizer, Windows, read_text, sha256_file, split_tokens
 from blockcap.errors import BlockcapError
-from blockcap.store import COMPLETE, Layout, meta, open_group, read_committed
+from blockcap.store import COMPLETE, Layout, damaged_chunks, meta, open_group, read_committed
 
 
 def verify(path: str | Path, check_dataset: bool = True) -> list[str]:
@@ -42,15 +42,8 @@ def verify(path: str | Path, check_dataset: bool = True) -> list[str]:
         if tuple(arr.shape) != shape:
             problems.append(f"array {name} has shape {tuple(arr.shape)}, the metadata says {shape}")
             continue
-        cw = arr.chunks[0]
-        for c in range(-(-shape[0] // cw)):
-            try:
-                arr[c * cw : (c + 1) * cw]
-            except Exception as e:
-                problems.append(
-                    f"array {name} chunk {c} (windows {c * cw}..{min((c + 1) * cw, shape[0]) - 1}) "
-                    f"is unreadable: {e}"
-                )
+        for where, e in damaged_chunks(arr, range(-(-shape[0] // arr.chunks[0]))):
+            problems.append(f"array {name} {where} is unreadable: {e}")
     if check_dataset and not any("tokens" in p for p in problems):
         problems += _check_tokens(group, m)
     return problems

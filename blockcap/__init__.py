@@ -1,24 +1,28 @@
 """blockcap: capture transformer block internals for every token into compressed Zarr v3 stores.
 
 Library entry points: ``run`` (capture), ``open_store`` (lazy reading), ``nearest`` (top-k
-neighbours of a vector over a site), ``verify`` (integrity),
-``CaptureModule`` (the hook-free capture module), ``load_checkpoint``.
+neighbours of a vector over a site), ``verify`` (integrity), ``CaptureSpec`` (what a capture
+is), ``CaptureModule`` (the char GPT's hook-free capture module), ``load_checkpoint``.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-from blockcap.capture import CaptureModule  # noqa: E402
 from blockcap.checkpoint import load_checkpoint  # noqa: E402
 from blockcap.errors import BlockcapError  # noqa: E402
+from blockcap.integrity import DamagedError  # noqa: E402
+from blockcap.models.chargpt import CaptureModule  # noqa: E402
 from blockcap.pipeline import run  # noqa: E402
 from blockcap.reader import CaptureStore, open_store  # noqa: E402
 from blockcap.search import nearest  # noqa: E402
+from blockcap.spec import CaptureSpec  # noqa: E402
 from blockcap.verify import verify  # noqa: E402
 
 __all__ = [
     "BlockcapError",
     "CaptureModule",
+    "CaptureSpec",
     "CaptureStore",
+    "DamagedError",
     "__version__",
     "load_checkpoint",
     "nearest",

@@ -1,51 +1,93 @@
 """The fire CLI: ``python -m blockcap COMMAND`` (or ``blockcap COMMAND``).
 
-Each command is a thin shell over the library; bad input becomes one line on stderr and a
-non-zero exit code.
+Each command is a thin shell over the library. Bad input becomes one line on stderr and exit
+status 2; the library names options as ``name=value``, which the CLI words as ``--name=value``.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import os
+import re
 import sys
-from pathlib import Path
 
 import fire
 
-from blockcap.errors import BlockcapError
-from blockcap.pipeline import Interrupted, default_command
-from blockcap.pipeline import run as run_capture
+from blockcap.errors import BlockcapError, Interrupted
+from blockcap.spec import option_help
 from blockcap.train import train as train_model
 
 EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
+_OPTION_NAMES = sorted({name for name, _, _ in option_help()} | {
+    "window", "position", "site", "block", "k", "metric", "dataset_check", "stats", "query",
+}, key=len, reverse=True)  # fmt: skip
 
 
-@functools.wraps(run_capture)
-def run(*args, **kwargs) -> None:
-    call = inspect.signature(run_capture).bind(*args, **kwargs)
-    if not call.arguments.get("command"):
-        call.arguments["command"] = default_command()
-    print("\n".join(run_capture(*call.args, **call.kwargs).lines()))
+def default_command() -> str:
+    """The command line that started this process, for the resume hint."""
+    return " ".join(["python -m blockcap", *sys.argv[1:]])
 
 
-def info(store: str) -> None:
-    """Print a store's layout, sizes, completion state and provenance."""
+def run(**kwargs) -> None:
+    from blockcap.pipeline import run as run_capture
+
+    kwargs.setdefault("command", default_command())
+    print("\n".join(run_capture(**kwargs).lines()))
+
+
+def _document_run() -> None:
+    """Give ``run`` the spec's options as its signature and help, so fire can parse and show them."""
+    params, doc = (
+        [],
+        ["Capture block internals for every window of a dataset into a Zarr store.", "", "Args:"],
+    )
+    for name, default, text in option_help():
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default))
+        doc.append(f"  {name}: {text}")
+    run.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    run.__doc__ = "\n".join(doc)
+
+
+_document_run()
+
+
+def info(store: str, storage_options: str | None = None) -> None:
+    """Print a store's layout, sizes, completion state, statistics and provenance."""
     from blockcap.describe import describe
+    from blockcap.location import Location
+    from blockcap.reader import CaptureStore
+    from blockcap.spec import parse_storage_options
+    from blockcap.store import open_location
 
-    print(describe(Path(store)))
+    print(describe(CaptureStore(open_location(Location(str(store), parse_storage_options(storage_options))))))
 
 
-def verify(store: str, dataset_check: bool = True) -> None:
-    """Read every chunk of a store and check state, shapes and tokens; exit 1 on any problem."""
+def verify(
+    store: str, dataset_check: bool = True, stats: bool = False, storage_options: str | None = None
+) -> None:
+    """Read every object of a store and check metadata, commits, digests and tokens; exit 1 on a problem."""
     from blockcap.verify import verify as verify_store
 
-    problems = verify_store(Path(store), check_dataset=dataset_check)
+    problems = verify_store(
+        str(store), check_dataset=dataset_check, check_stats=stats, storage_options=storage_options
+    )
     for p in problems:
         print(f"problem: {p}", file=sys.stderr)
     if problems:
         sys.exit(1)
-    print(f"ok: {store} is complete and every chunk reads back with a valid checksum")
+    print(f"ok: {store} is complete and every object matches its commit record")
+
+
+def finalize(store: str, storage_options: str | None = None) -> None:
+    """Mark a store complete once every unit is committed (idempotent; safe from every job-array task)."""
+    from blockcap.location import Location
+    from blockcap.spec import parse_storage_options
+    from blockcap.store import finish, read_meta
+
+    location = Location(str(store), parse_storage_options(storage_options))
+    meta = finish(location, read_meta(location))
+    print(f"complete: {store} (finished {meta.get('finished')})")
 
 
 @functools.wraps(train_model)
@@ -54,18 +96,18 @@ def train(*args, **kwargs) -> None:
 
 
 def generate(prompt: str = "\n", length: int = 300, weights: str | None = None, seed: int = 0) -> None:
-    """Sample text from a model (the bundled one by default) as a sanity check."""
+    """Sample text from a char model (the bundled one by default) as a sanity check."""
     import torch
 
     from blockcap.checkpoint import load_checkpoint
-    from blockcap.data import CharTokenizer
+    from blockcap.tokens import CharTokenizer
 
     loaded = load_checkpoint(weights)
     if loaded.vocab is None:
         raise BlockcapError(f"weights {loaded.path} carry no vocabulary; use a blockcap checkpoint")
     tok = CharTokenizer(loaded.vocab)
     torch.manual_seed(seed)
-    idx = torch.tensor([tok.encode(str(prompt))], dtype=torch.long)
+    idx = torch.tensor([tok.encode(str(prompt)).tolist()], dtype=torch.long)
     print(tok.decode(loaded.model.generate(idx, length)[0].tolist()))
 
 
@@ -79,11 +121,11 @@ def search(
 
     s = open_store(store)
     arr = s.site(site, block)
-    if not -arr.shape[0] <= window < arr.shape[0] or not -arr.shape[1] <= position < arr.shape[1]:
-        raise BlockcapError(
-            f"window={window}, position={position} is outside the store; "
-            f"use 0..{arr.shape[0] - 1} and 0..{arr.shape[1] - 1}"
-        )
+    for name, value, size in (("window", window, arr.shape[0]), ("position", position, arr.shape[1])):
+        if isinstance(value, bool) or not isinstance(value, int) or not -size <= value < size:
+            raise BlockcapError(
+                f"{name}={value!r} is outside the store; use an integer in {-size}..{size - 1}"
+            )
     w, p = window % arr.shape[0], position % arr.shape[1]
     print(f"nearest to window {w}, position {p}: {s.substring(w, p)!r} ({arr.name}, {metric})")
     for m in nearest(s, arr[w, p], site, block, k, metric):
@@ -91,17 +133,27 @@ def search(
 
 
 COMMANDS = {
-    "run": run, "info": info, "verify": verify, "search": search, "train": train, "generate": generate,
+    "run": run, "info": info, "verify": verify, "finalize": finalize, "search": search, "train": train,
+    "generate": generate,
 }  # fmt: skip
+
+
+def cli_words(message: str) -> str:
+    """A library message in CLI words: option ``name=`` becomes ``--name=``."""
+    names = "|".join(map(re.escape, _OPTION_NAMES))
+    return re.sub(rf"(?<![\w\-.])({names})=", r"--\1=", message)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``blockcap`` and ``python -m blockcap``."""
+    quiet = os.environ.get("RANK", "0") != "0"  # under torchrun, rank 0 speaks for the job
     try:
         fire.Fire(COMMANDS, command=argv, name="blockcap")
     except Interrupted as e:
-        print(f"blockcap: {e}", file=sys.stderr)
+        if not quiet:
+            print(f"blockcap: {cli_words(str(e))}", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     except BlockcapError as e:
-        print(f"blockcap: error: {e}", file=sys.stderr)
+        if not quiet:
+            print(f"blockcap: error: {cli_words(str(e))}", file=sys.stderr)
         sys.exit(EXIT_ERROR)

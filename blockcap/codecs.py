@@ -1,13 +1,17 @@
-"""Storage dtypes and compression codecs, by the names the CLI accepts.
+"""Storage dtypes and compression codecs, by the names the CLI accepts, and chunk encoding.
 
-Every chunk also gets a ``crc32c`` checksum (Zarr v3's own codec), so a corrupted or truncated
-chunk file fails on read instead of returning garbage.
+Every chunk ends with a ``crc32c`` checksum (Zarr v3's own codec), so a corrupted or truncated
+chunk fails on read instead of returning garbage. blockcap encodes chunks itself (numcodecs, which
+releases the GIL, then the checksum) and hands the bytes to the store in one write; the result is
+exactly what zarr's codec chain [bytes, compressor, crc32c] decodes, so plain zarr reads it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import google_crc32c
+import numcodecs
 import numpy as np
 import torch
 from zarr.abc.codec import BytesBytesCodec
@@ -17,11 +21,14 @@ from blockcap.errors import BlockcapError
 
 DEFAULT_CODEC = "blosc-lz4"
 DEFAULT_DTYPE = "float32"
+EMPTY = 2**64 - 1  # a shard index entry for a chunk that is not stored
+
+numcodecs.blosc.use_threads = False  # blockcap parallelises across chunks, as zarr does
 
 
 @dataclass(frozen=True)
 class StorageDtype:
-    """How a float32 activation is stored: the torch dtype computed to and the zarr dtype written.
+    """How an activation is stored: the torch dtype computed to and the zarr dtype written.
 
     bfloat16 has no zarr v3 core dtype, so its bit pattern is stored as uint16 and the array's
     ``blockcap_dtype`` attribute says so; ``torch.from_numpy(a).view(torch.bfloat16)`` reads it.
@@ -49,39 +56,81 @@ def storage_dtype(name: str) -> StorageDtype:
     return DTYPES[name]
 
 
-def _blosc(cname: str, default_level: int):
-    return lambda level: BloscCodec(
-        cname=cname, clevel=default_level if level is None else level, shuffle="bitshuffle"
-    )
+# name -> (default level, allowed levels)
+_LEVELS = {"blosc-lz4": (5, range(0, 10)), "blosc-zstd": (1, range(0, 10)), "zstd": (3, range(-7, 23))}
+CODEC_NAMES = (*_LEVELS, "none")
 
 
-# name -> (factory(level or None) -> codec or None, allowed levels)
-_CODECS = {
-    "blosc-lz4": (_blosc("lz4", 5), range(0, 10)),
-    "blosc-zstd": (_blosc("zstd", 1), range(0, 10)),
-    "zstd": (lambda level: ZstdCodec(level=3 if level is None else level), range(-7, 23)),
-    "none": (lambda level: None, range(0, 1)),
-}
-CODEC_NAMES = tuple(_CODECS)
-
-
-def compressors(spec: str) -> list[BytesBytesCodec]:
-    """The bytes-to-bytes codec chain for ``spec`` (``name`` or ``name:level``), checksum last."""
+def _parse(spec: str) -> tuple[str, int | None]:
     name, _, level_text = str(spec).partition(":")
-    if name not in _CODECS:
+    if name not in CODEC_NAMES:
         raise BlockcapError(
             f"codec={spec!r} is unknown; use one of {', '.join(CODEC_NAMES)} (optionally name:level)"
         )
-    factory, levels = _CODECS[name]
-    level = None
-    if level_text:
-        try:
-            level = int(level_text)
-        except ValueError:
-            level = None
-        if level is None or level not in levels:
-            raise BlockcapError(
-                f"codec={spec!r} has a bad level; {name} takes {levels.start}..{levels.stop - 1}"
-            )
-    codec = factory(level)
-    return ([codec] if codec is not None else []) + [Crc32cCodec()]
+    if not level_text:
+        return name, _LEVELS[name][0] if name in _LEVELS else None
+    levels = _LEVELS.get(name, (0, range(0, 1)))[1]
+    try:
+        level = int(level_text)
+    except ValueError:
+        level = None
+    if level is None or level not in levels:
+        raise BlockcapError(f"codec={spec!r} has a bad level; {name} takes {levels.start}..{levels.stop - 1}")
+    return name, level
+
+
+def compressors(spec: str) -> list[BytesBytesCodec]:
+    """The zarr bytes-to-bytes codec chain for ``spec`` (``name`` or ``name:level``), checksum last."""
+    name, level = _parse(spec)
+    chain: list[BytesBytesCodec] = []
+    if name.startswith("blosc-"):
+        chain.append(BloscCodec(cname=name[6:], clevel=level, shuffle="bitshuffle"))
+    elif name == "zstd":
+        chain.append(ZstdCodec(level=level))
+    return [*chain, Crc32cCodec()]
+
+
+class ChunkEncoder:
+    """Encodes one chunk (or one shard of chunks) the way the array's codec chain would."""
+
+    def __init__(self, spec: str) -> None:
+        name, level = _parse(spec)
+        if name.startswith("blosc-"):
+            self.codec = numcodecs.Blosc(cname=name[6:], clevel=level, shuffle=numcodecs.Blosc.BITSHUFFLE)
+        elif name == "zstd":
+            self.codec = numcodecs.Zstd(level=level)
+        else:
+            self.codec = None
+
+    def chunk(self, data: np.ndarray) -> bytes:
+        """``data`` (C order, little endian, already padded to the chunk shape) encoded and checksummed."""
+        raw = np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<"))
+        body = bytes(self.codec.encode(raw)) if self.codec is not None else raw.tobytes()
+        return body + _crc(body)
+
+    def shard(self, data: np.ndarray, chunk_rows: int, stored_rows: int) -> bytes:
+        """A shard of ``data.shape[0] // chunk_rows`` chunks along axis 0, index at the end.
+
+        Chunks that start at or after ``stored_rows`` (beyond the array's end) are not stored.
+        """
+        parts, index, offset = [], [], 0
+        for lo in range(0, data.shape[0], chunk_rows):
+            if lo >= stored_rows:
+                index.append((EMPTY, EMPTY))
+                continue
+            part = self.chunk(data[lo : lo + chunk_rows])
+            parts.append(part)
+            index.append((offset, len(part)))
+            offset += len(part)
+        table = np.asarray(index, dtype="<u8")
+        table = table.reshape(len(index), *([1] * (data.ndim - 1)), 2).tobytes()
+        return b"".join(parts) + table + _crc(table)
+
+
+def _crc(data: bytes) -> bytes:
+    return np.uint32(google_crc32c.value(data)).astype("<u4").tobytes()
+
+
+def crc32c(data: bytes | memoryview) -> int:
+    """The digest blockcap records for every stored object."""
+    return int(google_crc32c.value(data))

@@ -1,13 +1,21 @@
-"""Text datasets: TinyShakespeare download and cache, character tokenizer, split and windows."""
+"""Datasets: where the text comes from, its token stream, the split and the windows.
+
+A dataset is a text file (TinyShakespeare by default, downloaded once and sha256-checked), a
+directory of ``.txt`` files (sorted), or a ``.jsonl``/``.parquet`` file with a text column; each
+file, line or row is a document. Documents are tokenized streamed in pieces and joined with the
+tokenizer's end-of-text token where it has one. The split and windows follow the original:
+``val`` is the last 10 % of the token stream, windows are ``unfold(0, sample_len, stride)``.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +23,7 @@ import numpy as np
 import torch
 
 from blockcap.errors import BlockcapError
+from blockcap.tokens import PIECE_CHARS, Tokenizer
 
 TINYSHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -22,16 +31,8 @@ TINYSHAKESPEARE_URL = (
 TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 DATASET_ENV = "BLOCKCAP_DATASET"
 TRAIN_FRACTION = 0.9
-SPLITS = ("train", "val", "all")
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+TABLE_SUFFIXES = (".jsonl", ".parquet")
+DEFAULT_TEXT_COLUMN = "text"
 
 
 def cache_dir() -> Path:
@@ -40,12 +41,44 @@ def cache_dir() -> Path:
     return Path(base) / "blockcap"
 
 
+def _hash_cache() -> Path:
+    return cache_dir() / "sha256.json"
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, remembered by (path, size, mtime) so big files hash once."""
+    p = Path(path).resolve()
+    st = p.stat()
+    stamp = [st.st_size, st.st_mtime_ns]
+    try:
+        known = json.loads(_hash_cache().read_text())
+    except (OSError, ValueError):
+        known = {}
+    entry = known.get(str(p)) if isinstance(known, dict) else None
+    if isinstance(entry, list) and entry[:2] == stamp:
+        return entry[2]
+    digest = hashlib.sha256()
+    with open(p, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    value = digest.hexdigest()
+    try:
+        cache = _hash_cache()
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**(known if isinstance(known, dict) else {}), str(p): [*stamp, value]}))
+        os.replace(tmp, cache)
+    except OSError:
+        pass  # the cache is an optimisation only
+    return value
+
+
 def _verify(path: Path, sha256: str) -> None:
     actual = sha256_file(path)
     if actual != sha256:
         raise BlockcapError(
             f"dataset {path} has sha256 {actual}, expected {sha256}; "
-            f"delete it or pass the right file with --dataset=PATH"
+            f"delete it or pass the right file as dataset"
         )
 
 
@@ -61,7 +94,7 @@ def download(url: str, dest: Path, sha256: str) -> Path:
     except OSError as e:
         raise BlockcapError(
             f"could not download {url} ({e}); "
-            f"download it yourself and pass --dataset=PATH or set {DATASET_ENV}"
+            f"download it yourself and pass it as dataset=PATH, or set {DATASET_ENV}"
         ) from e
     finally:
         if os.path.exists(tmp):
@@ -69,23 +102,42 @@ def download(url: str, dest: Path, sha256: str) -> Path:
     return dest
 
 
+def _text_files(directory: Path) -> list[Path]:
+    files = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix == ".txt")
+    if not files:
+        raise BlockcapError(f"dataset directory {directory} has no .txt files")
+    return files
+
+
+def dataset_sha256(path: Path) -> str:
+    """The dataset's identity: a file's sha256, or for a directory the sha256 of its files' hashes."""
+    if path.is_dir():
+        lines = "".join(f"{p.name}\0{sha256_file(p)}\n" for p in _text_files(path))
+        return hashlib.sha256(lines.encode()).hexdigest()
+    return sha256_file(path)
+
+
 def resolve_dataset(
     path: str | os.PathLike | None = None,
     sha256: str | None = None,
     url: str = TINYSHAKESPEARE_URL,
 ) -> Path:
-    """The dataset file to use: ``path``, else ``$BLOCKCAP_DATASET``, else the cached TinyShakespeare.
+    """The dataset to use: ``path``, else ``$BLOCKCAP_DATASET``, else the cached TinyShakespeare.
 
-    An explicit file is checked against ``sha256`` when one is given; the cached copy is
+    An explicit dataset is checked against ``sha256`` when one is given; the cached copy is
     always checked against TinyShakespeare's hash, and downloaded on first use.
     """
     chosen = path or os.environ.get(DATASET_ENV)
     if chosen:
         p = Path(chosen).expanduser()
-        if not p.is_file():
-            raise BlockcapError(f"dataset {p} does not exist or is not a file; pass --dataset=PATH")
-        if sha256:
-            _verify(p, sha256)
+        if not p.exists():
+            raise BlockcapError(
+                f"dataset {p} does not exist; pass a text file, a directory or a .jsonl/.parquet"
+            )
+        if sha256 and dataset_sha256(p) != sha256:
+            raise BlockcapError(
+                f"dataset {p} has sha256 {dataset_sha256(p)}, expected {sha256}; pass the right dataset"
+            )
         return p
     cached = cache_dir() / "tinyshakespeare.txt"
     if not cached.exists():
@@ -94,70 +146,90 @@ def resolve_dataset(
     return cached
 
 
-def read_text(path: str | os.PathLike) -> str:
-    """The dataset's text; an empty or undecodable file is a BlockcapError."""
+def _pieces(path: Path) -> Iterator[str]:
+    """A text file in pieces of ``PIECE_CHARS`` characters (UTF-8 decoded, never split mid-character)."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, encoding="utf-8", newline="") as f:
+            while piece := f.read(PIECE_CHARS):
+                yield piece
     except UnicodeDecodeError as e:
-        raise BlockcapError(f"dataset {path} is not UTF-8 text ({e})") from e
+        raise BlockcapError(f"dataset {path} is not UTF-8 text ({e})") from None
+
+
+def _jsonl_rows(path: Path, column: str) -> Iterator[str]:
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise BlockcapError(f"dataset {path} line {n} is not JSON ({e.msg})") from None
+            if not isinstance(row, dict) or column not in row:
+                raise BlockcapError(f"dataset {path} line {n} has no text_column {column!r}")
+            if not isinstance(row[column], str):
+                raise BlockcapError(f"dataset {path} line {n}: {column!r} is not a string")
+            yield row[column]
+
+
+def _parquet_rows(path: Path, column: str) -> Iterator[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise BlockcapError(
+            f"dataset {path}: reading .parquet needs pyarrow; install blockcap with the parquet extra"
+        ) from None
+    try:
+        table = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises its own error types
+        raise BlockcapError(f"dataset {path} is not a readable parquet file ({e})") from None
+    if column not in table.schema_arrow.names:
+        raise BlockcapError(
+            f"dataset {path} has no text_column {column!r}; its columns are {', '.join(table.schema_arrow.names)}"
+        )
+    for batch in table.iter_batches(columns=[column], batch_size=1024):
+        yield from (v if isinstance(v, str) else "" for v in batch.column(0).to_pylist())
+
+
+def documents(path: Path, text_column: str | None) -> Iterator[Iterator[str]]:
+    """Each document of the dataset, as an iterator of text pieces."""
+    if path.suffix in TABLE_SUFFIXES:
+        column = text_column or DEFAULT_TEXT_COLUMN
+        rows = _jsonl_rows(path, column) if path.suffix == ".jsonl" else _parquet_rows(path, column)
+        for text in rows:
+            yield iter((text,))
+        return
+    if text_column is not None:
+        raise BlockcapError(f"text_column={text_column!r} is for .jsonl and .parquet datasets, not {path}")
+    for f in _text_files(path) if path.is_dir() else [path]:
+        yield _pieces(f)
+
+
+def token_stream(path: Path, tokenizer: Tokenizer, text_column: str | None = None) -> np.ndarray:
+    """The dataset's token ids (int64), documents joined with the end-of-text token when there is one."""
+    parts: list[np.ndarray] = []
+    sep = None if tokenizer.eos_id is None else np.asarray([tokenizer.eos_id], np.int64)
+    for doc in documents(path, text_column):
+        ids = tokenizer.encode_stream(doc)
+        if parts and sep is not None:
+            parts.append(sep)
+        parts.append(ids)
+    stream = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    if stream.size == 0:
+        raise BlockcapError(f"dataset {path} is empty (no tokens); pass a text dataset")
+    return stream
+
+
+def read_text(path: str | os.PathLike, text_column: str | None = None) -> str:
+    """The whole text of a dataset (the char GPT's raw state dicts take their vocabulary from it)."""
+    text = "".join(piece for doc in documents(Path(path), text_column) for piece in doc)
     if not text:
-        raise BlockcapError(f"dataset {path} is empty; pass a text file with --dataset=PATH")
+        raise BlockcapError(f"dataset {path} is empty; pass a text dataset")
     return text
 
 
-class CharTokenizer:
-    """Maps characters to ids in the order of ``vocab`` (sorted unique characters, as the original)."""
-
-    def __init__(self, vocab: str) -> None:
-        if len(set(vocab)) != len(vocab):
-            raise BlockcapError("vocabulary has repeated characters")
-        self.vocab = vocab
-        self.stoi = {ch: i for i, ch in enumerate(vocab)}
-
-    @classmethod
-    def from_text(cls, text: str) -> CharTokenizer:
-        return cls("".join(sorted(set(text))))
-
-    def __len__(self) -> int:
-        return len(self.vocab)
-
-    def encode(self, text: str) -> list[int]:
-        return self.encode_tensor(text).tolist()
-
-    def encode_tensor(self, text: str) -> torch.Tensor:
-        """Token ids of ``text`` as int64, via a code-point lookup table (fast on megabytes)."""
-        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-        table = np.full(
-            max(max(map(ord, self.vocab), default=0), int(codes.max(initial=0))) + 1, -1, np.int64
-        )
-        table[[ord(c) for c in self.vocab]] = np.arange(len(self.vocab))
-        ids = table[codes]
-        if (ids < 0).any():
-            bad = chr(int(codes[np.argmax(ids < 0)]))
-            raise BlockcapError(
-                f"character {bad!r} is not in the model's vocabulary; "
-                f"use a checkpoint trained on this text or remove the character"
-            )
-        return torch.from_numpy(ids)
-
-    def decode(self, ids: Iterable[int]) -> str:
-        return "".join(self.vocab[i] for i in ids)
-
-    def check_covers(self, text: str, what: str) -> None:
-        """Raise naming the characters of ``text`` missing from the vocabulary."""
-        missing = sorted(set(text) - self.stoi.keys())
-        if missing:
-            shown = "".join(missing[:20])
-            raise BlockcapError(
-                f"{what} has {len(missing)} characters not in the model's vocabulary "
-                f"({shown!r}); use weights trained on this dataset"
-            )
-
-
-def split_tokens(data: torch.Tensor, split: str, train_fraction: float = TRAIN_FRACTION) -> torch.Tensor:
+def split_tokens(data: np.ndarray, split: str, train_fraction: float = TRAIN_FRACTION) -> np.ndarray:
     """The original split: first ``int(0.9 * len)`` tokens train, the rest val; ``all`` is everything."""
-    if split not in SPLITS:
-        raise BlockcapError(f"split={split!r} is unknown; use one of {', '.join(SPLITS)}")
     n = int(train_fraction * len(data))
     return {"train": data[:n], "val": data[n:], "all": data}[split]
 
@@ -171,7 +243,7 @@ def window_count(n_tokens: int, sample_len: int, stride: int) -> int:
 class Windows:
     """Fixed-length windows of a token stream, as the original batcher made them."""
 
-    tokens: torch.Tensor  # the split's token stream, int64
+    tokens: np.ndarray  # the split's token stream
     sample_len: int
     stride: int
 
@@ -182,8 +254,9 @@ class Windows:
         """Windows ``start:stop`` as (stop - start, sample_len) int64."""
         lo = start * self.stride
         hi = (stop - 1) * self.stride + self.sample_len
-        return self.tokens[lo:hi].unfold(0, self.sample_len, self.stride)
+        part = torch.from_numpy(np.ascontiguousarray(self.tokens[lo:hi], dtype=np.int64))
+        return part.unfold(0, self.sample_len, self.stride)
 
-    def offsets(self, start: int, stop: int) -> torch.Tensor:
+    def offsets(self, start: int, stop: int) -> np.ndarray:
         """Start of each window in the split's token stream."""
-        return torch.arange(start, stop, dtype=torch.int64) * self.stride
+        return np.arange(start, stop, dtype=np.int64) * self.stride

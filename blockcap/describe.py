@@ -3,43 +3,73 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from collections import defaultdict
 
-from blockcap.store import meta, open_group, read_committed, stored_bytes
+import numpy as np
+
+from blockcap.errors import BlockcapError
+from blockcap.integrity import COMMITTED
+from blockcap.reader import CaptureStore
 
 
-def describe(path: Path) -> str:
-    """Layout, shapes, dtypes, codecs, stored vs raw bytes, state and provenance of a store."""
-    group = open_group(path)
-    m = meta(group)
-    committed = read_committed(group)
+def describe(store: CaptureStore) -> str:
+    """Layout, shapes, dtypes, codecs, stored vs raw bytes, state, statistics and provenance."""
+    m, layout = store.meta, store.layout
+    records = store.opened.index.load_all()
+    done = sum(r.status == COMMITTED for r in records.values())
     lines = [
-        f"store {path}",
-        f"  state: {m.get('state')} ({int(committed.sum())}/{committed.size} chunks committed)",
+        f"store {store.location}",
+        f"  state: {m.get('state')} ({done}/{layout.n_units} units committed), format {m.get('format_version')}",
+        f"  windows {layout.n_windows:,} x {layout.sample_len} tokens"
+        + (f", {layout.n_rows:,} distinct prefix rows (dedup)" if layout.dedup else ""),
     ]
-    raw = 0
-    names = sorted(name for name, _ in group.arrays()) + [
-        f"{g}/{a}" for g, sub in sorted(group.groups()) for a, _ in sorted(sub.arrays())
-    ]
+    sizes: dict[str, int] = defaultdict(int)
+    for key in store.location.keys():
+        path, sep, _ = key.rpartition("/c/")
+        if sep:
+            sizes[path] += _size(store, key)
+    raw_total = stored_total = 0
     lines.append("  arrays:")
-    for name in names:
-        arr = group[name]
-        stored = stored_bytes(path / name) if (path / name).is_dir() else 0
-        nbytes = arr.nbytes
-        raw += nbytes
+    for path in _array_paths(store):
+        try:
+            arr = store.opened.array(path)
+        except BlockcapError as e:
+            lines.append(f"    {path:34} {e}")
+            continue
+        nbytes, stored = arr.nbytes, sizes.get(path, 0)
+        raw_total, stored_total = raw_total + nbytes, stored_total + stored
         codecs = "+".join(c.to_dict()["name"] for c in arr.compressors) or "none"
         dims = ",".join(arr.metadata.dimension_names or ())
         kind = arr.attrs.get("blockcap_dtype", str(arr.dtype))
         lines.append(
-            f"    {name:24} {str(tuple(arr.shape)):22} {kind:9} ({dims}) chunks {tuple(arr.chunks)} "
+            f"    {path:34} {str(tuple(arr.shape)):22} {kind:9} ({dims}) chunks {tuple(arr.chunks)} "
             f"{codecs} {nbytes / 1e6:,.1f} MB -> {stored / 1e6:,.1f} MB"
         )
-    stored_all = stored_bytes(path)
     lines.append(
-        f"  bytes: raw {raw / 1e6:,.1f} MB, stored {stored_all / 1e6:,.1f} MB, "
-        f"ratio {raw / max(1, stored_all):.2f}x"
+        f"  bytes: raw {raw_total / 1e6:,.1f} MB, stored {stored_total / 1e6:,.1f} MB, "
+        f"ratio {raw_total / max(1, stored_total):.2f}x"
     )
-    prov = {k: v for k, v in m.items() if k not in ("vocab",)}
+    if layout.stats and store.complete:
+        lines.append("  statistics (over every token; mean/std over channels):")
+        for b, site in layout.stat_outputs():
+            st = store.stats(site, b)
+            lines.append(
+                f"    block{b}/{site:24} mean {np.mean(st.mean):+.4g}, std {np.mean(st.std):.4g}, "
+                f"min {st.min.min():+.4g}, max {st.max.max():+.4g}, mean norm {np.nanmean(st.norm_mean):.4g}"
+            )
+    prov = {k: v for k, v in m.items() if k not in ("tokenizer",)}
     lines.append("  provenance:")
     lines += ["    " + line for line in json.dumps(prov, indent=2, sort_keys=True).splitlines()]
     return "\n".join(lines)
+
+
+def _size(store: CaptureStore, key: str) -> int:
+    if store.location.local:
+        return (store.location.root / key).stat().st_size
+    return int(store.location.fs.size(f"{store.location.path}/{key}"))
+
+
+def _array_paths(store: CaptureStore) -> list[str]:
+    if store.opened.index.version >= 2:
+        return [a.path for a in store.layout.arrays()]
+    return ["tokens", "offsets", "committed", *(f"block{b}/{s}" for b, s in store.layout.outputs())]

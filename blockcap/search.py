@@ -58,7 +58,7 @@ def nearest(
         q = q / q.norm().clamp_min(1e-12)
     committed = torch.from_numpy(store.committed_windows())
     best_scores, best_rows = torch.empty(0), torch.empty(0, dtype=torch.long)
-    cw = arr.zarr.chunks[0]
+    cw = arr.chunk_windows
     for lo in range(0, n, cw):
         hi = min(lo + cw, n)
         if not committed[lo:hi].any():

@@ -1,302 +1,497 @@
-"""The store layout, a public contract: array names, shapes, chunking, attributes, format version.
+"""A store's lifecycle: metadata, opening, creating, resuming, finishing, setting aside, locking.
 
-::
+States (the ``state`` field of the root ``blockcap`` attribute)::
 
-    <out>.zarr/                 Zarr v3 group, attribute "blockcap" = provenance + state
-      tokens                    uint8/16/32 (window, position)
-      offsets                   int64       (window,)
-      committed                 uint8       (chunk,)   1 once chunk c of every array is written
-      block{b}/{site}           float       (window, position, embed)
-      block{b}/attention        float       (window, head, query, key)   only when asked
+    creating -> incomplete -> complete
 
-All arrays share one chunk grid along the window axis (``chunk_windows``), so "chunk c" names the
-same windows everywhere; ``committed`` is written only after those windows of every array are.
-With ``shard_chunks`` > 1 the data arrays are Zarr v3 sharded, ``shard_chunks`` chunks a file,
-and a shard is written (and its chunks committed) as one unit.
+* Creation writes the root document first (state ``creating``, with the spec), then every array's
+  metadata, then the objects known up front, then the root again as ``incomplete``. A kill at any
+  point leaves a store that the same command recognises and finishes creating; a reader sees
+  "being created". Nothing else ever writes a store's root before it is ours.
+* Units are written and committed by the writer (``blockcap.writer``, ``blockcap.integrity``).
+* Finishing merges the statistics, writes them, then the root as ``complete``, then removes the
+  store this run replaced. Each step is idempotent, so a kill while finishing is finished by the
+  next run (or by ``finalize``).
+* ``overwrite`` never deletes the last complete copy: a complete store is renamed (local) or
+  copied (object storage) to ``<out>.replaced``, marked with the run that replaced it, and deleted
+  only once that run completes. blockcap deletes only stores it recognises as its own.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import fcntl
+import json
 import os
-import shutil
-from collections.abc import Iterable, Iterator
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import Crc32cCodec
+from zarr.storage import MemoryStore
 
-from blockcap.codecs import StorageDtype, compressors, storage_dtype
+from blockcap.codecs import ChunkEncoder, compressors
 from blockcap.errors import BlockcapError
+from blockcap.integrity import COMMITTED, CheckedStore, CommitIndex, DamagedError
+from blockcap.layout import (
+    CREATE,
+    FINISH,
+    FORMAT,
+    FORMAT_VERSION,
+    STATS_FINAL,
+    Layout,
+    object_key,
+    pad_rows,
+    stats_path,
+)
+from blockcap.location import PARTIAL, Location, _wrote
+from blockcap.models.base import ModelDims
+from blockcap.spec import CaptureSpec
+from blockcap.stats import Stats, merge
 
-FORMAT = "blockcap-store"
-FORMAT_VERSION = 1
 ATTR = "blockcap"
-INCOMPLETE, COMPLETE = "incomplete", "complete"
-
-VECTOR_SITES = ("block_input", "heads_output", "proj_output", "resid_mid", "ffwd_output", "block_output")
-SITES = (*VECTOR_SITES, "attention")
-DEFAULT_SITES = ("heads_output", "proj_output", "ffwd_output")
-# The TransformerLens name of each site, for readers who think in those.
-TRANSFORMER_LENS = {
-    "block_input": "blocks.{b}.hook_resid_pre",
-    "heads_output": "blocks.{b}.attn.hook_z (flattened over heads)",
-    "proj_output": "blocks.{b}.hook_attn_out",
-    "resid_mid": "blocks.{b}.hook_resid_mid",
-    "ffwd_output": "blocks.{b}.hook_mlp_out",
-    "block_output": "blocks.{b}.hook_resid_post",
-    "attention": "blocks.{b}.attn.hook_pattern",
-}
-TARGET_CHUNK_BYTES = 4 << 20
-_WRITE_CONFIG = {"write_empty_chunks": True}  # skip the per-chunk fill-value scan
+CREATING, INCOMPLETE, COMPLETE = "creating", "incomplete", "complete"
+ASIDE = ".replaced"
+ROOT = "zarr.json"
+_WRITE_CONFIG = {"write_empty_chunks": True}
 
 
-def site_path(block: int, site: str) -> str:
-    return f"block{block}/{site}"
+def now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
-def token_dtype(vocab_size: int) -> np.dtype:
-    """The smallest unsigned integer dtype that holds every token id."""
-    for dt in (np.uint8, np.uint16, np.uint32):
-        if vocab_size - 1 <= np.iinfo(dt).max:
-            return np.dtype(dt)
-    return np.dtype(np.int64)
+# --- metadata documents ---------------------------------------------------------------------------
+def render_metadata(layout: Layout | None, meta: dict[str, Any]) -> dict[str, bytes]:
+    """Every ``zarr.json`` of a store (root and arrays), as zarr itself writes them.
 
-
-def choose_chunk_windows(
-    batch_size: int, bytes_per_window: int, n_windows: int, target: int = TARGET_CHUNK_BYTES
-) -> int:
-    """Windows per chunk: about ``target`` bytes, and a multiple or a divisor of the batch size.
-
-    Either way every batch fills whole chunks (or a chunk is filled by whole batches), so writes
-    are chunk-aligned and a chunk is always computed from the same batches, which makes resumed
-    runs bitwise identical to uninterrupted ones. Never longer than the whole run needs, so a
-    small store is not padded to a large chunk.
+    Rendered into memory and written by the caller through ``Location.put``, in an order of its
+    choosing; ``layout`` None renders the root document alone.
     """
-    want = max(1, target // max(1, bytes_per_window))
-    if want >= batch_size:
-        return min(want // batch_size, -(-n_windows // batch_size)) * batch_size
-    return max(d for d in range(1, batch_size + 1) if batch_size % d == 0 and d <= want)
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Everything that fixes the store's arrays."""
-
-    n_windows: int
-    sample_len: int
-    n_embed: int
-    n_head: int
-    vocab_size: int
-    blocks: tuple[int, ...]
-    sites: tuple[str, ...]
-    dtype: StorageDtype
-    codec: str
-    chunk_windows: int
-    shard_chunks: int = 1
-
-    @property
-    def n_chunks(self) -> int:
-        return -(-self.n_windows // self.chunk_windows)
-
-    @property
-    def unit_windows(self) -> int:
-        """Windows written and committed together: a chunk, or a whole shard."""
-        return self.chunk_windows * self.shard_chunks
-
-    @property
-    def n_units(self) -> int:
-        return -(-self.n_windows // self.unit_windows)
-
-    def grid(self, shape: tuple[int, ...]) -> dict[str, tuple[int, ...] | None]:
-        """``chunks`` and ``shards`` arguments for a data array of ``shape``."""
-        chunks = (self.chunk_windows, *shape[1:])
-        shards = (self.unit_windows, *shape[1:]) if self.shard_chunks > 1 else None
-        return {"chunks": chunks, "shards": shards}
-
-    @classmethod
-    def from_meta(cls, m: dict[str, Any]) -> Layout:
-        """The layout a store's provenance attribute describes (KeyError if it is incomplete)."""
-        p, cfg = m["params"], m["model_config"]
-        return cls(
-            n_windows=p["n_windows"], sample_len=p["sample_len"], n_embed=cfg["n_embed"],
-            n_head=cfg["n_head"], vocab_size=cfg["vocab_size"], blocks=tuple(p["blocks"]),
-            sites=tuple(p["sites"]), dtype=storage_dtype(p["dtype"]), codec=p["codec"],
-            chunk_windows=p["chunk_windows"], shard_chunks=p.get("shard_chunks", 1),
-        )  # fmt: skip
-
-    def arrays(self) -> dict[str, tuple[int, ...]]:
-        """Every array's path and shape."""
-        shapes = {"tokens": (self.n_windows, self.sample_len), "offsets": (self.n_windows,)}
-        shapes["committed"] = (self.n_chunks,)
-        shapes.update({site_path(b, s): self.site_shape(s) for b, s in self.outputs()})
-        return shapes
-
-    def site_shape(self, site: str) -> tuple[int, ...]:
-        T = self.sample_len
-        if site == "attention":
-            return (self.n_windows, self.n_head, T, T)
-        return (self.n_windows, T, self.n_embed)
-
-    def outputs(self) -> list[tuple[int, str]]:
-        """(block, site) of every captured array, in capture order."""
-        return [(b, s) for b in self.blocks for s in self.sites]
-
-
-def _dims(site: str) -> tuple[str, ...]:
-    return ("window", "head", "query", "key") if site == "attention" else ("window", "position", "embed")
-
-
-def create(path: Path, layout: Layout, attrs: dict[str, Any]) -> zarr.Group:
-    """Create an empty store with every array pre-allocated and the state ``incomplete``."""
-    group = zarr.open_group(str(path), mode="w", zarr_format=3)
-    group.attrs.update(
-        {ATTR: {**attrs, "format": FORMAT, "format_version": FORMAT_VERSION, "state": INCOMPLETE}}
-    )
-    cw = layout.chunk_windows
-    common = {"compressors": compressors(layout.codec), "config": _WRITE_CONFIG, "fill_value": 0}
-    group.create_array(
-        "tokens",
-        shape=(layout.n_windows, layout.sample_len),
-        **layout.grid((layout.n_windows, layout.sample_len)),
-        dtype=token_dtype(layout.vocab_size),
-        dimension_names=("window", "position"),
-        **common,
-    )
-    group.create_array(
-        "offsets",
-        shape=(layout.n_windows,),
-        **layout.grid((layout.n_windows,)),
-        dtype="int64",
-        dimension_names=("window",),
-        **common,
-    )
-    group.create_array(
-        "committed",
-        shape=(layout.n_chunks,),
-        chunks=(1,),
-        dtype="uint8",
-        dimension_names=("chunk",),
-        compressors=[Crc32cCodec()],
-        config=_WRITE_CONFIG,
-        fill_value=0,
-        attributes={"description": f"1 once windows [c*{cw}, (c+1)*{cw}) of every array are written"},
-    )
-    for b, site in layout.outputs():
-        shape = layout.site_shape(site)
+    docs: dict[str, Any] = {}
+    group = zarr.open_group(MemoryStore(docs), mode="w", zarr_format=3, attributes={ATTR: meta})
+    for a in layout.arrays() if layout is not None else []:
         group.create_array(
-            site_path(b, site),
-            shape=shape,
-            **layout.grid(shape),
-            dtype=layout.dtype.zarr_dtype,
-            dimension_names=_dims(site),
-            attributes={
-                "blockcap_dtype": layout.dtype.name,
-                "site": site,
-                "block": b,
-                "transformer_lens": TRANSFORMER_LENS[site].format(b=b),
-            },
-            **common,
-        )
-    return group
+            a.path, shape=a.shape, chunks=a.chunks, shards=a.shards, dtype=a.dtype,
+            compressors=compressors(a.codec), fill_value=0, dimension_names=a.dims,
+            attributes=a.attrs, config=_WRITE_CONFIG,
+        )  # fmt: skip
+    return {k: v.to_bytes() for k, v in docs.items() if k.endswith(ROOT)}
 
 
-def meta(group: zarr.Group) -> dict[str, Any]:
-    """The store's ``blockcap`` attribute (provenance and state)."""
-    return dict(group.attrs.get(ATTR, {}))
-
-
-def update_meta(group: zarr.Group, **changes: Any) -> None:
-    """Rewrite the provenance attribute with ``changes`` (zarr replaces zarr.json atomically)."""
-    group.attrs.update({ATTR: {**meta(group), **changes}})
-
-
-def read_committed(group: zarr.Group) -> np.ndarray:
-    """Boolean mask of committed chunks; an unreadable record counts as not committed."""
-    arr = group["committed"]
+def read_meta(location: Location) -> dict[str, Any]:
+    """The root ``blockcap`` attribute, with one-line errors for everything that is not a store."""
+    if location.is_file():
+        raise BlockcapError(f"store {location} is a file, not a Zarr store directory")
+    raw = location.get(ROOT)
+    if raw is None:
+        if location.local and location.root.is_dir() and location.is_empty():
+            raise BlockcapError(f"{location} is an empty directory, not a blockcap store")
+        if location.is_empty():
+            raise BlockcapError(f"store {location} does not exist; capture one with blockcap's run")
+        if location.local and all(p.name.endswith(PARTIAL) for p in location.root.rglob("*") if p.is_file()):
+            raise BlockcapError(f"store {location} is being created; try again in a moment")
+        raise BlockcapError(f"{location} is not a Zarr v3 store (no zarr.json); pass a blockcap store")
     try:
-        return np.asarray(arr[:]) == 1
-    except Exception:  # a damaged record file: fall back chunk by chunk
-        mask = np.zeros(arr.shape[0], dtype=bool)
-        for c in range(arr.shape[0]):
-            try:
-                mask[c] = arr[c] == 1
-            except Exception:
-                mask[c] = False
-        return mask
-
-
-def damaged_chunks(arr: zarr.Array, chunks: Iterable[int]) -> Iterator[tuple[str, Exception]]:
-    """(``"chunk c (windows a..b)"``, error) for each of ``chunks`` of ``arr`` that fails to read."""
-    cw, n = arr.chunks[0], arr.shape[0]
-    for c in chunks:
-        try:
-            arr[c * cw : (c + 1) * cw]
-        except Exception as e:  # checksum mismatch, truncated file, decode error: all damage
-            yield f"chunk {c} (windows {c * cw}..{min((c + 1) * cw, n) - 1})", e
-
-
-def mark_committed(group: zarr.Group, lo: int, hi: int) -> None:
-    """Record chunks ``lo:hi`` as fully written (call only after their data is written)."""
-    group["committed"][lo:hi] = 1
-
-
-def open_group(path: Path, mode: str = "r") -> zarr.Group:
-    """Open ``path`` as a blockcap store, with one-line errors for everything that is not one."""
-    if not path.exists():
-        raise BlockcapError(f"store {path} does not exist; capture one with `python -m blockcap run`")
-    if not path.is_dir():
-        raise BlockcapError(f"store {path} is a file, not a Zarr store directory")
-    if not (path / "zarr.json").exists():
-        raise BlockcapError(f"{path} is not a Zarr v3 store (no zarr.json); pass a blockcap store")
-    try:
-        group = zarr.open_group(str(path), mode=mode, zarr_format=3)
-    except Exception as e:
-        raise BlockcapError(f"{path} is not a readable Zarr v3 group ({e})") from None
-    m = meta(group)
-    if m.get("format") != FORMAT:
-        raise BlockcapError(f"{path} is a Zarr group but not a blockcap store (no '{ATTR}' attribute)")
-    if int(m.get("format_version", 0)) > FORMAT_VERSION:
+        doc = json.loads(raw)
+        meta = doc["attributes"][ATTR] if isinstance(doc, dict) else None
+    except (ValueError, KeyError, TypeError) as e:
+        if isinstance(e, KeyError) and isinstance(doc, dict):
+            raise BlockcapError(
+                f"{location} is a Zarr group but not a blockcap store (no '{ATTR}' attribute)"
+            ) from None
+        raise BlockcapError(f"{location}: its metadata document zarr.json is damaged ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise BlockcapError(f"{location} is a Zarr group but not a blockcap store (no '{ATTR}' attribute)")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version < 1:
         raise BlockcapError(
-            f"{path} has store format {m['format_version']}, newer than this blockcap's "
-            f"{FORMAT_VERSION}; upgrade blockcap"
+            f"{location}: its metadata document zarr.json is damaged (format_version {version!r})"
         )
-    return group
+    if version > FORMAT_VERSION:
+        raise BlockcapError(
+            f"{location} has store format {version}, newer than this blockcap's {FORMAT_VERSION}; upgrade blockcap"
+        )
+    return meta
 
 
-def stored_bytes(path: Path) -> int:
-    """Bytes on disk of every file under ``path``."""
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+def put_root(location: Location, meta: dict[str, Any]) -> None:
+    location.put(ROOT, render_metadata(None, meta)[ROOT])
 
 
-def remove_partial_files(path: Path) -> int:
-    """Delete temporary files a killed writer left behind (zarr writes via *.partial + rename)."""
-    n = 0
-    for p in path.rglob("*.partial"):
-        p.unlink(missing_ok=True)
-        n += 1
-    return n
-
-
-def is_blockcap_store(path: Path) -> bool:
+def layout_of(meta: dict[str, Any]) -> Layout:
+    """The layout a store's metadata describes."""
     try:
-        open_group(path)
-        return True
+        if meta["format_version"] == 1:
+            return _layout_v1(meta)
+        spec = CaptureSpec.from_params(meta["params"])
+        return Layout.build(spec, ModelDims(**meta["dims"]), meta["n_windows"], meta.get("n_rows"),
+                            meta.get("tokenizer_bytes", 0))  # fmt: skip
+    except (KeyError, TypeError, ValueError) as e:
+        raise BlockcapError(
+            f"the store's metadata is incomplete or damaged ({type(e).__name__}: {e})"
+        ) from None
+
+
+def _layout_v1(meta: dict[str, Any]) -> Layout:
+    """Format 1 (blockcap 0.1): char GPT, uint8 flags per chunk, no statistics."""
+    p, cfg = meta["params"], meta["model_config"]
+    dims = ModelDims(
+        n_layer=cfg["n_layer"], d_model=cfg["n_embed"], n_head=cfg["n_head"],
+        head_dim=cfg["n_embed"] // cfg["n_head"], d_mlp=4 * cfg["n_embed"], vocab_size=cfg["vocab_size"],
+        context=cfg["block_size"],
+    )  # fmt: skip
+    return Layout(
+        n_windows=p["n_windows"], sample_len=p["sample_len"], blocks=tuple(p["blocks"]),
+        sites=tuple(p["sites"]), dims=dims, dtype_name=p["dtype"], codec=p["codec"],
+        chunk_windows=p["chunk_windows"], shard_chunks=p.get("shard_chunks", 1),
+    )  # fmt: skip
+
+
+def spec_of(meta: dict[str, Any]) -> CaptureSpec | None:
+    """The spec a format-2 store recorded (None for format 1, which predates specs)."""
+    return CaptureSpec.from_params(meta["params"]) if meta["format_version"] >= 2 else None
+
+
+# --- opening for reading ----------------------------------------------------------------------------
+@dataclass
+class Opened:
+    """A store opened for reading: metadata, layout, commit records and zarr access checked by them."""
+
+    location: Location
+    meta: dict[str, Any]
+    layout: Layout
+    index: CommitIndex
+    group: zarr.Group
+
+    @property
+    def state(self) -> str:
+        return self.meta.get("state", "")
+
+    def array(self, path: str) -> zarr.Array:
+        """An array by path, with a one-line error when its metadata is missing or damaged."""
+        try:
+            arr = self.group[path]
+        except Exception as e:  # zarr raises KeyError, FileNotFoundError or JSON errors here
+            raise DamagedError(
+                f"array {path}: its metadata document is missing or damaged ({type(e).__name__})"
+            ) from None
+        if not isinstance(arr, zarr.Array):
+            raise DamagedError(f"array {path}: its metadata document is missing or damaged (found a group)")
+        return arr
+
+
+def open_location(location: Location, allow_creating: bool = False) -> Opened:
+    """Open a store for reading; "being created" is an error unless ``allow_creating``."""
+    meta = read_meta(location)
+    if meta.get("state") == CREATING and not allow_creating:
+        raise BlockcapError(f"store {location} is being created; try again in a moment")
+    layout = layout_of(meta)
+    if meta["format_version"] == 1:
+        objects = ["tokens", "offsets", *(f"block{b}/{s}" for b, s in layout.outputs())]
+    else:
+        objects = [a.path for a in layout.unit_arrays()]
+    index = CommitIndex(location, layout, meta["format_version"], objects)
+    if meta.get("state") in (INCOMPLETE, COMPLETE):
+        index.required = {a.path for a in layout.arrays() if a.when == CREATE}
+    if meta.get("state") == COMPLETE:
+        index.required |= {a.path for a in layout.arrays() if a.when == FINISH}
+    try:
+        group = zarr.open_group(
+            CheckedStore(location.zarr_store(read_only=True), index), mode="r", zarr_format=3
+        )
+    except Exception as e:
+        raise BlockcapError(f"{location} is not a readable Zarr v3 group ({type(e).__name__}: {e})") from None
+    return Opened(location, meta, layout, index, group)
+
+
+# --- writing ------------------------------------------------------------------------------------------
+def create(
+    location: Location, layout: Layout, meta: dict[str, Any], objects: dict[str, bytes]
+) -> dict[str, Any]:
+    """Create (or finish creating) a store: root first, then arrays, then ``objects``, then ``incomplete``.
+
+    Every step rewrites whole documents with the same content, so it is safe to repeat after a
+    kill at any point. Returns the metadata as written.
+    """
+    meta = {**meta, "format": FORMAT, "format_version": FORMAT_VERSION, "state": CREATING}
+    docs = render_metadata(layout, meta)
+    location.put(ROOT, docs.pop(ROOT))
+    for key in sorted(docs):
+        location.put(key, docs[key])
+    for key in sorted(objects):
+        location.put(key, objects[key])
+    meta["state"] = INCOMPLETE
+    put_root(location, meta)
+    return meta
+
+
+def create_time_objects(layout: Layout, arrays: dict[str, np.ndarray]) -> dict[str, bytes]:
+    """The objects of the arrays written at creation (tokenizer, a dedup store's window index)."""
+    out = {}
+    for a in layout.arrays():
+        if a.when != CREATE or a.path not in arrays:
+            continue
+        data = arrays[a.path]
+        enc = ChunkEncoder(a.codec)
+        rows = a.chunks[0]
+        for c in range(-(-a.shape[0] // rows)):
+            out[object_key(a, c)] = enc.chunk(pad_rows(data[c * rows : (c + 1) * rows], rows).astype(a.dtype))
+    return out
+
+
+def repair_metadata(location: Location, layout: Layout, meta: dict[str, Any]) -> None:
+    """Rewrite array metadata documents that are missing or damaged (same content as at creation)."""
+    for key, doc in render_metadata(layout, meta).items():
+        if key != ROOT and location.get(key) != doc:
+            location.put(key, doc)
+
+
+def missing_objects(location: Location, layout: Layout, units: list[int]) -> set[int]:
+    """Which of ``units`` lack an object of some per-unit array (one listing per array)."""
+    bad = set()
+    for a in layout.unit_arrays():
+        present = set(location.keys(f"{a.path}/c"))
+        bad |= {u for u in units if object_key(a, u) not in present}
+    return bad
+
+
+def pending_units(opened: Opened) -> tuple[list[int], list[int]]:
+    """(units to compute, committed units whose data is gone): everything not whole and committed."""
+    records = opened.index.load_all()
+    committed = [u for u, r in records.items() if r.status == COMMITTED]
+    lost = sorted(missing_objects(opened.location, opened.layout, committed))
+    todo = sorted(set(records) - set(committed) | set(lost))
+    return todo, lost
+
+
+def final_stats(opened: Opened) -> dict[tuple[int, str], Stats]:
+    """Merge the per-unit statistics partials of every output (all units must be committed)."""
+    layout, out = opened.layout, {}
+    for b, site in layout.stat_outputs():
+        partials = np.asarray(opened.array(stats_path(b, site, "partial"))[:])
+        out[(b, site)] = merge(list(partials), layout.dims.width(site), layout.sample_len)
+    return out
+
+
+def finish(location: Location, meta: dict[str, Any]) -> dict[str, Any]:
+    """Mark a store complete once every unit is committed and whole; idempotent.
+
+    Writes the merged statistics, then the root as ``complete``, then removes the store this
+    run replaced (if any). Raises BlockcapError naming what is missing otherwise.
+    """
+    if meta.get("state") == COMPLETE:
+        discard_aside(location, meta["run_id"])
+        return meta
+    opened = open_location(location)
+    todo, lost = pending_units(opened)
+    if todo:
+        what = f"{len(lost)} committed units have missing data, " if lost else ""
+        raise BlockcapError(
+            f"store {location} is not finished: {what}{len(todo)} of {opened.layout.n_units} units "
+            f"still to capture (first: unit {todo[0]}); re-run the capture to finish it"
+        )
+    enc = ChunkEncoder("zstd")
+    for (b, site), st in final_stats(opened).items():
+        for name in STATS_FINAL:
+            arr = [a for a in opened.layout.arrays() if a.path == stats_path(b, site, name)][0]
+            location.put(object_key(arr, 0), enc.chunk(np.asarray(getattr(st, name), dtype="<f8")))
+    meta = {**meta, "state": COMPLETE, "finished": now()}
+    put_root(location, meta)
+    discard_aside(location, meta["run_id"])
+    return meta
+
+
+# --- replacing and discarding ------------------------------------------------------------------------
+def aside_of(location: Location) -> Location:
+    return location.sibling(ASIDE)
+
+
+def _ours(location: Location) -> dict[str, Any] | None:
+    """The store's metadata if ``location`` holds a blockcap store, else None."""
+    try:
+        return read_meta(location)
     except BlockcapError:
+        return None
+
+
+def discard(location: Location) -> None:
+    """Delete a store blockcap wrote (callers have checked that it is one)."""
+    location.remove_tree()
+
+
+def discard_aside(location: Location, run_id: str) -> None:
+    """Delete ``<out>.replaced`` if the run ``run_id`` set it aside (it is then a finished replacement)."""
+    aside = aside_of(location)
+    meta = _ours(aside)
+    if meta is not None and meta.get("replaced_by") == run_id:
+        discard(aside)
+
+
+def set_aside(location: Location, meta: dict[str, Any], run_id: str) -> None:
+    """Keep the complete store at ``location`` as ``<out>.replaced`` until run ``run_id`` completes.
+
+    Any older set-aside store is deleted first (the store being set aside is newer and complete).
+    Local stores are renamed; object stores are copied (root last, so a partial copy is never
+    mistaken for a store) and then deleted.
+    """
+    aside = aside_of(location)
+    check_aside_is_ours(location)
+    if not aside.is_empty():
+        discard(aside)
+    marked = {**meta, "replaced_by": run_id}
+    put_root(location, marked)  # marked while still in place: a kill here leaves it usable
+    if location.local:
+        location.rename_to(aside)
+        return
+    for key in location.keys():
+        if key != ROOT:
+            aside.put(key, location.get(key))
+    put_root(aside, marked)
+    discard(location)
+
+
+def restamp_aside(location: Location, run_id: str) -> None:
+    """Hand the set-aside store to run ``run_id`` (which now replaces it) so it completes the job."""
+    aside = aside_of(location)
+    meta = _ours(aside)
+    if meta is not None and meta.get("replaced_by") != run_id:
+        put_root(aside, {**meta, "replaced_by": run_id})
+
+
+def check_aside_is_ours(location: Location) -> None:
+    aside = aside_of(location)
+    if aside.is_file() or (not aside.is_empty() and (_ours(aside) or {}).get("replaced_by") is None):
+        raise BlockcapError(
+            f"{aside} is in the way and was not set aside by blockcap; move it, or choose another out"
+        )
+
+
+# --- one writer per store ------------------------------------------------------------------------------
+class StoreInUse(BlockcapError):
+    """Another process is writing the store."""
+
+
+@contextmanager
+def exclusive(location: Location, shared: bool = False) -> Iterator[None]:
+    """Hold the store's lock for a run: exclusive, or ``shared`` among ``part`` processes.
+
+    A POSIX advisory lock on ``.<name>.lock`` beside a local store: the kernel drops it when the
+    process dies, so a killed run never blocks a later one, and the file is removed after a
+    successful run. Object stores have no lock (see docs/design.md).
+    """
+    if not location.local:
+        yield
+        return
+    path = location.root.absolute().parent / f".{location.root.name}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise StoreInUse(
+                f"store {location} is in use by {holder}; wait for it to finish, or choose another out path"
+            ) from None
+        if _same_file(fd, path):  # not unlinked by a finishing holder between open and lock
+            break
+        os.close(fd)
+    if not shared:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} on host {socket.gethostname()}".encode(), 0)
+        _wrote("lock", str(path))
+    try:
+        yield
+    finally:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the last holder removes the file
+            if _same_file(fd, path):
+                path.unlink()
+                _wrote("unlock", str(path))
+        except BlockingIOError:
+            pass
+        finally:
+            os.close(fd)
+
+
+def _same_file(fd: int, path: Any) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
         return False
 
 
-def aside_path(path: Path) -> Path:
-    """Where ``set_aside`` keeps a replaced store."""
-    return path.with_name(path.name + ".replaced")
+# --- opening a store for a capture ---------------------------------------------------------------------
+@dataclass
+class Prepared:
+    """A store ready to capture into: its metadata and the units still to compute."""
+
+    meta: dict[str, Any]
+    todo: list[int]
+    status: str  # "new", "resumed" or "complete"
 
 
-def set_aside(path: Path) -> Path:
-    """Move an existing store out of the way (kept until its replacement completes)."""
-    aside = aside_path(path)
-    if aside.exists():
-        shutil.rmtree(aside)
-    os.replace(path, aside)
-    return aside
+def prepare(
+    location: Location, layout: Layout, spec: CaptureSpec, meta: dict[str, Any], objects: dict[str, bytes],
+    overwrite: bool, sole: bool,
+) -> Prepared:  # fmt: skip
+    """Create the store, or find the one the same spec already started, per the lifecycle above.
+
+    ``sole``: no other process writes the store now, so temporary files left by a kill can go.
+    """
+    if sole:
+        for trash in location.stale_trash():
+            Location(str(trash)).remove_tree()
+    location.check_parent()
+    if not location.is_empty():
+        try:
+            old = read_meta(location)
+        except BlockcapError as e:
+            reason = str(e) if "damaged" in str(e) else f"{location} exists and is not a blockcap store"
+            raise BlockcapError(f"{reason}; refusing to touch it, choose another out path") from None
+        old_spec = spec_of(old)
+        if old_spec is not None and old_spec.identity() == spec.identity():
+            return _continue(location, layout, old, meta, objects, sole)
+        if not overwrite:
+            if old_spec is None:
+                raise BlockcapError(
+                    f"store {location} was written by an older blockcap (format 1); "
+                    f"capture into another out path, or replace it with overwrite"
+                )
+            raise BlockcapError(
+                f"store {location} holds a capture with other parameters "
+                f"({', '.join(spec.differences(old_spec))}); use another out path, or overwrite to replace it"
+            )
+        if old.get("state") == COMPLETE:
+            set_aside(location, old, meta["run_id"])
+        else:  # ours and never completed: nothing finished is lost
+            check_aside_is_ours(location)
+            restamp_aside(location, meta["run_id"])
+            discard(location)
+    return Prepared(create(location, layout, meta, objects), list(range(layout.n_units)), "new")
+
+
+def _continue(
+    location: Location, layout: Layout, old: dict[str, Any], meta: dict[str, Any], objects: dict[str, bytes],
+    sole: bool,
+) -> Prepared:  # fmt: skip
+    """Resume the store this spec started: finish creating it, or list the units left."""
+    keep = {k: old[k] for k in ("run_id", "started") if k in old}
+    if old.get("state") == COMPLETE:
+        discard_aside(location, old["run_id"])
+        return Prepared(old, [], "complete")
+    if old.get("state") == CREATING:
+        return Prepared(
+            create(location, layout, {**meta, **keep}, objects), list(range(layout.n_units)), "new"
+        )
+    if sole:
+        location.remove_partial_files()
+    repair_metadata(location, layout, old)
+    for key, blob in objects.items():  # objects written at creation: restore any that went missing
+        if location.get(key) != blob:
+            location.put(key, blob)
+    todo, _ = pending_units(open_location(location))
+    return Prepared(old, todo, "resumed")

@@ -11,10 +11,11 @@ import torch
 from tqdm import tqdm
 
 from blockcap.checkpoint import save_checkpoint
-from blockcap.data import CharTokenizer, read_text, resolve_dataset, sha256_file, split_tokens
+from blockcap.data import read_text, resolve_dataset, sha256_file, split_tokens
 from blockcap.device import pick_device
 from blockcap.errors import BlockcapError
 from blockcap.model import GPT, PRESETS
+from blockcap.tokens import CharTokenizer
 
 
 def _batch(data: torch.Tensor, batch_size: int, block_size: int, gen: torch.Generator):
@@ -72,7 +73,7 @@ def train(
     path = resolve_dataset(dataset)
     text = read_text(path)
     tok = CharTokenizer.from_text(text)
-    data = tok.encode_tensor(text)
+    data = torch.from_numpy(tok.encode(text))
     splits = {"train": split_tokens(data, "train"), "val": split_tokens(data, "val")}
     config = replace(PRESETS[preset], vocab_size=len(tok))
     train_block = block_size or config.block_size

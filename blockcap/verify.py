@@ -1,67 +1,192 @@
-"""Integrity check of a whole store: state, shapes, every chunk's checksum, tokens vs dataset."""
+"""Integrity check of a whole store: metadata, commit records, every object, tokens, statistics.
+
+Checks, in order: the root document and state; every array's metadata document against the
+layout; every unit's commit record; that every object of a committed unit exists (one listing
+per array) and has the digest its record holds (every byte read once); the arrays written at
+creation and at finish; the tokens against the dataset when it is still there; and, when asked,
+the statistics against the data.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from blockcap.data import CharTokenizer, Windows, read_text, sha256_file, split_tokens
+from blockcap.codecs import crc32c
+from blockcap.data import Windows, dataset_sha256, split_tokens, token_stream
 from blockcap.errors import BlockcapError
-from blockcap.store import COMPLETE, Layout, damaged_chunks, meta, open_group, read_committed
+from blockcap.integrity import ABSENT, COMMITTED, DAMAGED
+from blockcap.layout import CREATE, FINISH, site_path
+from blockcap.location import Location
+from blockcap.reader import CaptureStore
+from blockcap.spec import parse_storage_options
+from blockcap.store import COMPLETE, CREATING, Opened, open_location, read_meta
+from blockcap.writer import as_float32
+
+STATS_RTOL = 1e-5  # stored statistics against a float64 recomputation (see blockcap.stats)
 
 
-def verify(path: str | Path, check_dataset: bool = True) -> list[str]:
+def verify(
+    path: str | Path, check_dataset: bool = True, check_stats: bool = False,
+    storage_options: dict[str, Any] | str | None = None,
+) -> list[str]:  # fmt: skip
     """Every problem found in the store at ``path`` (empty when it is whole)."""
-    path = Path(path)
+    location = Location(str(path), parse_storage_options(storage_options))
     try:
-        group = open_group(path)
+        meta = read_meta(location)
+        if meta.get("state") == CREATING:
+            return [
+                f"store {location} is being created (or its creation was interrupted): re-run the capture"
+            ]
+        opened = open_location(location)
     except BlockcapError as e:
         return [str(e)]
-    m = meta(group)
     problems = []
-    if m.get("state") != COMPLETE:
+    if meta.get("state") != COMPLETE:
         problems.append(
-            f"state is {m.get('state')!r}, not 'complete': re-run the capture command to finish it"
+            f"state is {meta.get('state')!r}, not 'complete': re-run the capture command to finish it"
         )
-    committed = read_committed(group)
-    if not committed.all():
-        missing = np.flatnonzero(~committed)
-        problems.append(
-            f"{missing.size} of {committed.size} chunks not committed (first: chunk {missing[0]})"
-        )
-    try:
-        shapes = Layout.from_meta(m).arrays()
-    except (KeyError, TypeError, BlockcapError) as e:
-        return [*problems, f"provenance attribute is missing {e}"]
-    for name, shape in shapes.items():
-        if name not in group:
-            problems.append(f"array {name} is missing")
-            continue
-        arr = group[name]
-        if tuple(arr.shape) != shape:
-            problems.append(f"array {name} has shape {tuple(arr.shape)}, the metadata says {shape}")
-            continue
-        for where, e in damaged_chunks(arr, range(-(-shape[0] // arr.chunks[0]))):
-            problems.append(f"array {name} {where} is unreadable: {e}")
+    problems += _metadata(opened)
+    if problems and any("metadata document" in p for p in problems):
+        return problems
+    problems += _units(opened)
+    problems += _other_arrays(opened)
     if check_dataset and not any("tokens" in p for p in problems):
-        problems += _check_tokens(group, m)
+        problems += _tokens(opened)
+    if check_stats and not problems:
+        problems += _stats(opened)
     return problems
 
 
-def _check_tokens(group, m: dict) -> list[str]:
-    """Compare stored tokens and offsets with the dataset, when the dataset file is still there."""
-    p = m["params"]
-    data = Path(m.get("dataset_path", ""))
-    if not data.is_file() or sha256_file(data) != p["dataset_sha256"]:
-        return []
-    tok = CharTokenizer(m["vocab"])
-    stream = split_tokens(tok.encode_tensor(read_text(data)), p["split"], p["train_fraction"])
-    windows = Windows(stream, p["sample_len"], p["stride"])
-    n = p["n_windows"]
+def _metadata(opened: Opened) -> list[str]:
     problems = []
-    if not np.array_equal(np.asarray(group["tokens"][:]).astype(np.int64), windows.get(0, n).numpy()):
-        problems.append(f"tokens differ from the windows of dataset {data}")
-    if not np.array_equal(np.asarray(group["offsets"][:]), windows.offsets(0, n).numpy()):
-        problems.append("offsets differ from the window starts")
+    for a in opened.layout.arrays() if opened.index.version >= 2 else []:
+        try:
+            arr = opened.array(a.path)
+        except BlockcapError as e:
+            problems.append(str(e))
+            continue
+        if tuple(arr.shape) != a.shape:
+            problems.append(f"array {a.path} has shape {tuple(arr.shape)}, the metadata says {a.shape}")
+    for path in opened.index.objects:
+        if opened.index.version == 1:
+            try:
+                opened.array(path)
+            except BlockcapError as e:
+                problems.append(str(e))
+    return problems
+
+
+def _units(opened: Opened) -> list[str]:
+    """Commit records, presence of every object of committed units, and their digests."""
+    index, location, layout = opened.index, opened.location, opened.layout
+    records = index.load_all()
+    problems = [f"{index.describe('committed', u)}: commit record is damaged ({r.reason})"
+                for u, r in records.items() if r.status == DAMAGED]  # fmt: skip
+    absent = [u for u, r in records.items() if r.status == ABSENT]
+    if absent:
+        problems.append(f"{len(absent)} of {layout.n_units} units not committed (first: unit {absent[0]})")
+    committed = [u for u, r in records.items() if r.status == COMMITTED]
+    for path, i in index.objects.items():
+        present = set(location.keys(f"{path}/c"))
+        for u in committed:
+            key = _key(opened, path, u)
+            if key not in present:
+                problems.append(
+                    f"{index.describe(path, u)} is committed but its data object {key} is missing"
+                )
+                continue
+            digests = records[u].digests
+            if digests:
+                data = location.get(key)
+                if data is None or crc32c(data) != digests[i]:
+                    problems.append(
+                        f"{index.describe(path, u)}: object {key} differs from what was committed"
+                    )
+            else:  # format 1: no digests; decoding checks the chunk's own checksum
+                problems += _decodes(opened, path, u)
+    return problems
+
+
+def _key(opened: Opened, path: str, unit: int) -> str:
+    """The object of ``unit`` in array ``path`` (units run along axis 0, other axes are whole)."""
+    return "/".join([path, "c", str(unit), *["0"] * (opened.array(path).ndim - 1)])
+
+
+def _decodes(opened: Opened, path: str, unit: int) -> list[str]:
+    lo, hi = opened.layout.unit_range(unit)
+    try:
+        opened.array(path)[lo:hi]
+    except Exception as e:
+        return [f"{opened.index.describe(path, unit)} is unreadable ({e})"]
+    return []
+
+
+def _other_arrays(opened: Opened) -> list[str]:
+    """Arrays written at creation, and at finish once complete: every chunk decodes."""
+    problems = []
+    complete = opened.meta.get("state") == COMPLETE
+    for a in opened.layout.arrays() if opened.index.version >= 2 else []:
+        if a.when == CREATE or (a.when == FINISH and complete):
+            try:
+                opened.array(a.path)[:]
+            except Exception as e:
+                problems.append(f"array {a.path} is unreadable ({e})")
+    return problems
+
+
+def _tokens(opened: Opened) -> list[str]:
+    """Compare stored tokens and offsets with the dataset, when the dataset is still there unchanged."""
+    meta, layout, params = opened.meta, opened.layout, opened.meta["params"]
+    data = Path(meta["dataset"]["path"] if "dataset" in meta else meta.get("dataset_path", ""))
+    if not data.exists() or dataset_sha256(data) != params["dataset_sha256"]:
+        return []
+    store = CaptureStore(opened)
+    stream = token_stream(data, store.tokenizer, params.get("text_column"))
+    windows = Windows(split_tokens(stream, params["split"]), params["sample_len"], params["stride"])
+    n = layout.n_windows
+    if len(windows) != n or not np.array_equal(
+        store.tokens.np[:].astype(np.int64), windows.get(0, n).numpy()
+    ):
+        return [f"tokens differ from the windows of dataset {data}"]
+    if not np.array_equal(store.offsets.np[:], windows.offsets(0, n)):
+        return ["offsets differ from the window starts"]
+    return []
+
+
+def _stats(opened: Opened) -> list[str]:
+    """Recompute every site's statistics in float64 from the stored data and compare."""
+    store = CaptureStore(opened)
+    problems = []
+    for b, site in opened.layout.stat_outputs():
+        want = store.stats(site, b)
+        arr = store.site(site, b)
+        total, s, ss = 0, 0.0, 0.0
+        lo_v, hi_v = np.inf, -np.inf
+        norms = np.zeros(opened.layout.sample_len)
+        for lo in range(0, store.n_windows, arr.chunk_windows):
+            x = as_float32(
+                np.asarray(arr._rows(lo, min(lo + arr.chunk_windows, store.n_windows))),
+                opened.layout.dtype_name,
+            )
+            x = x.astype(np.float64)
+            total += x.shape[0] * x.shape[1]
+            s = s + x.sum(axis=(0, 1))
+            ss = ss + np.square(x).sum(axis=(0, 1))
+            lo_v, hi_v = np.minimum(lo_v, x.min(axis=(0, 1))), np.maximum(hi_v, x.max(axis=(0, 1)))
+            norms += np.linalg.norm(x, axis=2).sum(axis=0)
+        mean = s / total
+        var = ss / total - mean**2
+        name = site_path(b, site)
+        scale = np.abs(mean).max() + np.sqrt(np.abs(var).max())
+        checks = {
+            "mean": np.allclose(want.mean, mean, rtol=STATS_RTOL, atol=STATS_RTOL * scale),
+            "var": np.allclose(want.var, var, rtol=STATS_RTOL * 10, atol=STATS_RTOL * scale**2),
+            "min": np.array_equal(want.min, lo_v),
+            "max": np.array_equal(want.max, hi_v),
+            "norm_mean": np.allclose(want.norm_mean, norms / store.n_windows, rtol=STATS_RTOL),
+        }
+        problems += [f"statistics {name} {k} differ from the data" for k, ok in checks.items() if not ok]
     return problems

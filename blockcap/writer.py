@@ -1,10 +1,11 @@
-"""Background chunk writer: encodes and writes finished chunks while the next batches compute.
+"""Background unit writer: encodes and writes finished units while the next batches compute.
 
-A *slab* is one chunk of windows of every array: views of a batch's outputs when the chunk lies
-in one batch on the CPU, else a buffer (pinned on CUDA) that batches copy their rows into.
-Worker threads write each array's chunk and only then set the chunk's ``committed`` flag, so a
-crash never counts a chunk whose bytes are missing. A semaphore bounds the slabs in flight,
-and with them memory.
+A *slab* holds one write unit (a chunk of windows, a shard of chunks, or a chunk of rows of a
+dedup store) of every per-unit array: views of a batch's outputs when the unit lies in one batch
+on the CPU, else a buffer (pinned on CUDA) that batches copy their rows into. Worker threads
+encode each array's object (``ChunkEncoder``), write it, and only then write the unit's commit
+record with the digest of every object, so a crash never counts a unit whose bytes are missing
+(``blockcap.integrity``). A semaphore bounds the slabs in flight, and with them memory.
 """
 
 from __future__ import annotations
@@ -12,24 +13,28 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
-import zarr
 
-from blockcap.data import Windows
-from blockcap.store import Layout, mark_committed, site_path
+from blockcap.codecs import ChunkEncoder, crc32c
+from blockcap.integrity import encode_record
+from blockcap.layout import ArrayDef, Layout, object_key, pad_rows, site_path, stats_path
+from blockcap.location import Location
+from blockcap.stats import partial
 
 
 @dataclass
 class Slab:
-    """One write unit (windows ``lo:hi``) of tokens and of every captured array."""
+    """One write unit (items ``lo:hi``) of tokens and of every captured array."""
 
     unit: int
     lo: int
     hi: int
-    tokens: torch.Tensor | None = None  # (n, T)
+    tokens: torch.Tensor | None = None  # (n, T), windows only
     sites: list[torch.Tensor] = field(default_factory=list)  # per layout.outputs(), storage dtype
     event: torch.cuda.Event | None = None  # recorded after the device-to-host copies
     filled: int = 0
@@ -38,19 +43,21 @@ class Slab:
     def full(self) -> bool:
         return self.filled == self.hi - self.lo
 
-    def put(self, row: int, tokens: torch.Tensor, outs: list[torch.Tensor]) -> None:
-        """Add rows ``row:row+n`` of the chunk from a batch (``outs`` already in storage dtype)."""
-        n = tokens.shape[0]
-        if n == self.hi - self.lo and not outs[0].is_cuda:  # the whole chunk: keep views
+    def put(self, row: int, tokens: torch.Tensor | None, outs: list[torch.Tensor]) -> None:
+        """Add items ``row:row+n`` of the unit from a batch (``outs`` already in storage dtype)."""
+        n = outs[0].shape[0]
+        if n == self.hi - self.lo and not outs[0].is_cuda:  # the whole unit: keep views
             self.tokens, self.sites = tokens, outs
         else:
-            if self.tokens is None:
-                size = self.hi - self.lo
-                self.tokens = torch.empty((size, *tokens.shape[1:]), dtype=tokens.dtype)
+            size = self.hi - self.lo
+            if not self.sites:
+                if tokens is not None:
+                    self.tokens = torch.empty((size, *tokens.shape[1:]), dtype=tokens.dtype)
                 self.sites = [
                     torch.empty((size, *o.shape[1:]), dtype=o.dtype, pin_memory=o.is_cuda) for o in outs
                 ]
-            self.tokens[row : row + n] = tokens
+            if tokens is not None:
+                self.tokens[row : row + n] = tokens
             for buf, o in zip(self.sites, outs, strict=True):
                 buf[row : row + n].copy_(o, non_blocking=True)
         self.filled += n
@@ -63,7 +70,7 @@ def _set_policy(tids: set[int], policy: int) -> None:
 
 
 class _Background:
-    """Python helper threads (ours, zarr's event loop and codec threads) at idle CPU priority.
+    """The writer threads at idle CPU priority while a run computes.
 
     On a machine whose cores torch keeps busy, encoding then runs in the gaps instead of
     preempting torch's worker threads, whose barriers stall whenever one of them is descheduled.
@@ -74,14 +81,12 @@ class _Background:
         self.tids: set[int] = set()
         self.lock = threading.Lock()
 
-    NAMES = ("blockcap-writer", "zarr_", "asyncio_")  # ours, zarr's loop, its executor threads
-
     def claim(self) -> None:
         with self.lock:
-            mine = {t.native_id for t in threading.enumerate() if t.name.startswith(self.NAMES)}
-            new = mine - {None} - self.tids
-            _set_policy(new, getattr(os, "SCHED_IDLE", 0))
-            self.tids |= new
+            tid = threading.get_native_id()
+            if tid not in self.tids:
+                _set_policy({tid}, getattr(os, "SCHED_IDLE", 0))
+                self.tids.add(tid)
 
     def release(self) -> None:
         with self.lock:
@@ -89,48 +94,129 @@ class _Background:
             self.tids.clear()
 
 
+def as_float32(data: np.ndarray, dtype_name: str) -> np.ndarray:
+    """Stored values as float32 (bfloat16 bit patterns widened), for statistics."""
+    if dtype_name == "bfloat16":
+        return (data.astype(np.uint32) << 16).view(np.float32)
+    return data.astype(np.float32, copy=False)
+
+
+@dataclass
+class UnitSource:
+    """What the writer needs besides the slab: window offsets, and a dedup store's row facts."""
+
+    offsets: Callable[[int, int], np.ndarray]  # windows lo:hi -> start offsets
+    row_positions: np.ndarray | None = None  # dedup: position of each row's token
+    row_weights: np.ndarray | None = None  # dedup: how many (window, position) pairs use each row
+
+
 class SlabWriter:
-    """Threads that write slabs into the store, at most ``max_pending`` slabs queued or in flight."""
+    """Threads that write slabs into the store, at most ``max_pending`` slabs queued or in flight.
+
+    Use as a context manager; ``add_batch`` routes a computed batch into the slabs of ``units``.
+    """
 
     def __init__(
-        self, group: zarr.Group, layout: Layout, windows: Windows, workers: int, max_pending: int
-    ) -> None:
+        self, location: Location, layout: Layout, source: UnitSource, units: list[int], workers: int,
+        max_pending: int,
+    ) -> None:  # fmt: skip
+        self.location = location
         self.layout = layout
-        self.windows = windows
-        self.group = group
-        self.tokens = group["tokens"]
-        self.offsets = group["offsets"]
-        self.arrays = [group[site_path(b, s)] for b, s in layout.outputs()]
+        self.source = source
+        self.pending = set(units)
+        self.open: dict[int, Slab] = {}
+        self.arrays = layout.unit_arrays()
+        self.encoders = {a.path: ChunkEncoder(a.codec) for a in self.arrays}
+        self.record_encoder = ChunkEncoder("none")
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="blockcap-writer")
         self.background = _Background()
         self.slots = threading.BoundedSemaphore(max_pending)
         self.error: BaseException | None = None
         self.lock = threading.Lock()
+        self.stored = 0  # bytes written
 
-    def new_slab(self, unit: int) -> Slab:
-        """An empty slab for write unit ``unit`` (a chunk or a shard); blocks while too many are
-        pending, raises a writer's error."""
-        while not self.slots.acquire(timeout=0.1):
+    def __enter__(self) -> SlabWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _slab(self, unit: int) -> Slab:
+        """The open slab of ``unit``; a new one waits while too many are pending (raising a writer's error)."""
+        if unit not in self.open:
+            while not self.slots.acquire(timeout=0.1):
+                self.raise_error()
             self.raise_error()
-        self.raise_error()
-        uw = self.layout.unit_windows
-        return Slab(unit, unit * uw, min((unit + 1) * uw, self.layout.n_windows))
+            self.open[unit] = Slab(unit, *self.layout.unit_range(unit))
+        return self.open[unit]
 
-    def submit(self, slab: Slab) -> None:
-        self.pool.submit(self._write, slab)
+    def add_batch(self, lo: int, hi: int, tokens: torch.Tensor | None, outs: list[torch.Tensor]) -> int:
+        """Route items ``lo:hi`` of a batch into the slabs of pending units; returns the items taken.
+
+        Items of units that are not pending (already committed) are dropped: a batch keeps its
+        fixed composition even when only some of its units are redone.
+        """
+        uw, taken, slabs = self.layout.unit_windows, 0, []
+        for u in range(lo // uw, (hi - 1) // uw + 1):
+            if u not in self.pending:
+                continue
+            slab = self._slab(u)
+            a, z = max(lo, slab.lo) - lo, min(hi, slab.hi) - lo
+            slab.put(a + lo - slab.lo, None if tokens is None else tokens[a:z], [o[a:z] for o in outs])
+            slabs.append(slab)
+            taken += z - a
+        if outs and outs[0].is_cuda:  # the writer waits for the copies into pinned memory
+            event = torch.cuda.Event()
+            event.record()
+            for slab in slabs:
+                slab.event = event
+        for slab in slabs:
+            if slab.full:
+                self.pool.submit(self._write, self.open.pop(slab.unit))
+        return taken
+
+    def _arrays_of(self, slab: Slab) -> dict[str, np.ndarray]:
+        layout, data = self.layout, {}
+        if not layout.dedup:
+            data["tokens"] = slab.tokens.numpy().astype(self._dtype("tokens"), copy=False)
+            data["offsets"] = self.source.offsets(slab.lo, slab.hi)
+        for (b, s), buf in zip(layout.outputs(), slab.sites, strict=True):
+            data[site_path(b, s)] = layout.dtype.to_numpy(buf)
+        T = layout.sample_len
+        for b, s in layout.stat_outputs():
+            x = as_float32(data[site_path(b, s)], layout.dtype_name)
+            if layout.dedup:
+                rows = slice(slab.lo, slab.hi)
+                row = partial(x, self.source.row_positions[rows], T, self.source.row_weights[rows])
+            else:
+                row = partial(x.reshape(-1, x.shape[-1]), np.tile(np.arange(T), x.shape[0]), T)
+            data[stats_path(b, s, "partial")] = row[None]
+        return data
+
+    def _dtype(self, path: str) -> str:
+        return next(a.dtype for a in self.arrays if a.path == path)
+
+    def _encode(self, a: ArrayDef, data: np.ndarray, slab: Slab) -> bytes:
+        enc = self.encoders[a.path]
+        if a.shards is not None:
+            return enc.shard(pad_rows(data, a.shards[0]), a.chunks[0], slab.hi - slab.lo)
+        return enc.chunk(pad_rows(data, a.chunks[0]))
 
     def _write(self, slab: Slab) -> None:
         try:
             self.background.claim()
             if slab.event is not None:
                 slab.event.synchronize()
-            lo, hi = slab.lo, slab.hi
-            self.tokens[lo:hi] = slab.tokens.numpy().astype(self.tokens.dtype, copy=False)
-            self.offsets[lo:hi] = self.windows.offsets(lo, hi).numpy()
-            for arr, buf in zip(self.arrays, slab.sites, strict=True):
-                arr[lo:hi] = self.layout.dtype.to_numpy(buf)
-            cw = self.layout.chunk_windows
-            mark_committed(self.group, lo // cw, -(-hi // cw))
+            data = self._arrays_of(slab)
+            digests = []
+            for a in self.arrays:
+                blob = self._encode(a, data[a.path], slab)
+                self.location.put(object_key(a, slab.unit), blob)
+                digests.append(crc32c(blob))
+                with self.lock:
+                    self.stored += len(blob)
+            record = self.record_encoder.chunk(encode_record(slab.unit, digests)[None])
+            self.location.put(f"committed/c/{slab.unit}/0", record)
         except BaseException as e:
             with self.lock:
                 self.error = self.error or e

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from blockcap.checkpoint import save_checkpoint
-from blockcap.data import CharTokenizer
+from blockcap.tokens import CharTokenizer
 from blockcap.model import GPT, GPTConfig
 
 REAL_DATASET_ENV = "BLOCKCAP_TEST_DATASET"

@@ -1,7 +1,10 @@
-"""Run the blockcap CLI and SIGKILL it at an exact point: after the Nth zarr array write.
+"""Run the blockcap CLI and SIGKILL it at an exact point: right after its Nth write of any kind.
 
-Usage: python tests/killer.py N run --flag=... (N counts every array write: data and commits).
-Used by the crash tests to hit early, middle and last-chunk points deterministically.
+Usage: python tests/killer.py N [--partial] run --flag=...
+
+Writes are counted at blockcap's one choke point (``blockcap.location.WRITE_HOOKS``): every
+object put, delete, rename, lock and unlock, metadata included. With ``--partial`` the Nth event
+may also be a file written to its temporary name and not yet renamed into place.
 """
 
 import os
@@ -11,24 +14,26 @@ import threading
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import zarr  # noqa: E402
-
+from blockcap import location  # noqa: E402
 from blockcap.cli import main  # noqa: E402
 
 kill_at = int(sys.argv[1])
+partial = sys.argv[2] == "--partial"
+args = sys.argv[3:] if partial else sys.argv[2:]
 calls = 0
 lock = threading.Lock()
-original = zarr.Array.__setitem__
 
 
-def counting_setitem(self, key, value):
+def count(op: str, key: str) -> None:
     global calls
-    original(self, key, value)
+    if op == "put-partial" and not partial:
+        return
     with lock:
         calls += 1
         if calls == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-zarr.Array.__setitem__ = counting_setitem
-main(sys.argv[2:])
+location.WRITE_HOOKS.append(count)
+main(args)
+print(f"writes: {calls}", file=sys.stderr)

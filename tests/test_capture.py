@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from blockcap.capture import FUSED_TOLERANCE, CaptureModule
+from blockcap.models.chargpt import FUSED_TOLERANCE, CaptureModule
 from blockcap.model import GPT, GPTConfig
-from blockcap.store import SITES
+from blockcap.sites import SITES
 from tests.reference import GPTLanguageModel
 
 CFG = GPTConfig(vocab_size=30, n_embed=48, n_head=6, n_layer=3, block_size=16, dropout=0.2)
@@ -39,6 +39,7 @@ def hooked(ref: GPTLanguageModel, idx: torch.Tensor) -> dict[tuple[int, str], to
             block.sa.proj.register_forward_hook(keep((b, "proj_output"), False)),
             block.ln2.register_forward_hook(keep((b, "resid_mid"), True)),
             block.ffwd.register_forward_hook(keep((b, "ffwd_output"), False)),
+            block.ffwd.net[2].register_forward_hook(keep((b, "mlp_hidden"), True)),
         ]
         for h, head in enumerate(block.sa.heads):  # dropout's input is the softmax pattern
             handles.append(head.dropout.register_forward_hook(keep((b, f"pattern{h}"), True)))

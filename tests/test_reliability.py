@@ -19,7 +19,7 @@ from blockcap.errors import BlockcapError
 from blockcap.reader import IncompleteStoreWarning
 
 ROOT = Path(__file__).resolve().parent.parent
-N_ARRAYS = 5  # tokens, offsets, three sites: data writes per slab, plus one commit write
+UNIT_WRITES = 9  # tokens, offsets, three sites, three statistics partials, one commit record
 
 
 @pytest.fixture(scope="module")
@@ -92,32 +92,6 @@ def wait_for_commits(store: Path, proc: subprocess.Popen, n: int) -> None:
 
 def n_chunks(ref: Path) -> int:
     return zarr.open_group(str(ref), mode="r")["committed"].shape[0]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("where", ["early", "middle", "last chunk"])
-def test_sigkill_then_resume_is_bitwise_identical(crash_args, reference, tmp_path, where):
-    writes = n_chunks(reference) * (N_ARRAYS + 1)
-    kill_at = {"early": 2, "middle": writes // 2, "last chunk": writes - 3}[where]
-    proc = subprocess.run(
-        [sys.executable, "tests/killer.py", str(kill_at), *crash_args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == -signal.SIGKILL, proc.stderr
-    store = tmp_path / "crash.zarr"
-    with pytest.warns(IncompleteStoreWarning):
-        s = blockcap.open_store(store)
-    assert not s.complete
-    assert s.committed_windows().sum() < s.n_windows
-    assert any("not 'complete'" in p for p in blockcap.verify(store))
-    done = subprocess.run(
-        [sys.executable, "-m", "blockcap", *crash_args], cwd=ROOT, capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr
-    assert "resumed and completed" in done.stdout
-    assert_identical(store, reference)
 
 
 @pytest.mark.slow
@@ -201,10 +175,10 @@ def test_corrupted_chunks_are_detected(run_args, how, capsys):
     corrupt_first_chunk(store, "block0/proj_output", how)
     s = blockcap.open_store(store)
     assert s.site("heads_output")[:].shape[0] == s.n_windows  # other arrays still read
-    with pytest.raises(BlockcapError, match=r"block0/proj_output: chunk 0 \(windows 0..15\) is damaged"):
+    with pytest.raises(BlockcapError, match=r"block0/proj_output: chunk 0 \(windows 0..15\): object .* differs"):
         s.site("proj_output")[:20]
     problems = blockcap.verify(store)
-    assert any("block0/proj_output chunk 0" in p for p in problems)
+    assert any("block0/proj_output: chunk 0 (windows 0..15)" in p for p in problems), problems
     from blockcap.cli import main
 
     with pytest.raises(SystemExit) as exc:
@@ -218,13 +192,17 @@ def test_verify_checks_tokens_against_dataset(run_args):
     toks = np.asarray(g["tokens"][:])
     toks[0, 0] = (toks[0, 0] + 1) % 10
     g["tokens"][:] = toks  # a valid chunk with the wrong content
-    assert any("tokens differ" in p for p in blockcap.verify(run_args["out"]))
+    problems = blockcap.verify(run_args["out"])
+    assert any("tokens: chunk 0" in p and "differs from what was committed" in p for p in problems), problems
 
 
 def test_open_store_errors(run_args, tmp_path):
     with pytest.raises(BlockcapError, match="does not exist"):
         blockcap.open_store(tmp_path / "missing.zarr")
     (tmp_path / "plain").mkdir()
+    with pytest.raises(BlockcapError, match="is an empty directory, not a blockcap store"):
+        blockcap.open_store(tmp_path / "plain")
+    (tmp_path / "plain" / "x").write_text("x")
     with pytest.raises(BlockcapError, match="not a Zarr v3 store"):
         blockcap.open_store(tmp_path / "plain")
     zarr.open_group(str(tmp_path / "other.zarr"), mode="w").attrs["x"] = 1
@@ -267,7 +245,7 @@ def test_dataset_problems(run_args, tmp_path, ckpt):
         blockcap.run(**{**run_args, "dataset": str(short)})
     alien = tmp_path / "alien.txt"
     alien.write_text("Ωμέγα " * 100)
-    with pytest.raises(BlockcapError, match="characters not in the model's vocabulary"):
+    with pytest.raises(BlockcapError, match="not in the model's vocabulary"):
         blockcap.run(**{**run_args, "dataset": str(alien)})
     empty = tmp_path / "empty.txt"
     empty.write_text("")
@@ -291,12 +269,16 @@ def test_raw_state_dict_vocab_must_fit_dataset(tiny_model, run_args, tmp_path):
 
 def test_replaced_store_survives_a_failed_overwrite(run_args, monkeypatch):
     blockcap.run(**run_args)
-    from blockcap import writer
+    from blockcap.location import Location
 
-    def boom(*a, **k):
-        raise OSError(28, "No space left on device")
+    put = Location.put
 
-    monkeypatch.setattr(writer, "mark_committed", boom)
+    def boom(self, key, data):
+        if key.startswith("committed/c/"):
+            raise OSError(28, "No space left on device")
+        put(self, key, data)
+
+    monkeypatch.setattr(Location, "put", boom)
     with pytest.raises(BlockcapError, match="No space left"):
         blockcap.run(**{**run_args, "stride": 7, "overwrite": True})
     aside = Path(run_args["out"] + ".replaced")
@@ -314,11 +296,13 @@ def test_reader_during_a_run_sees_only_committed_data(crash_args, reference, tmp
     want = blockcap.open_store(reference).site("ffwd_output", 2)
     reads = 0
     while proc.poll() is None:
-        if not (store / "zarr.json").exists() or not (store / "committed" / "zarr.json").exists():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", IncompleteStoreWarning)
+                s = blockcap.open_store(store)
+        except BlockcapError as e:  # before the store is whole: one line, never a traceback
+            assert "being created" in str(e) or "does not exist" in str(e), e
             continue
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", IncompleteStoreWarning)
-            s = blockcap.open_store(store)
         done = np.flatnonzero(s.committed_windows())
         if done.size:
             got = s.site("ffwd_output", 2)

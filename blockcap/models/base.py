@@ -1,0 +1,71 @@
+"""What every model family provides to a capture: dimensions, tokenizer, identity, capture module.
+
+A family module (``chargpt``, ``gpt2``, ``neox``, ``llama``) turns a loaded model into an
+``Adapter``, whose capture modules are ``blockcap.capture.BlockCapture`` subclasses.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from blockcap.capture import BlockCapture
+from blockcap.sites import HEADS, MLP, VECTOR_SITES
+from blockcap.tokens import Tokenizer
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The sizes a store's layout needs."""
+
+    n_layer: int
+    d_model: int
+    n_head: int  # query heads
+    head_dim: int
+    d_mlp: int
+    vocab_size: int  # rows of the embedding table
+    context: int  # longest sequence the model takes
+
+    def width(self, site: str) -> int:
+        """Last-axis size of a vector site."""
+        kind = VECTOR_SITES[site]
+        return {HEADS: self.n_head * self.head_dim, MLP: self.d_mlp}.get(kind, self.d_model)
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class Adapter(ABC):
+    """A loaded model of one family, ready to build capture modules.
+
+    ``model_sha256`` (the weights' content hash) is part of a store's identity; ``provenance``
+    (ids, paths, config) is recorded but not compared.
+    """
+
+    family: ClassVar[str] = "?"
+
+    def __init__(
+        self, model: nn.Module, dims: ModelDims, tokenizer: Tokenizer, model_sha256: str,
+        provenance: dict[str, Any],
+    ) -> None:  # fmt: skip
+        self.model = model
+        self.dims = dims
+        self.tokenizer = tokenizer
+        self.model_sha256 = model_sha256
+        self.provenance = provenance
+
+    @abstractmethod
+    def capture_module(self, blocks: Sequence[int], sites: Sequence[str], fused: bool) -> BlockCapture:
+        """The hook-free module returning ``sites`` of ``blocks``."""
+
+    def check_sites(self, sites: Sequence[str]) -> None:
+        """Raise a BlockcapError for a site this model does not have (default: it has them all)."""
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Move the model's weights (in place)."""
+        self.model.to(device=device, dtype=dtype)

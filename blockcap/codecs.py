@@ -131,6 +131,10 @@ def _crc(data: bytes) -> bytes:
     return np.uint32(google_crc32c.value(data)).astype("<u4").tobytes()
 
 
-def crc32c(data: bytes | memoryview) -> int:
-    """The digest blockcap records for every stored object."""
-    return int(google_crc32c.value(data))
+def digest(obj: bytes | memoryview | np.ndarray) -> int:
+    """The digest a commit record holds for a stored object: crc32c of all but its trailing checksum.
+
+    (The crc32c of a whole object that ends with its own crc32c is a constant, so the trailer
+    is left out; when the object is intact the digest equals that trailer.)
+    """
+    return int(google_crc32c.value(np.frombuffer(obj, np.uint8)[:-4]))

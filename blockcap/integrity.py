@@ -25,7 +25,7 @@ import google_crc32c
 import numpy as np
 from zarr.storage import WrapperStore
 
-from blockcap.codecs import crc32c
+from blockcap.codecs import digest
 from blockcap.errors import BlockcapError
 from blockcap.layout import Layout
 from blockcap.location import Location
@@ -138,7 +138,7 @@ class CommitIndex:
             raise DamagedError(
                 f"{self.describe(path, unit)} is committed but its data object {key} is missing"
             )
-        if whole and rec.digests and crc32c(data) != rec.digests[self.objects[path]]:
+        if whole and rec.digests and digest(data) != rec.digests[self.objects[path]]:
             raise DamagedError(f"{self.describe(path, unit)}: object {key} differs from what was committed")
         return data
 

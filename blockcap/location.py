@@ -138,6 +138,19 @@ class Location:
             self.fs.pipe_file(f"{self.path}/{key}", bytes(data))
         _wrote("put", key)
 
+    def put_first(self, key: str, data: bytes) -> None:
+        """Write the first object of a new store; a local store directory appears with it, atomically.
+
+        (Otherwise a reader could find the directory already made and still empty.)
+        """
+        if not self.local or self.root.exists():
+            self.put(key, data)
+            return
+        staging = self.root.with_name(f".{self.root.name}.{uuid.uuid4().hex[:12]}.creating")
+        Location(str(staging)).put(key, data)
+        os.rename(staging, self.root)
+        _wrote("rename", str(self.root))
+
     def delete(self, key: str) -> None:
         if self.local:
             (self.root / key).unlink(missing_ok=True)
@@ -174,10 +187,10 @@ class Location:
         _wrote("delete", "")
 
     def stale_trash(self) -> list[Path]:
-        """Trash directories of this store left by a kill during ``remove_tree`` (local only)."""
+        """Directories a kill left beside this store: trash being removed, or a store being staged."""
         if not self.local or not self.root.parent.is_dir():
             return []
-        return sorted(self.root.parent.glob(f".{self.root.name}.*.trash"))
+        return sorted(p for suffix in ("trash", "creating") for p in self.root.parent.glob(f".{self.root.name}.*.{suffix}"))
 
     # --- zarr -----------------------------------------------------------------------------------
     def zarr_store(self, read_only: bool = True) -> Any:

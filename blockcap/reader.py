@@ -48,8 +48,8 @@ def _normalize(key: Any, ndim: int, name: str) -> tuple[Any, ...]:
         raise IndexError(f"{name}: new axes (None) are not supported; index the result instead")
     if sum(k is Ellipsis for k in key) > 1:
         raise IndexError(f"{name}: an index can only have a single ellipsis")
-    if Ellipsis in key:
-        i = key.index(Ellipsis)
+    if any(k is Ellipsis for k in key):
+        i = next(j for j, k in enumerate(key) if k is Ellipsis)
         used = sum(
             np.ndim(k) if isinstance(k, np.ndarray) and k.dtype == bool else 1
             for k in key

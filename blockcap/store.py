@@ -87,11 +87,14 @@ def read_meta(location: Location) -> dict[str, Any]:
         raise BlockcapError(f"store {location} is a file, not a Zarr store directory")
     raw = location.get(ROOT)
     if raw is None:
-        if location.local and location.root.is_dir() and location.is_empty():
+        files = location.keys() + [str(p) for p in location.partial_files()]
+        raw = location.get(ROOT)  # it may have been renamed into place while we listed
+    if raw is None:
+        if location.local and location.root.is_dir() and not files:
             raise BlockcapError(f"{location} is an empty directory, not a blockcap store")
-        if location.is_empty():
+        if not files:
             raise BlockcapError(f"store {location} does not exist; capture one with blockcap's run")
-        if location.local and all(p.name.endswith(PARTIAL) for p in location.root.rglob("*") if p.is_file()):
+        if all(f.endswith(PARTIAL) for f in files):
             raise BlockcapError(f"store {location} is being created; try again in a moment")
         raise BlockcapError(f"{location} is not a Zarr v3 store (no zarr.json); pass a blockcap store")
     try:
@@ -218,7 +221,7 @@ def create(
     """
     meta = {**meta, "format": FORMAT, "format_version": FORMAT_VERSION, "state": CREATING}
     docs = render_metadata(layout, meta)
-    location.put(ROOT, docs.pop(ROOT))
+    location.put_first(ROOT, docs.pop(ROOT))
     for key in sorted(docs):
         location.put(key, docs[key])
     for key in sorted(objects):

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from blockcap.codecs import crc32c
+from blockcap.codecs import digest
 from blockcap.data import Windows, dataset_sha256, split_tokens, token_stream
 from blockcap.errors import BlockcapError
 from blockcap.integrity import ABSENT, COMMITTED, DAMAGED
@@ -101,7 +101,7 @@ def _units(opened: Opened) -> list[str]:
             digests = records[u].digests
             if digests:
                 data = location.get(key)
-                if data is None or crc32c(data) != digests[i]:
+                if data is None or digest(data) != digests[i]:
                     problems.append(
                         f"{index.describe(path, u)}: object {key} differs from what was committed"
                     )

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from blockcap.codecs import ChunkEncoder, crc32c
+from blockcap.codecs import ChunkEncoder, digest
 from blockcap.integrity import encode_record
 from blockcap.layout import ArrayDef, Layout, object_key, pad_rows, site_path, stats_path
 from blockcap.location import Location
@@ -212,7 +212,7 @@ class SlabWriter:
             for a in self.arrays:
                 blob = self._encode(a, data[a.path], slab)
                 self.location.put(object_key(a, slab.unit), blob)
-                digests.append(crc32c(blob))
+                digests.append(digest(blob))
                 with self.lock:
                     self.stored += len(blob)
             record = self.record_encoder.chunk(encode_record(slab.unit, digests)[None])

@@ -301,7 +301,7 @@ def test_reader_during_a_run_sees_only_committed_data(crash_args, reference, tmp
                 warnings.simplefilter("ignore", IncompleteStoreWarning)
                 s = blockcap.open_store(store)
         except BlockcapError as e:  # before the store is whole: one line, never a traceback
-            assert "being created" in str(e) or "does not exist" in str(e), e
+            assert "being created" in str(e) or "does not exist" in str(e), e  # never "not a store"
             continue
         done = np.flatnonzero(s.committed_windows())
         if done.size:

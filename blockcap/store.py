@@ -457,7 +457,7 @@ def prepare(
             raise BlockcapError(f"{reason}; refusing to touch it, choose another out path") from None
         old_spec = spec_of(old)
         if old_spec is not None and old_spec.identity() == spec.identity():
-            return _continue(location, layout, old, meta, objects, sole)
+            return _continue(location, layout, old, meta, objects, sole, overwrite)
         if not overwrite:
             if old_spec is None:
                 raise BlockcapError(
@@ -472,26 +472,30 @@ def prepare(
             set_aside(location, old, meta["run_id"])
         else:  # ours and never completed: nothing finished is lost
             check_aside_is_ours(location)
-            restamp_aside(location, meta["run_id"])
             discard(location)
+    if overwrite:  # this run now replaces whatever an earlier overwrite set aside
+        check_aside_is_ours(location)
+        restamp_aside(location, meta["run_id"])
     return Prepared(create(location, layout, meta, objects), list(range(layout.n_units)), "new")
 
 
 def _continue(
     location: Location, layout: Layout, old: dict[str, Any], meta: dict[str, Any], objects: dict[str, bytes],
-    sole: bool,
+    sole: bool, overwrite: bool,
 ) -> Prepared:  # fmt: skip
     """Resume the store this spec started: finish creating it, or list the units left."""
     keep = {k: old[k] for k in ("run_id", "started") if k in old}
     if old.get("state") == COMPLETE:
         discard_aside(location, old["run_id"])
         return Prepared(old, [], "complete")
-    if old.get("state") == CREATING:
-        return Prepared(
-            create(location, layout, {**meta, **keep}, objects), list(range(layout.n_units)), "new"
-        )
+    if overwrite:
+        check_aside_is_ours(location)
+        restamp_aside(location, old["run_id"])
     if sole:
         location.remove_partial_files()
+    if old.get("state") == CREATING:
+        new = create(location, layout, {**meta, **keep}, objects)
+        return Prepared(new, list(range(layout.n_units)), "new")
     repair_metadata(location, layout, old)
     for key, blob in objects.items():  # objects written at creation: restore any that went missing
         if location.get(key) != blob:

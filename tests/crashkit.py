@@ -1,0 +1,91 @@
+"""Run blockcap's CLI in a child process that SIGKILLs itself right after its Nth write.
+
+Children are forked from a fork server that has already imported blockcap (and torch), so one
+run of a tiny capture costs a fraction of a second and a crash test can kill at *every* write.
+Writes are counted at blockcap's one choke point, ``blockcap.location.WRITE_HOOKS``: each object
+put, delete, rename, lock and unlock; with ``partial`` also each file written to its temporary
+name and not yet renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import signal
+import sys
+from pathlib import Path
+
+_CTX = mp.get_context("forkserver")
+_CTX.set_forkserver_preload(["blockcap.cli", "tests.crashkit"])
+VOLATILE = ("run_id", "started", "finished", "command")  # root metadata that differs between runs
+
+
+def _child(argv: list[str], kill_at: int | None, partial: bool, count_file: str | None) -> None:
+    import torch
+
+    from blockcap import location
+    from blockcap.cli import main
+
+    torch.set_num_threads(1)
+    calls = 0
+
+    def hook(op: str, key: str) -> None:
+        nonlocal calls
+        if op == "put-partial" and not partial:
+            return
+        calls += 1
+        if calls == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    location.WRITE_HOOKS.append(hook)
+    sys.stdout = sys.stderr = open(os.environ.get("CRASHKIT_LOG", os.devnull), "a")  # noqa: SIM115
+    code = 0
+    try:
+        main(argv)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    if count_file:
+        Path(count_file).write_text(str(calls))
+    os._exit(code)
+
+
+def run(
+    argv: list[str], kill_at: int | None = None, partial: bool = False, count_file: str | None = None
+) -> int:
+    """Exit code of ``blockcap argv`` in a child (``-SIGKILL`` when it was killed at write ``kill_at``)."""
+    p = _CTX.Process(target=_child, args=(argv, kill_at, partial, count_file))
+    p.start()
+    p.join(300)
+    return p.exitcode
+
+
+def count_writes(argv: list[str], tmp: Path, partial: bool = False) -> int:
+    """How many writes an uninterrupted ``blockcap argv`` makes."""
+    f = tmp / "writes.txt"
+    assert run(argv, partial=partial, count_file=str(f)) == 0
+    return int(f.read_text())
+
+
+def files(store: Path) -> dict[str, bytes]:
+    """Every file of a store by relative path; the root document with run-specific fields removed."""
+    out = {}
+    for p in sorted(store.rglob("*")):
+        if p.is_file():
+            rel = str(p.relative_to(store))
+            data = p.read_bytes()
+            if rel == "zarr.json":
+                doc = json.loads(data)
+                meta = doc["attributes"]["blockcap"]
+                doc["attributes"]["blockcap"] = {k: v for k, v in meta.items() if k not in VOLATILE}
+                data = json.dumps(doc, sort_keys=True).encode()
+            out[rel] = data
+    return out
+
+
+def leftovers(store: Path) -> list[str]:
+    """Lock files, staging or trash directories and temporary files left beside or inside a store."""
+    parent = store.parent
+    found = [p.name for p in parent.glob(f".{store.name}*")]
+    found += [str(p) for p in store.rglob("*.partial")] if store.exists() else []
+    return found

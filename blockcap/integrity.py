@@ -58,7 +58,7 @@ def _decode_record(raw: bytes | None, unit: int, n_fields: int, version: int) ->
         return Record(DAMAGED, reason="its checksum fails")
     if version == 1:  # one uint8 flag per chunk
         return Record(COMMITTED) if body == b"\x01" else Record(DAMAGED, reason=f"flag {body!r} is not 1")
-    row = np.frombuffer(body, "<u4")
+    row = np.frombuffer(body, "<u4") if len(body) % 4 == 0 else np.zeros(0, "<u4")
     if row.size != n_fields or row[0] != MAGIC or row[1] != unit:
         return Record(DAMAGED, reason="it is not a commit record of this unit (forged or misplaced)")
     return Record(COMMITTED, tuple(int(x) for x in row[2:]))

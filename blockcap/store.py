@@ -245,11 +245,28 @@ def create_time_objects(layout: Layout, arrays: dict[str, np.ndarray]) -> dict[s
     return out
 
 
-def repair_metadata(location: Location, layout: Layout, meta: dict[str, Any]) -> None:
-    """Rewrite array metadata documents that are missing or damaged (same content as at creation)."""
+def damaged_metadata(location: Location, layout: Layout, meta: dict[str, Any]) -> dict[str, bytes]:
+    """Array metadata documents that are missing, unreadable or say something else than at creation."""
+    bad = {}
     for key, doc in render_metadata(layout, meta).items():
-        if key != ROOT and location.get(key) != doc:
-            location.put(key, doc)
+        if key == ROOT:
+            continue
+        raw = location.get(key)
+        try:
+            same = raw is not None and json.loads(raw) == json.loads(doc)
+        except ValueError:
+            same = False
+        if not same:
+            bad[key] = doc
+    return bad
+
+
+def repair_metadata(location: Location, layout: Layout, meta: dict[str, Any]) -> int:
+    """Rewrite the damaged array metadata documents; returns how many."""
+    bad = damaged_metadata(location, layout, meta)
+    for key, doc in bad.items():
+        location.put(key, doc)
+    return len(bad)
 
 
 def missing_objects(location: Location, layout: Layout, units: list[int]) -> set[int]:
@@ -486,8 +503,13 @@ def _continue(
     """Resume the store this spec started: finish creating it, or list the units left."""
     keep = {k: old[k] for k in ("run_id", "started") if k in old}
     if old.get("state") == COMPLETE:
-        discard_aside(location, old["run_id"])
-        return Prepared(old, [], "complete")
+        if not damaged_metadata(location, layout, old) and not missing_objects(
+            location, layout, list(range(layout.n_units))
+        ):
+            discard_aside(location, old["run_id"])
+            return Prepared(old, [], "complete")
+        old = {**old, "state": INCOMPLETE}  # data went missing: repair it like an interrupted run
+        put_root(location, old)
     if overwrite:
         check_aside_is_ours(location)
         restamp_aside(location, old["run_id"])

@@ -53,10 +53,15 @@ def verify(
         return problems
     problems += _units(opened)
     problems += _other_arrays(opened)
-    if check_dataset and not any("tokens" in p for p in problems):
-        problems += _tokens(opened)
-    if check_stats and not problems:
-        problems += _stats(opened)
+    if problems:  # content checks read everything; they would only repeat the damage found
+        return problems
+    try:
+        if check_dataset:
+            problems += _tokens(opened)
+        if check_stats:
+            problems += _stats(opened)
+    except BlockcapError as e:
+        problems.append(str(e))
     return problems
 
 

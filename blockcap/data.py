@@ -78,7 +78,7 @@ def _verify(path: Path, sha256: str) -> None:
     if actual != sha256:
         raise BlockcapError(
             f"dataset {path} has sha256 {actual}, expected {sha256}; "
-            f"delete it or pass the right file as dataset"
+            f"delete it, or pass the right file as dataset=PATH"
         )
 
 

@@ -333,7 +333,7 @@ def _run(p: Plan, group: Group, t0: float) -> Summary:
         except torch.OutOfMemoryError:
             raise BlockcapError(
                 f"out of memory at batch_size={p.spec.batch_size}; committed units of {location} are kept, "
-                f"but a smaller batch_size changes the chunking: use it with another out path or overwrite"
+                f"but a smaller batch_size changes the chunking: use it with another out=PATH or overwrite=True"
             ) from None
         except OSError as e:
             raise BlockcapError(

@@ -385,7 +385,7 @@ def check_aside_is_ours(location: Location) -> None:
     aside = aside_of(location)
     if aside.is_file() or (not aside.is_empty() and (_ours(aside) or {}).get("replaced_by") is None):
         raise BlockcapError(
-            f"{aside} is in the way and was not set aside by blockcap; move it, or choose another out"
+            f"{aside} is in the way and was not set aside by blockcap; move it, or choose another out=PATH"
         )
 
 
@@ -414,7 +414,7 @@ def exclusive(location: Location, shared: bool = False) -> Iterator[None]:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
             raise StoreInUse(
-                f"store {location} is in use by {holder}; wait for it to finish, or choose another out path"
+                f"store {location} is in use by {holder}; wait for it to finish, or choose another out=PATH"
             ) from None
         if _same_file(fd, path):  # not unlinked by a finishing holder between open and lock
             break
@@ -471,7 +471,7 @@ def prepare(
             old = read_meta(location)
         except BlockcapError as e:
             reason = str(e) if "damaged" in str(e) else f"{location} exists and is not a blockcap store"
-            raise BlockcapError(f"{reason}; refusing to touch it, choose another out path") from None
+            raise BlockcapError(f"{reason}; refusing to touch it; choose another out=PATH") from None
         old_spec = spec_of(old)
         if old_spec is not None and old_spec.identity() == spec.identity():
             return _continue(location, layout, old, meta, objects, sole, overwrite)
@@ -479,11 +479,11 @@ def prepare(
             if old_spec is None:
                 raise BlockcapError(
                     f"store {location} was written by an older blockcap (format 1); "
-                    f"capture into another out path, or replace it with overwrite"
+                    f"capture into another out=PATH, or replace it with overwrite=True"
                 )
             raise BlockcapError(
                 f"store {location} holds a capture with other parameters "
-                f"({', '.join(spec.differences(old_spec))}); use another out path, or overwrite to replace it"
+                f"({', '.join(spec.differences(old_spec))}); use another out=PATH, or overwrite=True to replace it"
             )
         if old.get("state") == COMPLETE:
             set_aside(location, old, meta["run_id"])

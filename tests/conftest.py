@@ -92,3 +92,6 @@ def real_dataset() -> Path:
     if not p or not Path(p).is_file():
         pytest.skip(f"set {REAL_DATASET_ENV} to the TinyShakespeare text to run this test")
     return Path(p)
+
+
+from tests.hf_models import hf_text_fixture, hf_zoo_fixture  # noqa: E402, F401  (fixtures hf_text, hf_zoo)

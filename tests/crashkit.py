@@ -21,7 +21,11 @@ _CTX.set_forkserver_preload(["blockcap.cli", "tests.crashkit"])
 VOLATILE = ("run_id", "started", "finished", "command")  # root metadata that differs between runs
 
 
-def _child(argv: list[str], kill_at: int | None, partial: bool, count_file: str | None) -> None:
+def _child(
+    argv: list[str], kill_at: int | None, partial: bool, count_file: str | None, pause: str | None = None
+) -> None:
+    import time
+
     import torch
 
     from blockcap import location
@@ -29,6 +33,7 @@ def _child(argv: list[str], kill_at: int | None, partial: bool, count_file: str 
 
     torch.set_num_threads(1)
     calls = 0
+    paused: list[str] = []
 
     def hook(op: str, key: str) -> None:
         nonlocal calls
@@ -37,6 +42,11 @@ def _child(argv: list[str], kill_at: int | None, partial: bool, count_file: str 
         calls += 1
         if calls == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
+        if pause and op == "put" and key.startswith("committed/c/") and not paused:  # hold after one unit
+            paused.append(key)
+            Path(pause).write_text("paused")
+            while Path(pause).exists():
+                time.sleep(0.01)
 
     location.WRITE_HOOKS.append(hook)
     sys.stdout = sys.stderr = open(os.environ.get("CRASHKIT_LOG", os.devnull), "a")  # noqa: SIM115
@@ -58,6 +68,16 @@ def run(
     p.start()
     p.join(300)
     return p.exitcode
+
+
+def start_paused(argv: list[str], flag: Path) -> mp.Process:
+    """Start ``blockcap argv`` in a child that stops after committing its first unit, until ``flag`` is deleted."""
+    p = _CTX.Process(target=_child, args=(argv, None, False, None, str(flag)))
+    p.start()
+    while not flag.exists():
+        assert p.is_alive() or p.exitcode is None, p.exitcode
+        p.join(0.01)
+    return p
 
 
 def count_writes(argv: list[str], tmp: Path, partial: bool = False) -> int:

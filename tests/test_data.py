@@ -76,7 +76,7 @@ def test_download_to_cache_verifies_hash(tmp_path, monkeypatch):
     src.write_text("to be or not to be")
     url = src.as_uri()  # a local file:// URL: no network in tests
     good = hashlib.sha256(src.read_bytes()).hexdigest()
-    with pytest.raises(BlockcapError, match="pass the right file as dataset"):
+    with pytest.raises(BlockcapError, match="pass the right file as dataset=PATH"):
         resolve_dataset(url=url)  # TinyShakespeare's hash: mismatch, nothing cached
     assert not (tmp_path / "cache" / "blockcap" / "tinyshakespeare.txt").exists()
     path = resolve_dataset(url=url, sha256=good)
@@ -90,7 +90,7 @@ def test_corrupted_cache_is_reported(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     (tmp_path / "blockcap").mkdir()
     (tmp_path / "blockcap" / "tinyshakespeare.txt").write_text("truncated")
-    with pytest.raises(BlockcapError, match="delete it or pass the right file"):
+    with pytest.raises(BlockcapError, match="delete it, or pass the right file"):
         resolve_dataset()
 
 

@@ -40,14 +40,14 @@ class CaptureModule(BlockCapture):
         embeds = self.wte(ids)
         x = self.drop(embeds + self.wpe(torch.arange(T, device=ids.device).unsqueeze(0)))
         allowed = causal_allowed(T, None, ids.device)
-        mask = additive_mask(allowed, embeds.dtype)
+        mask = None if self.fused else additive_mask(allowed, embeds.dtype)  # the eager functions' mask
         captured: list[torch.Tensor] = []
         for i, block in enumerate(self.h):
             attn, mlp = block.attn, block.mlp
             h = block.ln_1(x)
             q, k, v = attn.c_attn(h).split(attn.split_size, dim=2)
             shape = (*h.shape[:-1], -1, attn.head_dim)
-            k, v, q = k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2), q.view(shape).transpose(1, 2)
+            q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))  # (B, n_head, T, head_dim)
             if self.fused:
                 out, pattern = fused_attention(
                     q, k, v, attn.scaling, allowed, None, self.want_pattern and self.capture_at[i]

@@ -77,9 +77,9 @@ def _missing_extra(model: str) -> BlockcapError:
 
 def _unreachable(model: str) -> BlockcapError:
     return BlockcapError(
-        f"model={model!r} is not a local directory, the Hugging Face hub could not be reached and it is "
-        f"not in the local hub cache; download it elsewhere (from_pretrained, then save_pretrained(DIR)) "
-        f"and pass model=DIRECTORY"
+        f"model={model!r} is not a local directory, the Hugging Face hub could not be reached (or "
+        f"HF_HUB_OFFLINE is set) and the local hub cache lacks it; download it elsewhere (from_pretrained, "
+        f"then save_pretrained(DIR)) and pass model=DIRECTORY"
     )
 
 
@@ -135,14 +135,42 @@ def _hub_reachable() -> bool:
     return bool(opened)
 
 
+def _hub_options(name: str, revision: str | None) -> dict[str, Any]:
+    """``from_pretrained`` options for a hub id: from the cache alone when the hub is out of reach.
+
+    Offline, a model missing from the cache fails here at once, before transformers is imported,
+    instead of after the hub client's retries.
+    """
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        raise _missing_extra(name) from None
+    offline = _offline_by_env() or not _hub_reachable()
+    if offline and not isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
+        raise _unreachable(name)
+    return {"revision": revision, "local_files_only": offline}
+
+
+def _snapshot(name: str, revision: str | None) -> Path:
+    """The cache directory (named by its commit) the hub client resolved ``revision`` to."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return Path(str(try_to_load_from_cache(name, "config.json", revision=revision))).parent
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
 
 
 @contextmanager
-def _loading(model: str, what: str, hub: bool) -> Iterator[None]:
-    """Turn what transformers raises while loading ``what`` into one line."""
+def _loading(
+    model: str,
+    what: str,
+    hub: bool,
+    fix: str = "pass a complete save_pretrained directory or an existing hub id",
+) -> Iterator[None]:
+    """Turn what transformers raises while loading ``what`` into one line ending with ``fix``."""
     try:
         yield
     except (OSError, ValueError, RuntimeError, KeyError) as e:
@@ -150,7 +178,9 @@ def _loading(model: str, what: str, hub: bool) -> Iterator[None]:
 
         if hub and any(isinstance(x, LocalEntryNotFoundError) for x in (e, e.__cause__)):
             raise _unreachable(model) from None
-        raise BlockcapError(f"could not load the {what} of model={model!r}: {_first_line(e)}") from None
+        raise BlockcapError(
+            f"could not load the {what} of model={model!r} ({_first_line(e)}); {fix}"
+        ) from None
 
 
 @contextmanager
@@ -187,13 +217,20 @@ def files_sha256(files: list[Path]) -> str:
 def _tokenizer(transformers: Any, source: Path | str, model: str, hub: bool, kw: dict) -> HFTokenizer:
     from tokenizers import Tokenizer
 
-    with _loading(model, "tokenizer", hub):
+    with _loading(
+        model, "tokenizer", hub, "save the model's tokenizer beside it with tokenizer.save_pretrained"
+    ):
         tok = transformers.AutoTokenizer.from_pretrained(source, **kw)
     backend = getattr(tok, "backend_tokenizer", None)
     if not isinstance(backend, Tokenizer):
         raise BlockcapError(
             f"the tokenizer of model={model!r} ({type(tok).__name__}) is not a fast tokenizer; blockcap "
             f"stores its tokenizer.json: save the model with a fast tokenizer"
+        )
+    if not backend.encode("The quick brown fox.", add_special_tokens=False).ids:
+        raise BlockcapError(  # transformers 5 builds an empty tokenizer when it finds no tokenizer files
+            f"the tokenizer of model={model!r} encodes text to no tokens (are its tokenizer files missing?); "
+            f"save the model's tokenizer beside it with tokenizer.save_pretrained"
         )
     whole = Tokenizer.from_str(backend.to_str())  # a copy: the model's own tokenizer is left as it is
     whole.no_truncation()  # a tokenizer.json may carry a training-time max_length
@@ -205,16 +242,7 @@ def load(spec: CaptureSpec) -> HFAdapter:
     """The adapter for ``spec.model``: a ``save_pretrained`` directory, or a hub id at ``spec.revision``."""
     name = str(spec.model)
     source, local = _locate(name, spec.revision)
-    kw: dict[str, Any] = {"local_files_only": True}
-    if not local:
-        try:
-            from huggingface_hub import try_to_load_from_cache
-        except ImportError:
-            raise _missing_extra(name) from None
-        offline = _offline_by_env() or not _hub_reachable()
-        if offline and not isinstance(try_to_load_from_cache(name, "config.json", revision=spec.revision), str):
-            raise _unreachable(name)
-        kw = {"revision": spec.revision, "local_files_only": offline}
+    kw = {"local_files_only": True} if local else _hub_options(name, spec.revision)
     try:
         import transformers
     except ImportError:
@@ -236,16 +264,12 @@ def load(spec: CaptureSpec) -> HFAdapter:
         )  # fmt: skip
     missing = sorted(info["missing_keys"])
     if missing:
+        shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
         raise BlockcapError(
-            f"model={name!r} has no weights for {len(missing)} parameters ({', '.join(missing[:3])}...); "
-            f"transformers would initialise them randomly: pass a complete checkpoint"
+            f"model={name!r} lacks weights for {len(missing)} of its parameters ({shown}); transformers "
+            f"would initialise them randomly: pass a complete checkpoint"
         )
-    if local:
-        directory = Path(source)
-    else:  # the snapshot the hub client resolved the revision to
-        from huggingface_hub import try_to_load_from_cache
-
-        directory = Path(str(try_to_load_from_cache(name, "config.json", revision=spec.revision))).parent
+    directory = Path(source) if local else _snapshot(name, spec.revision)
     files = weight_files(directory)
     provenance = {
         "family": cls.family,

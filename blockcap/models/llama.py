@@ -38,7 +38,9 @@ def sliding_windows(model: nn.Module) -> list[int | None]:
 class CaptureModule(BlockCapture):
     """Embeddings and layers ``0..max(blocks)`` of a Llama/Mistral/Qwen2 model, returning the sites."""
 
-    def __init__(self, model: nn.Module, blocks: Sequence[int], sites: Sequence[str], fused: bool = False) -> None:
+    def __init__(
+        self, model: nn.Module, blocks: Sequence[int], sites: Sequence[str], fused: bool = False
+    ) -> None:
         super().__init__(blocks, sites)
         modeling = sys.modules[type(model).__module__]  # modeling_llama, modeling_mistral or modeling_qwen2
         self.apply_rotary_pos_emb = modeling.apply_rotary_pos_emb
@@ -54,7 +56,7 @@ class CaptureModule(BlockCapture):
         T = ids.shape[1]
         x = self.embed_tokens(ids)
         allowed = {w: causal_allowed(T, w, ids.device) for w in self.distinct_windows}
-        masks = {w: additive_mask(a, x.dtype) for w, a in allowed.items()}
+        masks = {} if self.fused else {w: additive_mask(a, x.dtype) for w, a in allowed.items()}
         cos, sin = self.rotary_emb(x, torch.arange(T, device=ids.device).unsqueeze(0))
         captured: list[torch.Tensor] = []
         for i, layer in enumerate(self.layers):

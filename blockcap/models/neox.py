@@ -54,7 +54,7 @@ class CaptureModule(BlockCapture):
         T = ids.shape[1]
         embeds = self.embed_in(ids)
         allowed = causal_allowed(T, None, ids.device)
-        mask = additive_mask(allowed, embeds.dtype)
+        mask = None if self.fused else additive_mask(allowed, embeds.dtype)  # the eager functions' mask
         x = self.emb_dropout(embeds)
         cos, sin = self.rotary_emb(x, position_ids=torch.arange(T, device=ids.device).unsqueeze(0))
         captured: list[torch.Tensor] = []

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from blockcap.errors import BlockcapError
-from blockcap.model import GPT, GPTConfig
+from blockcap.model import GPT, GPTConfig, causal_mask, state_shapes
 
 FORMAT = "blockcap-checkpoint"
 FORMAT_VERSION = 1
@@ -82,19 +82,23 @@ def _is_mask(key: str) -> bool:
     return key.endswith(".tril")
 
 
-def _build(state: dict[str, torch.Tensor], config: GPTConfig, masks_included: bool = True) -> GPT:
-    model = GPT(config, init=False)  # the weights replace any initialisation
-    expected = model.state_dict()
+def _build(state: dict[str, Any], config: GPTConfig, masks_included: bool = True) -> GPT:
+    """The model of ``config`` holding ``state``, checked against the config before any allocation."""
+    bad = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise ValueError(f"{bad} is a {type(state[bad]).__name__}, not a tensor")
+    expected = state_shapes(config)  # checked before building: an absurd config allocates nothing
     if not masks_included:
-        mask = torch.tril(torch.ones(config.block_size, config.block_size))
+        mask = causal_mask(config)
         state = {**state, **{k: mask for k in expected if _is_mask(k)}}
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
     if missing or unexpected:
         raise ValueError(f"keys differ from the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     for k, v in state.items():
-        if tuple(v.shape) != tuple(expected[k].shape):
-            raise ValueError(f"{k} has shape {tuple(v.shape)}, the model needs {tuple(expected[k].shape)}")
+        if tuple(v.shape) != expected[k]:
+            raise ValueError(f"{k} has shape {tuple(v.shape)}, the model needs {expected[k]}")
+    model = GPT(config, init=False)  # the weights replace any initialisation
     model.load_state_dict(state)
     return model.eval()
 

@@ -19,9 +19,6 @@ from blockcap.spec import option_help
 from blockcap.train import train as train_model
 
 EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
-_OPTION_NAMES = sorted({name for name, _, _ in option_help()} | {
-    "window", "position", "site", "block", "k", "metric", "dataset_check", "stats", "query",
-}, key=len, reverse=True)  # fmt: skip
 
 
 def default_command() -> str:
@@ -140,14 +137,57 @@ COMMANDS = {
 
 def cli_words(message: str) -> str:
     """A library message in CLI words: option ``name=`` becomes ``--name=``."""
-    names = "|".join(map(re.escape, _OPTION_NAMES))
+    options = {name for fn in COMMANDS.values() for name in inspect.signature(fn).parameters}
+    names = "|".join(map(re.escape, sorted(options, key=len, reverse=True)))
     return re.sub(rf"(?<![\w\-.])({names})=", r"--\1=", message)
+
+
+def check_args(argv: list[str]) -> None:
+    """Refuse unknown commands, options and arguments in one line, before anything runs.
+
+    (fire calls a command with the arguments it understood and complains about the rest only
+    afterwards, in several lines: a misspelt option would otherwise start a capture.)
+    """
+    if not argv or argv[0] in ("-h", "--help", "--", "-"):
+        return
+    fn = COMMANDS.get(argv[0])
+    if fn is None:
+        raise BlockcapError(f"unknown command {argv[0]!r}; the commands are {', '.join(COMMANDS)}")
+    params = inspect.signature(fn).parameters
+    flags = {n for n, p in params.items() if isinstance(p.default, bool)}
+    positional = [n for n, p in params.items() if p.kind == p.POSITIONAL_OR_KEYWORD]
+    given, named, i = [], set(), 1
+    while i < len(argv):
+        tok = argv[i]
+        if tok in ("--", "-h", "--help", "--helpfull"):
+            return  # fire's own: help, or arguments for the result
+        if tok.startswith("--"):
+            name, eq, _ = tok[2:].partition("=")
+            name = name.replace("-", "_")
+            if name not in params and not (name.startswith("no") and name[2:] in flags):
+                raise BlockcapError(f"unknown option --{name} for {argv[0]}; its options are "
+                                    f"{', '.join('--' + n for n in params)}")  # fmt: skip
+            named.add(name)
+            if not eq and name in params and name not in flags:
+                i += 1  # --name value
+        elif tok.startswith("-") and not tok.lstrip("-").replace(".", "", 1).isdigit():
+            raise BlockcapError(f"option {tok!r} for {argv[0]}: pass options as --name=value")
+        else:
+            given.append(tok)
+        i += 1
+    free = [n for n in positional if n not in named]
+    if len(given) > len(free):
+        raise BlockcapError(f"unexpected argument {given[len(free)]!r} for {argv[0]}; pass options as --name=value")
+    missing = [n for n in free[len(given) :] if params[n].default is inspect.Parameter.empty]
+    if missing:
+        raise BlockcapError(f"{argv[0]} needs {missing[0].upper()}: python -m blockcap {argv[0]} {missing[0].upper()}")
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``blockcap`` and ``python -m blockcap``."""
     quiet = os.environ.get("RANK", "0") != "0"  # under torchrun, rank 0 speaks for the job
     try:
+        check_args(sys.argv[1:] if argv is None else list(argv))
         fire.Fire(COMMANDS, command=argv, name="blockcap")
     except Interrupted as e:
         if not quiet:

@@ -211,6 +211,8 @@ def token_stream(path: Path, tokenizer: Tokenizer, text_column: str | None = Non
     sep = None if tokenizer.eos_id is None else np.asarray([tokenizer.eos_id], np.int64)
     for doc in documents(path, text_column):
         ids = tokenizer.encode_stream(doc)
+        if ids.size == 0:  # an empty document adds no separator either
+            continue
         if parts and sep is not None:
             parts.append(sep)
         parts.append(ids)

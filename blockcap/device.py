@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from blockcap.errors import BlockcapError
@@ -26,3 +28,10 @@ def pick_device(name: str | None = None) -> torch.device:
     elif dev.type != "cpu":
         raise BlockcapError(f"device={name!r} is not supported; use cpu, cuda or cuda:N")
     return dev
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free for a run's tensors on ``device`` (CUDA: the allocator's view; CPU: free RAM)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

@@ -21,6 +21,7 @@ then committed by one record holding a digest of each; see ``blockcap.integrity`
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,12 +57,15 @@ def choose_chunk_windows(
     Either way every batch fills whole chunks (or a chunk is filled by whole batches), so writes
     are chunk-aligned and a chunk is always computed from the same batches, which makes resumed
     runs bitwise identical to uninterrupted ones. Never longer than the whole run needs, so a
-    small store is not padded to a large chunk.
+    small store is not padded to a large chunk. Constant time in ``batch_size``.
     """
     want = max(1, target // max(1, bytes_per_window))
+    if batch_size >= n_windows:  # one batch covers the run: every chunk lies inside it
+        return min(want, n_windows)
     if want >= batch_size:
         return min(want // batch_size, -(-n_windows // batch_size)) * batch_size
-    return max(d for d in range(1, batch_size + 1) if batch_size % d == 0 and d <= want)
+    small = [d for d in range(1, math.isqrt(batch_size) + 1) if batch_size % d == 0]
+    return max(d for d in small + [batch_size // d for d in small] if d <= want)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,16 @@ class GPTConfig:
     block_size: int = 256
     dropout: float = 0.2
 
+    # Sizes beyond these are not char GPTs but corrupt or hostile files: refused before allocating.
+    LIMITS = {"vocab_size": 1 << 20, "n_embed": 1 << 16, "n_head": 1 << 10, "n_layer": 1 << 10, "block_size": 1 << 14}
+
     def __post_init__(self) -> None:
+        for name, hi in self.LIMITS.items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= hi:
+                raise ValueError(f"{name}={v!r} is out of range 1..{hi}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout={self.dropout!r} is out of range 0..1")
         if self.n_embed % self.n_head:
             raise ValueError(f"n_embed={self.n_embed} is not divisible by n_head={self.n_head}")
 
@@ -42,16 +51,39 @@ PRESETS: dict[str, GPTConfig] = {
 }
 
 
+def state_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of every ``state_dict`` entry of ``GPT(config)``, without building it."""
+    n, v, hs, T = config.n_embed, config.vocab_size, config.head_size, config.block_size
+    shapes = {"token_embedding_table.weight": (v, n), "position_embedding_table.weight": (T, n)}
+    for i in range(config.n_layer):
+        b = f"blocks.{i}."
+        for h in range(config.n_head):
+            shapes.update({f"{b}sa.heads.{h}.{w}.weight": (hs, n) for w in ("key", "query", "value")})
+            shapes[f"{b}sa.heads.{h}.tril"] = (T, T)
+        shapes.update({f"{b}sa.proj.weight": (n, n), f"{b}sa.proj.bias": (n,)})
+        shapes.update({f"{b}ffwd.net.0.weight": (4 * n, n), f"{b}ffwd.net.0.bias": (4 * n,)})
+        shapes.update({f"{b}ffwd.net.2.weight": (n, 4 * n), f"{b}ffwd.net.2.bias": (n,)})
+        for ln in ("ln1", "ln2"):
+            shapes.update({f"{b}{ln}.weight": (n,), f"{b}{ln}.bias": (n,)})
+    shapes.update({"ln_f.weight": (n,), "ln_f.bias": (n,), "lm_head.weight": (v, n), "lm_head.bias": (v,)})
+    return shapes
+
+
+def causal_mask(config: GPTConfig) -> torch.Tensor:
+    """The original's ``tril`` buffer: 1 where a query may attend a key."""
+    return torch.tril(torch.ones(config.block_size, config.block_size))
+
+
 class Head(nn.Module):
     """One causal self-attention head."""
 
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, tril: torch.Tensor | None = None) -> None:
         super().__init__()
         hs = config.head_size
         self.key = nn.Linear(config.n_embed, hs, bias=False)
         self.query = nn.Linear(config.n_embed, hs, bias=False)
         self.value = nn.Linear(config.n_embed, hs, bias=False)
-        self.register_buffer("tril", torch.tril(torch.ones(config.block_size, config.block_size)))
+        self.register_buffer("tril", causal_mask(config) if tril is None else tril)
         self.dropout = nn.Dropout(config.dropout)
 
     def pattern(self, x: torch.Tensor) -> torch.Tensor:
@@ -71,9 +103,9 @@ class Head(nn.Module):
 class MultiHeadAttention(nn.Module):
     """Heads in parallel, concatenated, then projected back to n_embed."""
 
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, tril: torch.Tensor | None = None) -> None:
         super().__init__()
-        self.heads = nn.ModuleList([Head(config) for _ in range(config.n_head)])
+        self.heads = nn.ModuleList([Head(config, tril) for _ in range(config.n_head)])
         self.proj = nn.Linear(config.n_embed, config.n_embed)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -99,9 +131,9 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: communication, then computation."""
 
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, tril: torch.Tensor | None = None) -> None:
         super().__init__()
-        self.sa = MultiHeadAttention(config)
+        self.sa = MultiHeadAttention(config, tril)
         self.ffwd = FeedForward(config)
         self.ln1 = nn.LayerNorm(config.n_embed)
         self.ln2 = nn.LayerNorm(config.n_embed)
@@ -120,7 +152,8 @@ class GPT(nn.Module):
         self.config = config
         self.token_embedding_table = nn.Embedding(config.vocab_size, config.n_embed)
         self.position_embedding_table = nn.Embedding(config.block_size, config.n_embed)
-        self.blocks = nn.Sequential(*[Block(config) for _ in range(config.n_layer)])
+        tril = causal_mask(config)  # one tensor for every head: block_size² floats, not per head
+        self.blocks = nn.Sequential(*[Block(config, tril) for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embed)
         self.lm_head = nn.Linear(config.n_embed, config.vocab_size)
         if init:  # skipped when weights are loaded right after

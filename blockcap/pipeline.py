@@ -25,12 +25,12 @@ from tqdm import tqdm
 from blockcap import __version__
 from blockcap.codecs import storage_dtype
 from blockcap.data import Windows, dataset_sha256, resolve_dataset, split_tokens, token_stream
-from blockcap.device import pick_device
+from blockcap.device import free_memory, pick_device
 from blockcap.dist import Group, from_env
 from blockcap.errors import BlockcapError, Interrupted
 from blockcap.layout import Layout, choose_chunk_windows
 from blockcap.location import Location
-from blockcap.models import Adapter, load_model
+from blockcap.models import Adapter, ModelDims, load_model
 from blockcap.schedule import DedupSchedule, WindowSchedule
 from blockcap.sites import ATTENTION
 from blockcap.spec import CaptureSpec, RunOptions, resolve_blocks, split_kwargs
@@ -105,6 +105,21 @@ def _bytes_per_item(spec: CaptureSpec, adapter: Adapter, itemsize: int) -> int:
     return max(sizes) * itemsize
 
 
+def _check_batch_memory(spec: CaptureSpec, dims: ModelDims, n_windows: int, device: torch.device) -> None:
+    """Refuse a batch that cannot fit: a rough upper bound of one forward pass's tensors."""
+    T, itemsize = spec.sample_len, 4
+    per_window = itemsize * T * (12 * dims.d_model + 2 * dims.d_mlp + 3 * dims.n_head * T)
+    per_window += itemsize * T * sum(dims.n_head * T if s == ATTENTION else dims.width(s) for s in spec.sites)
+    windows = min(spec.batch_size, n_windows)
+    free = free_memory(device)
+    if windows * per_window > free:
+        raise BlockcapError(
+            f"batch_size={spec.batch_size} needs about {windows * per_window / 1e9:,.1f} GB for one forward "
+            f"pass, more than the {free / 1e9:,.1f} GB free on {device}; use batch_size={max(1, free // per_window)} "
+            f"or less"
+        )
+
+
 def make_plan(spec: CaptureSpec, opts: RunOptions, group: Group) -> Plan:
     """Load what the spec names and check it all; raises BlockcapError before any store is touched."""
     device = pick_device(spec.device)
@@ -136,9 +151,15 @@ def make_plan(spec: CaptureSpec, opts: RunOptions, group: Group) -> Plan:
             f"the {spec.split} split of {data_path} has {len(windows.tokens)} tokens, fewer than one "
             f"window (sample_len={spec.sample_len}); use a smaller sample_len or a longer dataset"
         )
+    _check_batch_memory(spec, dims, len(windows), device)
     schedule = (
         DedupSchedule(windows, spec.batch_size) if spec.dedup else WindowSchedule(windows, spec.batch_size)
     )
+    if spec.chunk_windows and not spec.dedup and spec.batch_size < len(windows):
+        if spec.chunk_windows % spec.batch_size and spec.batch_size % spec.chunk_windows:
+            raise BlockcapError(  # else a chunk would straddle batches and a resume could change bits
+                f"chunk_windows={spec.chunk_windows} must be a multiple or a divisor of batch_size={spec.batch_size}"
+            )
     itemsize = storage_dtype(spec.dtype).zarr_dtype.itemsize
     chunk = spec.chunk_windows or (
         choose_chunk_windows(1, _bytes_per_item(spec, adapter, itemsize), schedule.n_items)
@@ -330,7 +351,9 @@ def _run(p: Plan, group: Group, t0: float) -> Summary:
                 f"interrupted: the store {location} is incomplete and every finished unit is committed; "
                 f"to resume, re-run {p.opts.command or 'the same command'}"
             ) from None
-        except torch.OutOfMemoryError:
+        except RuntimeError as e:  # torch.OutOfMemoryError, or the CPU allocator's failure
+            if not isinstance(e, torch.OutOfMemoryError) and "allocate" not in str(e):
+                raise
             raise BlockcapError(
                 f"out of memory at batch_size={p.spec.batch_size}; committed units of {location} are kept, "
                 f"but a smaller batch_size changes the chunking: use it with another out=PATH or overwrite=True"

@@ -32,7 +32,11 @@ def verify(
     path: str | Path, check_dataset: bool = True, check_stats: bool = False,
     storage_options: dict[str, Any] | str | None = None,
 ) -> list[str]:  # fmt: skip
-    """Every problem found in the store at ``path`` (empty when it is whole)."""
+    """Every problem found in the store at ``path`` (empty when it is whole).
+
+    Raises BlockcapError when ``path`` is not a blockcap store at all (nothing to verify); a
+    store whose root document is missing or damaged is a problem found, not an error.
+    """
     location = Location(str(path), parse_storage_options(storage_options))
     try:
         meta = read_meta(location)
@@ -42,6 +46,8 @@ def verify(
             ]
         opened = open_location(location)
     except BlockcapError as e:
+        if location.get("committed/zarr.json") is None:  # not one of ours: bad input, not damage
+            raise
         return [str(e)]
     problems = []
     if meta.get("state") != COMPLETE:

@@ -14,7 +14,7 @@ from blockcap.tokens import CharTokenizer
 from blockcap.model import GPT, GPTConfig
 
 REAL_DATASET_ENV = "BLOCKCAP_TEST_DATASET"
-TINY = GPTConfig(vocab_size=0, n_embed=32, n_head=4, n_layer=3, block_size=32, dropout=0.0)
+TINY = GPTConfig(vocab_size=1, n_embed=32, n_head=4, n_layer=3, block_size=32, dropout=0.0)
 
 
 def make_text(n_chars: int = 6000, seed: int = 0) -> str:

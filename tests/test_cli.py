@@ -110,8 +110,16 @@ def test_unknown_flag_is_an_error(capsys):
     assert exc.value.code != 0
 
 
-def test_verify_reports_problems_with_exit_1(tmp_path, capsys):
+def test_verify_exits_1_on_damage_and_2_on_a_path_that_is_no_store(run_args, tmp_path, capsys):
+    import blockcap
+
     with pytest.raises(SystemExit) as exc:
         cli("verify", str(tmp_path / "missing.zarr"))
-    assert exc.value.code == 1
+    assert exc.value.code == EXIT_ERROR
     assert "does not exist" in capsys.readouterr().err
+    blockcap.run(**run_args)
+    os.unlink(os.path.join(run_args["out"], "tokens", "c", "0", "0"))
+    with pytest.raises(SystemExit) as exc:
+        cli("verify", run_args["out"])
+    assert exc.value.code == 1
+    assert "problem: tokens: chunk 0" in capsys.readouterr().err

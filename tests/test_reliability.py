@@ -310,3 +310,35 @@ def test_reader_during_a_run_sees_only_committed_data(crash_args, reference, tmp
             reads += 1
     assert proc.returncode == 0
     assert reads > 0
+
+
+@pytest.mark.slow
+def test_write_error_while_creating_is_one_line_and_resumable(crash_args, reference, tmp_path):
+    def tiny_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (600, 600))  # smaller than some metadata documents
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "blockcap", *crash_args], cwd=ROOT, capture_output=True, text=True,
+        preexec_fn=tiny_files,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    err = proc.stderr.strip()
+    assert len(err.splitlines()) == 1 and "File too large" in err and "re-run the same command" in err, err
+    store = tmp_path / "crash.zarr"
+    with pytest.raises(BlockcapError, match="being created|does not exist"):
+        blockcap.open_store(store)
+    subprocess.run([sys.executable, "-m", "blockcap", *crash_args], cwd=ROOT, check=True, capture_output=True)
+    assert_identical(store, reference)
+
+
+def test_substring_and_results_follow_python_rules(run_args):
+    blockcap.run(**{**run_args, "sites": "ffwd_output,attention"})
+    s = blockcap.open_store(run_args["out"])
+    assert s.substring(3, -1) == s.text(3) and s.substring(3, -8) == s.text(3)[:1]
+    assert s.substring(-1, 2) == s.text(s.n_windows - 1)[:3]
+    for bad in ((3, 8), (3, -9), (s.n_windows, 0), (3, 1.5), ("x", 0)):
+        with pytest.raises(IndexError):
+            s.substring(*bad)
+    with pytest.raises(BlockcapError, match="attention is a .head, query, key. pattern per window"):
+        next(s.results(sites=("attention",)))

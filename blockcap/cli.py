@@ -30,7 +30,9 @@ def run(**kwargs) -> None:
     from blockcap.pipeline import run as run_capture
 
     kwargs.setdefault("command", default_command())
-    print("\n".join(run_capture(**kwargs).lines()))
+    summary = run_capture(**kwargs)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports for the job
+        print("\n".join(summary.lines()))
 
 
 def _document_run() -> None:

@@ -24,10 +24,10 @@ def describe(store: CaptureStore) -> str:
         + (f", {layout.n_rows:,} distinct prefix rows (dedup)" if layout.dedup else ""),
     ]
     sizes: dict[str, int] = defaultdict(int)
-    for key in store.location.keys():
+    for key, size in store.location.sizes().items():
         path, sep, _ = key.rpartition("/c/")
         if sep:
-            sizes[path] += _size(store, key)
+            sizes[path] += size
     raw_total = stored_total = 0
     lines.append("  arrays:")
     for path in _array_paths(store):
@@ -61,12 +61,6 @@ def describe(store: CaptureStore) -> str:
     lines.append("  provenance:")
     lines += ["    " + line for line in json.dumps(prov, indent=2, sort_keys=True).splitlines()]
     return "\n".join(lines)
-
-
-def _size(store: CaptureStore, key: str) -> int:
-    if store.location.local:
-        return (store.location.root / key).stat().st_size
-    return int(store.location.fs.size(f"{store.location.path}/{key}"))
 
 
 def _array_paths(store: CaptureStore) -> list[str]:

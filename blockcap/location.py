@@ -13,6 +13,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -84,16 +85,29 @@ class Location:
                 found += [f if rel == "." else f"{rel}/{f}" for f in files if not f.endswith(PARTIAL)]
             return sorted(found)
         base = f"{self.path}/{prefix}".rstrip("/")
+        self.fs.invalidate_cache(base)  # other processes write here too: never trust a cached listing
         try:
             return sorted(p[len(self.path) + 1 :] for p in self.fs.find(base))
         except FileNotFoundError:
             return []
 
+    def sizes(self) -> dict[str, int]:
+        """Every object's size in bytes, from one listing."""
+        if self.local:
+            return {k: (self.root / k).stat().st_size for k in self.keys()}
+        self.fs.invalidate_cache(self.path)
+        found = self.fs.find(self.path, detail=True)
+        return {p[len(self.path) + 1 :]: int(info.get("size", 0)) for p, info in found.items()}
+
     def is_empty(self) -> bool:
         """Nothing stored here (an empty local directory, or no object under the prefix)."""
         if self.local:
             return not self.root.exists() or (self.root.is_dir() and not any(self.root.iterdir()))
-        return not self.keys()
+        self.fs.invalidate_cache(self.path)
+        try:
+            return not self.fs.ls(self.path)
+        except FileNotFoundError:
+            return True
 
     def is_file(self) -> bool:
         return self.local and self.root.is_file()
@@ -138,6 +152,22 @@ class Location:
             self.fs.pipe_file(f"{self.path}/{key}", bytes(data))
         _wrote("put", key)
 
+    def put_many(self, objects: dict[str, bytes]) -> None:
+        """Write several independent objects: in key order locally, concurrently on object storage."""
+        if self.local:
+            for key in sorted(objects):
+                self.put(key, objects[key])
+            return
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            list(pool.map(lambda kv: self.put(*kv), sorted(objects.items())))
+
+    def get_many(self, keys: list[str]) -> list[bytes | None]:
+        """Read several objects (concurrently on object storage, where each read is a round trip)."""
+        if self.local:
+            return [self.get(k) for k in keys]
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            return list(pool.map(self.get, keys))
+
     def put_first(self, key: str, data: bytes) -> None:
         """Write the first object of a new store; a local store directory appears with it, atomically.
 
@@ -181,10 +211,24 @@ class Location:
             os.replace(self.root, trash)
             _wrote("rename", str(trash))
             shutil.rmtree(trash, ignore_errors=True)
-        else:
-            for key in self.keys():
-                self.fs.rm_file(f"{self.path}/{key}")
+        else:  # the root document last: a half-deleted store is still recognisably ours
+            keys = self.keys()
+            rest = [f"{self.path}/{k}" for k in keys if k != "zarr.json"]
+            if rest:
+                self.fs.rm(rest)
+            if "zarr.json" in keys:
+                self.fs.rm_file(f"{self.path}/zarr.json")
         _wrote("delete", "")
+
+    def copy_to(self, dst: Location, keys: list[str]) -> None:
+        """Copy objects to the same keys under ``dst`` (server-side on object stores)."""
+        if self.local or dst.local or type(self.fs) is not type(dst.fs):
+            for key in keys:
+                dst.put(key, self.get(key))
+            return
+        if keys:
+            self.fs.copy([f"{self.path}/{k}" for k in keys], [f"{dst.path}/{k}" for k in keys])
+        _wrote("copy", dst.url)
 
     def stale_trash(self) -> list[Path]:
         """Directories a kill left beside this store: trash being removed, or a store being staged."""

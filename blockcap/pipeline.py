@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import signal
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -265,12 +266,6 @@ def _capture(p: Plan, writer: SlabWriter, units: list[int], bar: tqdm, group: Gr
     return computed
 
 
-def _store_size(location: Location) -> int:
-    if location.local:
-        return sum(p.stat().st_size for p in location.root.rglob("*") if p.is_file())
-    return int(location.fs.du(location.path))
-
-
 def run(**kw: Any) -> Summary:
     """Capture block internals for every window of a dataset into a Zarr store.
 
@@ -295,6 +290,8 @@ def run(**kw: Any) -> Summary:
 
 def _run(p: Plan, group: Group, t0: float) -> Summary:
     k, n_parts = p.opts.parts
+    if group.active and n_parts > 1:
+        raise BlockcapError(f"part={p.opts.part} and torchrun both split the work; use one of them")
     layout, location = p.layout, p.location
     if group.leader:
         lock = exclusive(location, shared=n_parts > 1)
@@ -317,7 +314,7 @@ def _run(p: Plan, group: Group, t0: float) -> Summary:
         def summary(status: str, computed: int) -> Summary:
             return Summary(
                 str(location), status, layout.n_windows, computed, layout.n_windows * layout.sample_len,
-                p.raw_bytes, _store_size(location), time.perf_counter() - t0,
+                p.raw_bytes, sum(location.sizes().values()), time.perf_counter() - t0,
             )  # fmt: skip
 
         if prepared.status == "complete":
@@ -366,10 +363,11 @@ def _run(p: Plan, group: Group, t0: float) -> Summary:
         finally:
             writer.close()
             bar.close()
-        group.barrier()
-        status = None
-        if group.leader:
-            status = _finish(p, meta, prepared, n_parts)
+        if p.opts.verbose and group.active:
+            print(f"rank {group.rank}: {computed:,} items computed in {time.perf_counter() - t0:.1f} s",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        computed = group.sum([computed])[0]  # also the barrier: every rank has written its units
+        status = _finish(p, meta, prepared, n_parts) if group.leader else None
         status = group.share(status)
         return summary(status, computed)
 

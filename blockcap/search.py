@@ -249,9 +249,8 @@ class _Span:
     window: np.ndarray  # (n,) of the row (a dedup row: its first occurrence)
     position: np.ndarray
     valid: torch.Tensor  # (n,) committed rows
-    counted: (
-        torch.Tensor | None
-    )  # (n,) the valid rows that may set the threshold; None: all (unique: one per prefix)
+    # (n,) the valid rows that may set the threshold (unique: one per prefix); None: all valid rows
+    counted: torch.Tensor | None
     ident: Callable[[np.ndarray], np.ndarray] | None  # rows -> prefix identity (unique, dedup)
 
 
@@ -282,19 +281,13 @@ class _Hits:
             codes = np.unique(h.ident, return_inverse=True)[1].reshape(-1)
             first = np.unique(h.query * (codes.max(initial=0) + 1) + codes, return_index=True)[1]
             h = h.take(np.sort(first))
-        counts = np.bincount(h.query, minlength=nq)
-        rank = np.arange(h.query.size) - np.repeat(np.cumsum(counts) - counts, counts)
-        return h.take(np.flatnonzero(rank < k))
+        return h.take(np.flatnonzero(_offsets(np.bincount(h.query, minlength=nq)) < k))
 
-    @staticmethod
-    def concat(parts: list[_Hits]) -> _Hits:
-        cat = [np.concatenate(a) for a in zip(*[_fields(p) for p in parts], strict=True)]
-        return _Hits(*cat[:5], cat[5] if parts[0].ident is not None else None)
-
-
-def _fields(h: _Hits) -> tuple[np.ndarray, ...]:
-    ident = h.ident if h.ident is not None else np.zeros(h.query.size, object)
-    return h.query, h.key, h.score, h.window, h.position, ident
+    def plus(self, other: _Hits) -> _Hits:
+        ident = None if self.ident is None else np.concatenate([self.ident, other.ident])
+        mine = (self.query, self.key, self.score, self.window, self.position)
+        theirs = (other.query, other.key, other.score, other.window, other.position)
+        return _Hits(*(np.concatenate(pair) for pair in zip(mine, theirs, strict=True)), ident)
 
 
 class _Best:
@@ -306,18 +299,15 @@ class _Best:
         self.threshold = torch.full((nq,), -np.inf, dtype=torch.float64)
 
     def merge(self, new: _Hits) -> None:
-        self.hits = _Hits.concat([self.hits, new]).ranked(self.k, self.nq, self.one_per_ident)
+        self.hits = self.hits.plus(new).ranked(self.k, self.nq, self.one_per_ident)
         counts = np.bincount(self.hits.query, minlength=self.nq)
         kth = self.hits.key[np.maximum(np.cumsum(counts) - 1, 0)] if self.hits.key.size else np.zeros(self.nq)
         self.threshold = torch.from_numpy(np.where(counts == self.k, kth, -np.inf))
 
 
 def _candidates(span: _Span, scorer: _Scorer, k: int, threshold: torch.Tensor) -> _Hits:
-    """Rows of ``span`` that may enter some query's top k, scored exactly.
-
-    ``threshold``: each query's k-th best key so far (-inf until it has k); an older one is
-    merely less selective, so spans may be scored concurrently.
-    """
+    """Rows of ``span`` that may enter some query's top k (given each query's k-th best key so
+    far, -inf until it has k), scored exactly."""
     key, tol = scorer.estimate(span.x)
     everywhere = bool(span.valid.all())
     if not everywhere:
@@ -379,7 +369,7 @@ def _span_items(item_bytes: int, chunk: int) -> int:
     return chunk * max(1, SPAN_BYTES // max(1, item_bytes * chunk))
 
 
-def prefix_hashes(tokens: np.ndarray) -> np.ndarray:
+def _prefix_hashes(tokens: np.ndarray) -> np.ndarray:
     """(windows, T) uint64 hash of each prefix ``tokens[w, :p + 1]`` (equal prefixes, equal hashes)."""
     h = np.zeros(tokens.shape[0], np.uint64)
     out = np.empty(tokens.shape, np.uint64)
@@ -421,7 +411,7 @@ class _WindowSource:
         counted, ident = None, None
         if self.unique:
             tokens = self.store.tokens.np[lo:hi]
-            counted = torch.from_numpy(_first_of_each(prefix_hashes(tokens)[:, cols].reshape(-1), valid))
+            counted = torch.from_numpy(_first_of_each(_prefix_hashes(tokens)[:, cols].reshape(-1), valid))
 
             def ident(rows: np.ndarray) -> np.ndarray:
                 keys = np.empty(rows.size, object)
@@ -481,11 +471,14 @@ class _DedupSource:
         start = np.searchsorted(self.occ_rows, rows, "left")
         count = np.minimum(np.searchsorted(self.occ_rows, rows, "right") - start, self.k)
         which = np.repeat(np.arange(rows.size), count)
-        occ = self.occ_where[
-            np.repeat(start, count) + np.arange(which.size) - np.repeat(np.cumsum(count) - count, count)
-        ]
+        occ = self.occ_where[np.repeat(start, count) + _offsets(count)]
         out = _Hits(h.query[which], h.key[which], h.score[which], occ // self.T, occ % self.T, None)
         return out.ranked(self.k, best.nq, False)
+
+
+def _offsets(count: np.ndarray) -> np.ndarray:
+    """0..c-1 for each c in ``count``, concatenated."""
+    return np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
 
 
 # --- the search -----------------------------------------------------------------------------------------
@@ -501,7 +494,8 @@ def topk(
     taken at its last position. ``metric``: cosine, l2 (score: minus the distance) or dot.
     ``position`` searches one position only (negative counts from the end); ``largest=False``
     returns the lowest scores instead; ``unique`` keeps each distinct substring's best hit only.
-    Only committed windows are searched, so a store still being written can be queried.
+    Only committed windows are searched, so a store still being written can be queried; a dedup
+    store scores each distinct prefix once and returns what a plain store would.
     """
     _check_options(k, metric, largest, unique, METRICS)
     arr = _vector_site(store, site, block)

@@ -222,10 +222,7 @@ def create(
     meta = {**meta, "format": FORMAT, "format_version": FORMAT_VERSION, "state": CREATING}
     docs = render_metadata(layout, meta)
     location.put_first(ROOT, docs.pop(ROOT))
-    for key in sorted(docs):
-        location.put(key, docs[key])
-    for key in sorted(objects):
-        location.put(key, objects[key])
+    location.put_many({**docs, **objects})
     meta["state"] = INCOMPLETE
     put_root(location, meta)
     return meta
@@ -366,10 +363,8 @@ def set_aside(location: Location, meta: dict[str, Any], run_id: str) -> None:
     if location.local:
         location.rename_to(aside)
         return
-    for key in location.keys():
-        if key != ROOT:
-            aside.put(key, location.get(key))
-    put_root(aside, marked)
+    location.copy_to(aside, [k for k in location.keys() if k != ROOT])
+    put_root(aside, marked)  # the root last: a partial copy is never taken for a store
     discard(location)
 
 

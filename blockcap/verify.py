@@ -101,29 +101,21 @@ def _units(opened: Opened) -> list[str]:
         problems.append(f"{len(absent)} of {layout.n_units} units not committed (first: unit {absent[0]})")
     committed = [u for u, r in records.items() if r.status == COMMITTED]
     for path, i in index.objects.items():
+        ndim = opened.array(path).ndim
         present = set(location.keys(f"{path}/c"))
+        keys = {u: "/".join([path, "c", str(u), *["0"] * (ndim - 1)]) for u in committed}
         for u in committed:
-            key = _key(opened, path, u)
-            if key not in present:
-                problems.append(
-                    f"{index.describe(path, u)} is committed but its data object {key} is missing"
-                )
-                continue
-            digests = records[u].digests
-            if digests:
-                data = location.get(key)
-                if data is None or digest(data) != digests[i]:
-                    problems.append(
-                        f"{index.describe(path, u)}: object {key} differs from what was committed"
-                    )
-            else:  # format 1: no digests; decoding checks the chunk's own checksum
+            if keys[u] not in present:
+                problems.append(f"{index.describe(path, u)} is committed but its data object {keys[u]} is missing")
+        have = [u for u in committed if keys[u] in present]
+        if index.version == 1:  # no digests: decoding checks each chunk's own checksum
+            for u in have:
                 problems += _decodes(opened, path, u)
+            continue
+        for u, data in zip(have, location.get_many([keys[u] for u in have]), strict=True):
+            if data is None or digest(data) != records[u].digests[i]:
+                problems.append(f"{index.describe(path, u)}: object {keys[u]} differs from what was committed")
     return problems
-
-
-def _key(opened: Opened, path: str, unit: int) -> str:
-    """The object of ``unit`` in array ``path`` (units run along axis 0, other axes are whole)."""
-    return "/".join([path, "c", str(unit), *["0"] * (opened.array(path).ndim - 1)])
 
 
 def _decodes(opened: Opened, path: str, unit: int) -> list[str]:

@@ -4,7 +4,8 @@ Usage: python tests/killer.py N [--partial] run --flag=...
 
 Writes are counted at blockcap's one choke point (``blockcap.location.WRITE_HOOKS``): every
 object put, delete, rename, lock and unlock, metadata included. With ``--partial`` the Nth event
-may also be a file written to its temporary name and not yet renamed into place.
+may also be a file written to its temporary name and not yet renamed into place. Under torchrun,
+``KILL_RANK`` picks the one rank that dies (the others are stopped by torchrun).
 """
 
 import os
@@ -27,6 +28,8 @@ lock = threading.Lock()
 def count(op: str, key: str) -> None:
     global calls
     if op == "put-partial" and not partial:
+        return
+    if os.environ.get("KILL_RANK", os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
         return
     with lock:
         calls += 1

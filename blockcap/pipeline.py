@@ -35,6 +35,7 @@ from blockcap.models import Adapter, ModelDims, load_model
 from blockcap.schedule import DedupSchedule, WindowSchedule
 from blockcap.sites import ATTENTION
 from blockcap.spec import CaptureSpec, RunOptions, resolve_blocks, split_kwargs
+from blockcap.dryrun import check_free_space, dry_run
 from blockcap.store import (
     Prepared,
     create_time_objects,
@@ -43,6 +44,7 @@ from blockcap.store import (
     open_location,
     pending_units,
     prepare,
+    spec_of,
 )
 from blockcap.writer import SlabWriter, UnitSource
 
@@ -280,8 +282,6 @@ def run(**kw: Any) -> Summary:
     try:
         p = make_plan(spec, opts, group)
         if opts.dry_run:
-            from blockcap.dryrun import dry_run
-
             return dry_run(p)
         return _run(p, group, t0)
     finally:
@@ -301,6 +301,7 @@ def _run(p: Plan, group: Group, t0: float) -> Summary:
         prepared: Prepared | BlockcapError | None = None
         if group.leader:
             try:
+                check_free_space(p, _units_left(p))
                 creation = exclusive(location.sibling(".create")) if n_parts > 1 else nullcontext()
                 with creation:
                     prepared = _prepare(p, sole=n_parts == 1)
@@ -370,6 +371,18 @@ def _run(p: Plan, group: Group, t0: float) -> Summary:
         status = _finish(p, meta, prepared, n_parts) if group.leader else None
         status = group.share(status)
         return summary(status, computed)
+
+
+def _units_left(p: Plan) -> int:
+    """Units a run of ``p`` would compute, known without writing: all of them unless it resumes."""
+    try:
+        opened = open_location(p.location)
+    except BlockcapError:
+        return p.layout.n_units
+    old = spec_of(opened.meta)
+    if old is None or old.identity() != p.spec.identity():
+        return p.layout.n_units
+    return len(pending_units(opened)[0])
 
 
 def _prepare(p: Plan, sole: bool) -> Prepared:

@@ -179,10 +179,14 @@ def check_args(argv: list[str]) -> None:
         i += 1
     free = [n for n in positional if n not in named]
     if len(given) > len(free):
-        raise BlockcapError(f"unexpected argument {given[len(free)]!r} for {argv[0]}; pass options as --name=value")
+        raise BlockcapError(
+            f"unexpected argument {given[len(free)]!r} for {argv[0]}; pass options as --name=value"
+        )
     missing = [n for n in free[len(given) :] if params[n].default is inspect.Parameter.empty]
     if missing:
-        raise BlockcapError(f"{argv[0]} needs {missing[0].upper()}: python -m blockcap {argv[0]} {missing[0].upper()}")
+        raise BlockcapError(
+            f"{argv[0]} needs {missing[0].upper()}: python -m blockcap {argv[0]} {missing[0].upper()}"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

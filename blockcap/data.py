@@ -185,7 +185,8 @@ def _parquet_rows(path: Path, column: str) -> Iterator[str]:
         raise BlockcapError(f"dataset {path} is not a readable parquet file ({e})") from None
     if column not in table.schema_arrow.names:
         raise BlockcapError(
-            f"dataset {path} has no text_column {column!r}; its columns are {', '.join(table.schema_arrow.names)}"
+            f"dataset {path} has no text_column {column!r}; "
+            f"its columns are {', '.join(table.schema_arrow.names)}"
         )
     for batch in table.iter_batches(columns=[column], batch_size=1024):
         yield from (v if isinstance(v, str) else "" for v in batch.column(0).to_pylist())

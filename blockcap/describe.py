@@ -19,7 +19,8 @@ def describe(store: CaptureStore) -> str:
     done = sum(r.status == COMMITTED for r in records.values())
     lines = [
         f"store {store.location}",
-        f"  state: {m.get('state')} ({done}/{layout.n_units} units committed), format {m.get('format_version')}",
+        f"  state: {m.get('state')} ({done}/{layout.n_units} units committed), "
+        f"format {m.get('format_version')}",
         f"  windows {layout.n_windows:,} x {layout.sample_len} tokens"
         + (f", {layout.n_rows:,} distinct prefix rows (dedup)" if layout.dedup else ""),
     ]

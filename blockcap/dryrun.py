@@ -40,7 +40,9 @@ def _timed_batch(p) -> tuple[float, list[torch.Tensor], object]:
             torch.cuda.synchronize(p.device)
         t0 = time.perf_counter()
         outs = list(p.module(batch.ids.to(p.device)))
-        outs = [o.to(p.layout.dtype.torch_dtype).cpu() for o in (batch.select(outs) if batch.select else outs)]
+        outs = [
+            o.to(p.layout.dtype.torch_dtype).cpu() for o in (batch.select(outs) if batch.select else outs)
+        ]
     return time.perf_counter() - t0, outs, batch
 
 
@@ -105,8 +107,8 @@ def check_free_space(p, pending_units: int) -> None:
     need = estimate(p).stored_bytes * share
     if need > free:
         raise BlockcapError(
-            f"out={p.location} needs about {need / 1e9:,.2f} GB, but its file system has {free / 1e9:,.2f} GB "
-            f"free; free some space, choose another out=PATH, or pass force=True"
+            f"out={p.location} needs about {need / 1e9:,.2f} GB, but its file system has "
+            f"{free / 1e9:,.2f} GB free; free some space, choose another out=PATH, or pass force=True"
         )
 
 

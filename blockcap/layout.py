@@ -191,8 +191,10 @@ class Layout:
                 "block": b,
                 "transformer_lens": TRANSFORMER_LENS[site].format(b=b),
             }
-            out.append(ArrayDef(site_path(b, site), shape, str(self.dtype.zarr_dtype), dims=dims,
-                                codec=self.codec, when=UNIT, attrs=attrs, **self._unit_grid(shape)))  # fmt: skip
+            grid = self._unit_grid(shape)
+            zdtype = str(self.dtype.zarr_dtype)
+            out.append(ArrayDef(site_path(b, site), shape, zdtype, dims=dims, codec=self.codec, when=UNIT,
+                                attrs=attrs, **grid))  # fmt: skip
         for b, site in self.stat_outputs():
             w = self.partial_width(site)
             out.append(ArrayDef(stats_path(b, site, "partial"), (self.n_units, w), "float64", (1, w),

@@ -234,7 +234,11 @@ class Location:
         """Directories a kill left beside this store: trash being removed, or a store being staged."""
         if not self.local or not self.root.parent.is_dir():
             return []
-        return sorted(p for suffix in ("trash", "creating") for p in self.root.parent.glob(f".{self.root.name}.*.{suffix}"))
+        return sorted(
+            p
+            for suffix in ("trash", "creating")
+            for p in self.root.parent.glob(f".{self.root.name}.*.{suffix}")
+        )
 
     # --- zarr -----------------------------------------------------------------------------------
     def zarr_store(self, read_only: bool = True) -> Any:

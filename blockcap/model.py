@@ -25,14 +25,24 @@ class GPTConfig:
     dropout: float = 0.2
 
     # Sizes beyond these are not char GPTs but corrupt or hostile files: refused before allocating.
-    LIMITS = {"vocab_size": 1 << 20, "n_embed": 1 << 16, "n_head": 1 << 10, "n_layer": 1 << 10, "block_size": 1 << 14}
+    LIMITS = {
+        "vocab_size": 1 << 20,
+        "n_embed": 1 << 16,
+        "n_head": 1 << 10,
+        "n_layer": 1 << 10,
+        "block_size": 1 << 14,
+    }
 
     def __post_init__(self) -> None:
         for name, hi in self.LIMITS.items():
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= hi:
                 raise ValueError(f"{name}={v!r} is out of range 1..{hi}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+        if (
+            isinstance(self.dropout, bool)
+            or not isinstance(self.dropout, (int, float))
+            or not 0 <= self.dropout < 1
+        ):
             raise ValueError(f"dropout={self.dropout!r} is out of range 0..1")
         if self.n_embed % self.n_head:
             raise ValueError(f"n_embed={self.n_embed} is not divisible by n_head={self.n_head}")

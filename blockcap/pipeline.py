@@ -13,7 +13,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -28,6 +28,7 @@ from blockcap.codecs import storage_dtype
 from blockcap.data import Windows, dataset_sha256, resolve_dataset, split_tokens, token_stream
 from blockcap.device import free_memory, pick_device
 from blockcap.dist import Group, from_env
+from blockcap.dryrun import DryRun, check_free_space, dry_run
 from blockcap.errors import BlockcapError, Interrupted
 from blockcap.layout import Layout, choose_chunk_windows
 from blockcap.location import Location
@@ -35,7 +36,6 @@ from blockcap.models import Adapter, ModelDims, load_model
 from blockcap.schedule import DedupSchedule, WindowSchedule
 from blockcap.sites import ATTENTION
 from blockcap.spec import CaptureSpec, RunOptions, resolve_blocks, split_kwargs
-from blockcap.dryrun import check_free_space, dry_run
 from blockcap.store import (
     Prepared,
     create_time_objects,
@@ -63,13 +63,15 @@ class Summary:
     raw_bytes: int
     stored_bytes: int
     seconds: float
+    dedup: bool = False  # then windows_computed counts distinct prefixes
 
     def lines(self) -> list[str]:
         ratio = self.raw_bytes / max(1, self.stored_bytes)
         rate = self.windows_computed * self.tokens / max(1, self.n_windows) / max(1e-9, self.seconds)
+        what = "distinct prefixes computed" if self.dedup else "computed"
         return [
             f"{self.status}: {self.path}",
-            f"  windows {self.n_windows:,} ({self.windows_computed:,} computed now), tokens {self.tokens:,}",
+            f"  windows {self.n_windows:,} ({self.windows_computed:,} {what} now), tokens {self.tokens:,}",
             f"  bytes raw {self.raw_bytes / 1e6:,.1f} MB, stored {self.stored_bytes / 1e6:,.1f} MB, "
             f"ratio {ratio:.2f}x",
             f"  time {self.seconds:.1f} s, {rate:,.0f} tokens/s",
@@ -118,8 +120,8 @@ def _check_batch_memory(spec: CaptureSpec, dims: ModelDims, n_windows: int, devi
     if windows * per_window > free:
         raise BlockcapError(
             f"batch_size={spec.batch_size} needs about {windows * per_window / 1e9:,.1f} GB for one forward "
-            f"pass, more than the {free / 1e9:,.1f} GB free on {device}; use batch_size={max(1, free // per_window)} "
-            f"or less"
+            f"pass, more than the {free / 1e9:,.1f} GB free on {device}; "
+            f"use batch_size={max(1, free // per_window)} or less"
         )
 
 
@@ -158,11 +160,11 @@ def make_plan(spec: CaptureSpec, opts: RunOptions, group: Group) -> Plan:
     schedule = (
         DedupSchedule(windows, spec.batch_size) if spec.dedup else WindowSchedule(windows, spec.batch_size)
     )
-    if spec.chunk_windows and not spec.dedup and spec.batch_size < len(windows):
-        if spec.chunk_windows % spec.batch_size and spec.batch_size % spec.chunk_windows:
-            raise BlockcapError(  # else a chunk would straddle batches and a resume could change bits
-                f"chunk_windows={spec.chunk_windows} must be a multiple or a divisor of batch_size={spec.batch_size}"
-            )
+    cw, bs = spec.chunk_windows, spec.batch_size
+    if cw and not spec.dedup and bs < len(windows) and cw % bs and bs % cw:
+        raise BlockcapError(  # else a chunk would straddle batches and a resume could change bits
+            f"chunk_windows={cw} must be a multiple or a divisor of batch_size={bs}"
+        )
     itemsize = storage_dtype(spec.dtype).zarr_dtype.itemsize
     chunk = spec.chunk_windows or (
         choose_chunk_windows(1, _bytes_per_item(spec, adapter, itemsize), schedule.n_items)
@@ -234,7 +236,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _my_units(todo: list[int], n_units: int, run_length: int, worker: int, workers: int) -> list[int]:
+def _my_units(todo: list[int], run_length: int, worker: int, workers: int) -> list[int]:
     """This worker's share of ``todo``: interleaved runs of ``run_length`` units (units sharing a batch)."""
     return [u for u in todo if (u // run_length) % workers == worker]
 
@@ -268,41 +270,46 @@ def _capture(p: Plan, writer: SlabWriter, units: list[int], bar: tqdm, group: Gr
     return computed
 
 
-def run(**kw: Any) -> Summary:
-    """Capture block internals for every window of a dataset into a Zarr store.
-
-    Keywords are the fields of ``CaptureSpec`` (what to capture) and ``RunOptions`` (how); see
-    their help texts or ``python -m blockcap run --help``. Re-running with the same spec resumes
-    an interrupted store, or leaves a complete one untouched. Every argument is checked before a
-    store is created or changed.
+class Job:
+    """One capture in phases: plan (on construction: every check, nothing written), ``open`` (create
+    or resume the store, under its lock), ``capture`` (compute, write and commit every pending
+    unit, then finish). ``run`` drives all three; benchmarks time ``capture`` alone.
     """
-    t0 = time.perf_counter()
-    spec, opts = split_kwargs(kw)
-    group = from_env()
-    try:
-        p = make_plan(spec, opts, group)
-        if opts.dry_run:
-            return dry_run(p)
-        return _run(p, group, t0)
-    finally:
-        group.close()
 
+    def __init__(self, **kw: Any) -> None:
+        self.t0 = time.perf_counter()
+        spec, opts = split_kwargs(kw)
+        self.group = from_env()
+        self.stack = ExitStack()
+        self.stack.callback(self.group.close)
+        try:
+            self.plan = make_plan(spec, opts, self.group)
+        except BaseException:
+            self.close()
+            raise
+        self.prepared: Prepared | None = None
 
-def _run(p: Plan, group: Group, t0: float) -> Summary:
-    k, n_parts = p.opts.parts
-    if group.active and n_parts > 1:
-        raise BlockcapError(f"part={p.opts.part} and torchrun both split the work; use one of them")
-    layout, location = p.layout, p.location
-    if group.leader:
-        lock = exclusive(location, shared=n_parts > 1)
-    else:
-        lock = nullcontext()
-    with lock:
+    def __enter__(self) -> Job:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.stack.close()
+
+    def open(self) -> Prepared:
+        """Create the store or find the one to resume (rank 0 only; the other ranks wait for it)."""
+        p, group = self.plan, self.group
+        k, n_parts = p.opts.parts
+        if group.active and n_parts > 1:
+            raise BlockcapError(f"part={p.opts.part} and torchrun both split the work; use one of them")
         prepared: Prepared | BlockcapError | None = None
         if group.leader:
+            self.stack.enter_context(exclusive(p.location, shared=n_parts > 1))
             try:
                 check_free_space(p, _units_left(p))
-                creation = exclusive(location.sibling(".create")) if n_parts > 1 else nullcontext()
+                creation = exclusive(p.location.sibling(".create")) if n_parts > 1 else nullcontext()
                 with creation:
                     prepared = _prepare(p, sole=n_parts == 1)
             except BlockcapError as e:
@@ -310,37 +317,40 @@ def _run(p: Plan, group: Group, t0: float) -> Summary:
         prepared = group.share(prepared)
         if isinstance(prepared, BlockcapError):
             raise prepared
-        meta = prepared.meta
+        self.prepared = prepared
+        return prepared
 
-        def summary(status: str, computed: int) -> Summary:
-            return Summary(
-                str(location), status, layout.n_windows, computed, layout.n_windows * layout.sample_len,
-                p.raw_bytes, sum(location.sizes().values()), time.perf_counter() - t0,
-            )  # fmt: skip
+    def summary(self, status: str, computed: int) -> Summary:
+        p, layout = self.plan, self.plan.layout
+        return Summary(
+            str(p.location), status, layout.n_windows, computed, layout.n_windows * layout.sample_len,
+            p.raw_bytes, sum(p.location.sizes().values()), time.perf_counter() - self.t0, layout.dedup,
+        )  # fmt: skip
 
+    def capture(self) -> Summary:
+        """Compute, write and commit this process's pending units; finish the store when all are in."""
+        p, group, prepared = self.plan, self.group, self.prepared
         if prepared.status == "complete":
-            return summary("already complete", 0)
+            return self.summary("already complete", 0)
+        layout, location = p.layout, p.location
+        k, n_parts = p.opts.parts
         worker, workers = (group.rank, group.world) if group.active else (k, n_parts)
         run_length = p.schedule.run_length(layout.unit_windows)
-        share = _my_units(list(range(layout.n_units)), layout.n_units, run_length, worker, workers)
-        mine = _my_units(prepared.todo, layout.n_units, run_length, worker, workers)
-        source = UnitSource(
-            offsets=p.windows.offsets,
-            row_positions=getattr(p.schedule, "row_position", None),
-            row_weights=getattr(p.schedule, "row_weight", None),
-        )
-        items = lambda units: sum(
-            min(layout.unit_windows, layout.n_items - u * layout.unit_windows) for u in units
-        )  # noqa: E731
-        total = items(range(layout.n_units)) if group.active else items(share)
-        todo_items = group.sum([items(mine)])[0] if group.active else items(mine)
+        share = _my_units(list(range(layout.n_units)), run_length, worker, workers)
+        mine = _my_units(prepared.todo, run_length, worker, workers)
+        total = _items(layout, range(layout.n_units)) if group.active else _items(layout, share)
+        todo_items = group.sum([_items(layout, mine)])[0]
         label = f"capture {location.name}" + (f" part {p.opts.part}" if n_parts > 1 else "")
         bar = tqdm(
             total=total, initial=total - todo_items, unit="row" if layout.dedup else "win", desc=label,
             disable=not p.opts.progress or not group.leader, dynamic_ncols=True,
         )  # fmt: skip
-        in_flight = p.opts.writers + run_length
-        writer = SlabWriter(location, layout, source, mine, p.opts.writers, in_flight)
+        source = UnitSource(
+            offsets=p.windows.offsets,
+            row_positions=getattr(p.schedule, "row_position", None),
+            row_weights=getattr(p.schedule, "row_weight", None),
+        )
+        writer = SlabWriter(location, layout, source, mine, p.opts.writers, p.opts.writers + run_length)
         try:
             computed = _capture(p, writer, mine, bar, group)
         except KeyboardInterrupt:
@@ -353,8 +363,9 @@ def _run(p: Plan, group: Group, t0: float) -> Summary:
             if not isinstance(e, torch.OutOfMemoryError) and "allocate" not in str(e):
                 raise
             raise BlockcapError(
-                f"out of memory at batch_size={p.spec.batch_size}; committed units of {location} are kept, "
-                f"but a smaller batch_size changes the chunking: use it with another out=PATH or overwrite=True"
+                f"out of memory at batch_size={p.spec.batch_size}; committed units of {location} are "
+                f"kept, but a smaller batch_size changes the chunking: use it with another out=PATH or "
+                f"overwrite=True"
             ) from None
         except OSError as e:
             raise BlockcapError(
@@ -365,12 +376,30 @@ def _run(p: Plan, group: Group, t0: float) -> Summary:
             writer.close()
             bar.close()
         if p.opts.verbose and group.active:
-            print(f"rank {group.rank}: {computed:,} items computed in {time.perf_counter() - t0:.1f} s",
+            print(f"rank {group.rank}: {computed:,} items computed in {time.perf_counter() - self.t0:.1f} s",
                   file=sys.stderr, flush=True)  # fmt: skip
         computed = group.sum([computed])[0]  # also the barrier: every rank has written its units
-        status = _finish(p, meta, prepared, n_parts) if group.leader else None
-        status = group.share(status)
-        return summary(status, computed)
+        status = _finish(p, prepared, n_parts) if group.leader else None
+        return self.summary(group.share(status), computed)
+
+
+def run(**kw: Any) -> Summary | DryRun:
+    """Capture block internals for every window of a dataset into a Zarr store.
+
+    Keywords are the fields of ``CaptureSpec`` (what to capture) and ``RunOptions`` (how); see
+    their help texts or ``python -m blockcap run --help``. Re-running with the same spec resumes
+    an interrupted store, or leaves a complete one untouched. Every argument is checked before a
+    store is created or changed.
+    """
+    with Job(**kw) as job:
+        if job.plan.opts.dry_run:
+            return dry_run(job.plan)
+        job.open()
+        return job.capture()
+
+
+def _items(layout: Layout, units: Any) -> int:
+    return sum(min(layout.unit_windows, layout.n_items - u * layout.unit_windows) for u in units)
 
 
 def _units_left(p: Plan) -> int:
@@ -390,18 +419,19 @@ def _prepare(p: Plan, sole: bool) -> Prepared:
         return prepare(p.location, p.layout, p.spec, p.meta, p.objects, p.opts.overwrite, sole)
     except OSError as e:
         raise BlockcapError(
-            f"creating {p.location} failed ({e}); fix the cause (e.g. free disk space) and re-run the same command"
+            f"creating {p.location} failed ({e}); fix the cause (e.g. free disk space) and re-run the "
+            f"same command"
         ) from None
 
 
-def _finish(p: Plan, meta: dict[str, Any], prepared: Prepared, n_parts: int) -> str:
+def _finish(p: Plan, prepared: Prepared, n_parts: int) -> str:
     """Mark the store complete when every unit is in; parts that are not the last only report."""
     if n_parts > 1:
         todo, _ = pending_units(open_location(p.location))
         if todo:
             return f"part {p.opts.part} done, {len(todo)} units left to other parts"
     try:
-        finish(p.location, meta)
+        finish(p.location, prepared.meta)
     except OSError as e:
         raise BlockcapError(f"finishing {p.location} failed ({e}); re-run the same command") from None
     return "resumed and completed" if prepared.status == "resumed" else "complete"

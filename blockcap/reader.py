@@ -393,7 +393,8 @@ class CaptureStore:
 
     def __repr__(self) -> str:
         state = "complete" if self.complete else "INCOMPLETE"
-        return f"CaptureStore({str(self.location)!r}, {self.n_windows} windows, blocks {list(self.blocks)}, {state})"
+        where = str(self.location)
+        return f"CaptureStore({where!r}, {self.n_windows} windows, blocks {list(self.blocks)}, {state})"
 
 
 def open_store(path: str | Path, storage_options: dict[str, Any] | str | None = None) -> CaptureStore:

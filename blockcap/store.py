@@ -115,7 +115,8 @@ def read_meta(location: Location) -> dict[str, Any]:
         )
     if version > FORMAT_VERSION:
         raise BlockcapError(
-            f"{location} has store format {version}, newer than this blockcap's {FORMAT_VERSION}; upgrade blockcap"
+            f"{location} has store format {version}, newer than this blockcap's {FORMAT_VERSION}; "
+            f"upgrade blockcap"
         )
     return meta
 
@@ -363,7 +364,7 @@ def set_aside(location: Location, meta: dict[str, Any], run_id: str) -> None:
     if location.local:
         location.rename_to(aside)
         return
-    location.copy_to(aside, [k for k in location.keys() if k != ROOT])
+    location.copy_to(aside, [k for k in location.keys() if k != ROOT])  # noqa: SIM118 - a listing
     put_root(aside, marked)  # the root last: a partial copy is never taken for a store
     discard(location)
 
@@ -478,7 +479,8 @@ def prepare(
                 )
             raise BlockcapError(
                 f"store {location} holds a capture with other parameters "
-                f"({', '.join(spec.differences(old_spec))}); use another out=PATH, or overwrite=True to replace it"
+                f"({', '.join(spec.differences(old_spec))}); use another out=PATH, "
+                f"or overwrite=True to replace it"
             )
         if old.get("state") == COMPLETE:
             set_aside(location, old, meta["run_id"])

@@ -106,7 +106,9 @@ def _units(opened: Opened) -> list[str]:
         keys = {u: "/".join([path, "c", str(u), *["0"] * (ndim - 1)]) for u in committed}
         for u in committed:
             if keys[u] not in present:
-                problems.append(f"{index.describe(path, u)} is committed but its data object {keys[u]} is missing")
+                problems.append(
+                    f"{index.describe(path, u)} is committed but its data object {keys[u]} is missing"
+                )
         have = [u for u in committed if keys[u] in present]
         if index.version == 1:  # no digests: decoding checks each chunk's own checksum
             for u in have:
@@ -114,7 +116,9 @@ def _units(opened: Opened) -> list[str]:
             continue
         for u, data in zip(have, location.get_many([keys[u] for u in have]), strict=True):
             if data is None or digest(data) != records[u].digests[i]:
-                problems.append(f"{index.describe(path, u)}: object {keys[u]} differs from what was committed")
+                problems.append(
+                    f"{index.describe(path, u)}: object {keys[u]} differs from what was committed"
+                )
     return problems
 
 

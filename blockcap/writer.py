@@ -142,7 +142,7 @@ class SlabWriter:
         self.close()
 
     def _slab(self, unit: int) -> Slab:
-        """The open slab of ``unit``; a new one waits while too many are pending (raising a writer's error)."""
+        """The open slab of ``unit``; a new one waits while too many are pending (or a writer failed)."""
         if unit not in self.open:
             while not self.slots.acquire(timeout=0.1):
                 self.raise_error()

@@ -63,7 +63,7 @@ class Adapter(ABC):
     def capture_module(self, blocks: Sequence[int], sites: Sequence[str], fused: bool) -> BlockCapture:
         """The hook-free module returning ``sites`` of ``blocks``."""
 
-    def check_sites(self, sites: Sequence[str]) -> None:
+    def check_sites(self, sites: Sequence[str]) -> None:  # noqa: B027 - most families have every site
         """Raise a BlockcapError for a site this model does not have (default: it has them all)."""
 
     def to(self, device: torch.device, dtype: torch.dtype) -> None:

@@ -16,10 +16,12 @@ import pytest
 import torch
 
 from blockcap.checkpoint import load_checkpoint, save_checkpoint
-from blockcap.data import CharTokenizer, split_tokens
+from blockcap.data import split_tokens
 from blockcap.model import GPT, PRESETS
+from blockcap.tokens import CharTokenizer
 
 THREADS = int(os.environ.get("BLOCKCAP_BENCH_THREADS", "2"))
+ROUNDS = int(os.environ.get("BLOCKCAP_BENCH_ROUNDS", "3"))
 LONG_WINDOWS = int(os.environ.get("BLOCKCAP_BENCH_LONG_WINDOWS", "128"))  # of 435 in the val split
 
 
@@ -42,8 +44,10 @@ class Workload:
 
 
 WORKLOADS = [
-    Workload("orig-cli", 3, 96, 0, None, 64),  # the original experiment's settings
-    Workload("long-b0", 256, 256, 0, LONG_WINDOWS, 8),  # 2048 tokens a batch
+    Workload("orig-cli", 3, 96, 0, None, 64),  # the original experiment's settings: 1,162 windows
+    Workload("orig-s3", 3, 3, 0, None, 64),  # every token of the val split once: 111,540 tokens
+    Workload("orig-s1", 3, 1, 0, None, 64),  # every 3-token window: 111,538 windows
+    Workload("long-b0", 256, 256, 0, LONG_WINDOWS, 8),  # 2,048 tokens a batch
     Workload("long-b5", 256, 256, 5, LONG_WINDOWS, 8),
 ]
 
@@ -57,6 +61,7 @@ class Setup:
     windows: torch.Tensor  # (n, sample_len) int64
     text_file: Path  # its "all" split yields exactly ``windows``
     workload: Workload
+    name: str  # the model's name in the report
 
     @property
     def batch_size(self) -> int:
@@ -65,6 +70,15 @@ class Setup:
     @property
     def tokens(self) -> int:
         return self.windows.numel()
+
+    def run_args(self, out: Path, **extra) -> dict:
+        """``blockcap.run`` arguments capturing exactly ``windows``."""
+        w = self.workload
+        return {
+            "weights": str(self.weights), "dataset": str(self.text_file), "split": "all", "out": str(out),
+            "sample_len": w.sample_len, "stride": w.stride, "batch_size": w.batch_size, "block_idx": w.block,
+            "device": "cpu", "progress": False, **extra,
+        }  # fmt: skip
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -103,7 +117,7 @@ def models(tmp_path_factory) -> dict[str, tuple[GPT, Path]]:
 def make_setup(text: str, model_name: str, models, workload: Workload, enabled: bool, tmp: Path) -> Setup:
     model, weights = models[model_name]
     tok = CharTokenizer(load_checkpoint(weights).vocab)
-    val = split_tokens(torch.tensor(tok.encode(text)), "val")
+    val = split_tokens(torch.from_numpy(tok.encode(text)), "val")
     windows = val.unfold(0, workload.sample_len, workload.stride)
     limit = workload.max_windows if enabled else 4
     if limit is not None:
@@ -112,4 +126,5 @@ def make_setup(text: str, model_name: str, models, workload: Workload, enabled: 
     stream = val[: (n - 1) * workload.stride + workload.sample_len]
     text_file = tmp / f"{workload.name}.txt"
     text_file.write_text(tok.decode(stream.tolist()))
-    return Setup(copy.deepcopy(model), weights, windows.contiguous(), text_file, workload)
+    label = f"{model.config.n_embed}d"
+    return Setup(copy.deepcopy(model), weights, windows.contiguous(), text_file, workload, label)

@@ -1,21 +1,23 @@
-"""Throughput: bare forward vs the original experiment vs blockcap's full ``run`` pipeline.
+"""Throughput: bare forward vs the original experiment vs blockcap, like for like.
 
-All variants of one model and workload share a benchmark group, the same windows, batch size and
-thread count, so the report's ratios compare like with like within one pytest run.
+Every contender of one model and workload shares a benchmark group, the same windows, batch size
+and thread count, so the report's ratios compare like with like within one pytest run. Two
+figures each: *steady* (model and windows in memory; blockcap's plan built and store created
+before the timer, which covers computing, encoding, writing and committing every window) and
+*whole* (everything a user waits for, loading weights and text included, for every contender).
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 
 import pytest
 
 import blockcap
-from benchmarks.baselines import bare_forward, original_experiment
-from benchmarks.conftest import WORKLOADS, make_setup
+from benchmarks.baselines import bare_forward, load_like_a_user, original_experiment
+from benchmarks.conftest import ROUNDS, THREADS, WORKLOADS, make_setup
+from blockcap.pipeline import Job
 
-ROUNDS = int(os.environ.get("BLOCKCAP_BENCH_ROUNDS", "5"))
 CASES = [(m, w) for m in ("bundled", "seed") for w in WORKLOADS]
 
 
@@ -26,64 +28,89 @@ def setup(request, text, models, enabled, tmp_path_factory):
 
 
 def measure(benchmark, setup, variant: str, fn, fresh=None):
-    benchmark.group = f"{setup.model.config.n_embed}d-{setup.workload.name}"
-    benchmark.extra_info.update(
-        variant=variant,
-        tokens=setup.tokens,
-        windows=len(setup.windows),
-        threads=int(os.environ.get("BLOCKCAP_BENCH_THREADS", "2")),
-    )
+    benchmark.group = f"{setup.name}-{setup.workload.name}"
+    benchmark.extra_info.update(variant=variant, tokens=setup.tokens, windows=len(setup.windows), threads=THREADS)
     return benchmark.pedantic(fn, setup=fresh, rounds=ROUNDS, warmup_rounds=1, iterations=1)
 
 
-def test_bare(benchmark, setup):
-    measure(
-        benchmark,
-        setup,
-        "bare",
-        lambda: bare_forward(setup.model, setup.windows, setup.workload.block, setup.batch_size),
-    )
+@pytest.mark.parametrize("how", ["steady", "whole"])
+def test_bare(benchmark, setup, how):
+    w = setup.workload
+
+    def whole():
+        model, windows = load_like_a_user(setup.weights, setup.text_file, w.sample_len, w.stride)
+        bare_forward(model, windows, w.block, setup.batch_size)
+
+    def steady():
+        bare_forward(setup.model, setup.windows, w.block, setup.batch_size)
+
+    measure(benchmark, setup, f"bare-{how}", steady if how == "steady" else whole)
 
 
-def test_original(benchmark, setup, tmp_path):
+def test_bare_fused(benchmark, setup):
+    if setup.workload.sample_len < 16:
+        pytest.skip("fused attention is for long windows")
+    w = setup.workload
+    measure(benchmark, setup, "bare-fused-steady", lambda: bare_forward(setup.model, setup.windows, w.block,
+                                                                         setup.batch_size, fused=True))  # fmt: skip
+
+
+@pytest.mark.parametrize("how", ["steady", "whole"])
+def test_original(benchmark, setup, tmp_path, how):
+    w, out = setup.workload, tmp_path / "pt"
+
     def fresh():
-        shutil.rmtree(tmp_path / "pt", ignore_errors=True)
-        (tmp_path / "pt").mkdir()
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
 
-    files = measure(
-        benchmark,
-        setup,
-        "original",
-        lambda: original_experiment(
-            setup.model, setup.windows, setup.workload.block, setup.batch_size, tmp_path / "pt"
-        ),
-        fresh,
-    )
+    def whole():
+        model, windows = load_like_a_user(setup.weights, setup.text_file, w.sample_len, w.stride)
+        return original_experiment(model, windows, w.block, setup.batch_size, out)
+
+    def steady():
+        return original_experiment(setup.model, setup.windows, w.block, setup.batch_size, out)
+
+    files = measure(benchmark, setup, f"original-{how}", steady if how == "steady" else whole, fresh)
     assert files == 4 * -(-len(setup.windows) // setup.batch_size)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-def test_blockcap(benchmark, setup, tmp_path, dtype):
+VARIANTS = {
+    "float32": {"dtype": "float32"},
+    "bfloat16": {"dtype": "bfloat16"},
+    "dedup": {"dedup": True},
+    "fused": {"fused": True},
+}
+
+
+@pytest.mark.parametrize("how", ["steady", "whole"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_blockcap(benchmark, setup, tmp_path, variant, how):
+    long = setup.workload.sample_len >= 16
+    if (variant == "dedup" and long) or (variant == "fused" and not long):
+        pytest.skip("dedup is for short windows, fused attention for long ones")
+    if how == "whole" and variant in ("bfloat16", "fused"):
+        pytest.skip("whole-run figures for float32 and dedup only")
     out = tmp_path / "s.zarr"
-    args = dict(
-        weights=str(setup.weights),
-        dataset=str(setup.text_file),
-        split="all",
-        out=str(out),
-        sample_len=setup.workload.sample_len,
-        stride=setup.workload.stride,
-        batch_size=setup.batch_size,
-        block_idx=setup.workload.block,
-        dtype=dtype,
-        device="cpu",
-        progress=False,
-    )
-    summary = measure(
-        benchmark,
-        setup,
-        f"blockcap-{dtype}",
-        lambda: blockcap.run(**args),
-        lambda: shutil.rmtree(out, ignore_errors=True),
-    )
+    args = setup.run_args(out, **VARIANTS[variant])
+    jobs: list[Job] = []
+
+    def fresh_store():
+        shutil.rmtree(out, ignore_errors=True)
+        for job in jobs:
+            job.close()
+        jobs.clear()
+
+    def fresh_job():  # untimed: plan (weights, text, windows) and store creation
+        fresh_store()
+        jobs.append(Job(**args))
+        jobs[0].open()
+        return (jobs[0],), {}
+
+    if how == "whole":
+        summary = measure(benchmark, setup, f"blockcap-{variant}-whole", lambda: blockcap.run(**args), fresh_store)
+    else:
+        summary = measure(benchmark, setup, f"blockcap-{variant}-steady", lambda job: job.capture(), fresh_job)
+    for job in jobs:
+        job.close()
     assert summary.status == "complete" and summary.n_windows == len(setup.windows)
     assert blockcap.open_store(out).tokens[:].long().equal(setup.windows)

@@ -43,10 +43,15 @@ class Slab:
     def full(self) -> bool:
         return self.filled == self.hi - self.lo
 
-    def put(self, row: int, tokens: torch.Tensor | None, outs: list[torch.Tensor]) -> None:
-        """Add items ``row:row+n`` of the unit from a batch (``outs`` already in storage dtype)."""
+    def put(self, row: int, tokens: torch.Tensor | None, outs: list[torch.Tensor], whole_batch: bool) -> None:
+        """Add items ``row:row+n`` of the unit from a batch (``outs`` already in storage dtype).
+
+        Views are kept only when the unit is a whole batch; a unit that is part of a batch is
+        copied out, so the batch's outputs are freed once routed (memory: the slabs in flight,
+        not the batches they came from).
+        """
         n = outs[0].shape[0]
-        if n == self.hi - self.lo and not outs[0].is_cuda:  # the whole unit: keep views
+        if whole_batch and n == self.hi - self.lo and not outs[0].is_cuda:
             self.tokens, self.sites = tokens, outs
         else:
             size = self.hi - self.lo
@@ -162,7 +167,8 @@ class SlabWriter:
                 continue
             slab = self._slab(u)
             a, z = max(lo, slab.lo) - lo, min(hi, slab.hi) - lo
-            slab.put(a + lo - slab.lo, None if tokens is None else tokens[a:z], [o[a:z] for o in outs])
+            part = None if tokens is None else tokens[a:z]
+            slab.put(a + lo - slab.lo, part, [o[a:z] for o in outs], whole_batch=z - a == hi - lo)
             slabs.append(slab)
             taken += z - a
         if outs and outs[0].is_cuda:  # the writer waits for the copies into pinned memory

@@ -64,7 +64,9 @@ def original_experiment(model: GPT, windows: torch.Tensor, block: int, batch_siz
     return files
 
 
-def load_like_a_user(weights: Path, text_file: Path, sample_len: int, stride: int) -> tuple[GPT, torch.Tensor]:
+def load_like_a_user(
+    weights: Path, text_file: Path, sample_len: int, stride: int
+) -> tuple[GPT, torch.Tensor]:
     """What the whole-run baselines do before computing: load the weights, read and tokenize the text."""
     loaded = load_checkpoint(weights)
     tok = CharTokenizer(loaded.vocab)

@@ -29,7 +29,9 @@ def setup(request, text, models, enabled, tmp_path_factory):
 
 def measure(benchmark, setup, variant: str, fn, fresh=None):
     benchmark.group = f"{setup.name}-{setup.workload.name}"
-    benchmark.extra_info.update(variant=variant, tokens=setup.tokens, windows=len(setup.windows), threads=THREADS)
+    benchmark.extra_info.update(
+        variant=variant, tokens=setup.tokens, windows=len(setup.windows), threads=THREADS
+    )
     return benchmark.pedantic(fn, setup=fresh, rounds=ROUNDS, warmup_rounds=1, iterations=1)
 
 
@@ -51,8 +53,11 @@ def test_bare_fused(benchmark, setup):
     if setup.workload.sample_len < 16:
         pytest.skip("fused attention is for long windows")
     w = setup.workload
-    measure(benchmark, setup, "bare-fused-steady", lambda: bare_forward(setup.model, setup.windows, w.block,
-                                                                         setup.batch_size, fused=True))  # fmt: skip
+
+    def fused():
+        bare_forward(setup.model, setup.windows, w.block, setup.batch_size, fused=True)
+
+    measure(benchmark, setup, "bare-fused-steady", fused)
 
 
 @pytest.mark.parametrize("how", ["steady", "whole"])
@@ -107,9 +112,13 @@ def test_blockcap(benchmark, setup, tmp_path, variant, how):
         return (jobs[0],), {}
 
     if how == "whole":
-        summary = measure(benchmark, setup, f"blockcap-{variant}-whole", lambda: blockcap.run(**args), fresh_store)
+        summary = measure(
+            benchmark, setup, f"blockcap-{variant}-whole", lambda: blockcap.run(**args), fresh_store
+        )
     else:
-        summary = measure(benchmark, setup, f"blockcap-{variant}-steady", lambda job: job.capture(), fresh_job)
+        summary = measure(
+            benchmark, setup, f"blockcap-{variant}-steady", lambda job: job.capture(), fresh_job
+        )
     for job in jobs:
         job.close()
     assert summary.status == "complete" and summary.n_windows == len(setup.windows)

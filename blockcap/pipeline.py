@@ -110,11 +110,17 @@ def _bytes_per_item(spec: CaptureSpec, adapter: Adapter, itemsize: int) -> int:
     return max(sizes) * itemsize
 
 
-def _check_batch_memory(spec: CaptureSpec, dims: ModelDims, n_windows: int, device: torch.device) -> None:
-    """Refuse a batch that cannot fit: a rough upper bound of one forward pass's tensors."""
+def forward_bytes(spec: CaptureSpec, dims: ModelDims, windows: int = 1) -> int:
+    """A rough upper bound of one forward pass's tensors for ``windows`` windows (float32)."""
     T, itemsize = spec.sample_len, 4
     per_window = itemsize * T * (12 * dims.d_model + 2 * dims.d_mlp + 3 * dims.n_head * T)
     per_window += itemsize * T * sum(dims.n_head * T if s == ATTENTION else dims.width(s) for s in spec.sites)
+    return per_window * windows
+
+
+def _check_batch_memory(spec: CaptureSpec, dims: ModelDims, n_windows: int, device: torch.device) -> None:
+    """Refuse a batch that cannot fit in memory."""
+    per_window = forward_bytes(spec, dims)
     windows = min(spec.batch_size, n_windows)
     free = free_memory(device)
     if windows * per_window > free:
@@ -320,6 +326,24 @@ class Job:
         self.prepared = prepared
         return prepared
 
+    @property
+    def slab_bytes(self) -> int:
+        """Bytes of one write unit of every per-unit array, as the writer holds it."""
+        return sum(
+            int(np.prod(a.shards or a.chunks)) * np.dtype(a.dtype).itemsize
+            for a in self.plan.layout.unit_arrays()
+        )
+
+    @property
+    def slabs_in_flight(self) -> int:
+        """Slabs the writer holds at most: being written, plus those one batch is filling."""
+        return self.plan.opts.writers + self.plan.schedule.run_length(self.plan.layout.unit_windows)
+
+    @property
+    def batch_bytes(self) -> int:
+        p = self.plan
+        return forward_bytes(p.spec, p.adapter.dims, min(p.spec.batch_size, p.layout.n_windows))
+
     def summary(self, status: str, computed: int) -> Summary:
         p, layout = self.plan, self.plan.layout
         return Summary(
@@ -350,7 +374,7 @@ class Job:
             row_positions=getattr(p.schedule, "row_position", None),
             row_weights=getattr(p.schedule, "row_weight", None),
         )
-        writer = SlabWriter(location, layout, source, mine, p.opts.writers, p.opts.writers + run_length)
+        writer = SlabWriter(location, layout, source, mine, p.opts.writers, self.slabs_in_flight)
         try:
             computed = _capture(p, writer, mine, bar, group)
         except KeyboardInterrupt:

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The GPU check in one command: set up the project (nothing else) and print the GPU table.
-# On a machine with torch already installed and no registry, put zarr, numcodecs, fire and
-# google-crc32c on PYTHONPATH instead and run: python3 -m benchmarks.gpu
+# The GPU check in one command: set up the project if needed, read a CUDA capture back against a
+# CPU one, then print the throughput table (blockcap vs bare, like for like). Prints the GPU name.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if python3 -c 'import torch, zarr, numcodecs, fire, tqdm, blockcap' 2>/dev/null; then
-  exec python3 -m benchmarks.gpu "$@"
+  py=(python3)
+else
+  .ci/poetry install --with dev --all-extras
+  py=(.ci/poetry run python)
 fi
-.ci/poetry install --with dev
-exec .ci/poetry run python -m benchmarks.gpu "$@"
+"${py[@]}" -m pytest -q -p no:cacheprovider benchmarks/test_gpu.py -m cuda
+exec "${py[@]}" -m benchmarks.gpu "$@"

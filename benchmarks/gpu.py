@@ -82,7 +82,8 @@ def gpt2_small(tmp: Path, windows: int) -> tuple[Path, Path, torch.Tensor, torch
         return None
     from blockcap.data import token_stream
     from blockcap.tokens import HFTokenizer
-    from tests.hf_models import make_text as words, train_tokenizer
+    from tests.hf_models import make_text as words
+    from tests.hf_models import train_tokenizer
 
     text = words(windows * 256 * 4, seed=3)
     fast = train_tokenizer(text)
@@ -116,6 +117,12 @@ def main(windows: int = 2048, batch_size: int = 64, rounds: int = 3, device: str
     print(f"{name}, torch {torch.__version__}, {len(ids)} windows x 256 tokens, batch {batch_size}")
     print("| model | block | storage | attention | bare tok/s | blockcap tok/s | blockcap/bare |")
     print("|---|---|---|---|---|---|---|")
+    common = dict(out=str(tmp / "s.zarr"), split="all", sample_len=256, stride=256, batch_size=batch_size,
+                  device=device, progress=False)  # fmt: skip
+
+    def row(what: str, block: int, dtype: str, kind: str, bare: float, ours: float) -> None:
+        print(f"| {what} | {block} | {dtype} | {kind} | {bare:,.0f} | {ours:,.0f} | {ours / bare:.2f} |")
+
     n = ids.numel()
     model.to(device)
     on_device = ids.to(device)
@@ -127,13 +134,16 @@ def main(windows: int = 2048, batch_size: int = 64, rounds: int = 3, device: str
                 device,
             )
             for dtype in ("float32", "bfloat16"):
-                args = dict(block_idx=block, dtype=dtype, fused=fused, out=str(tmp / "s.zarr"), weights=str(weights),
-                            dataset=str(data), split="all", sample_len=256, stride=256, batch_size=batch_size,
-                            device=device, progress=False)  # fmt: skip
-                t = steady_capture(args, rounds, device)
-                kind = "fused" if fused else "exact"
-                print(
-                    f"| char 384d | {block} | {dtype} | {kind} | {n / bare:,.0f} | {n / t:,.0f} | {bare / t:.2f} |"
+                args = dict(
+                    common, block_idx=block, dtype=dtype, fused=fused, weights=str(weights), dataset=str(data)
+                )
+                row(
+                    "char 384d",
+                    block,
+                    dtype,
+                    "fused" if fused else "exact",
+                    n / bare,
+                    n / steady_capture(args, rounds, device),
                 )
     hf = gpt2_small(tmp, windows)
     if hf is not None:
@@ -148,13 +158,8 @@ def main(windows: int = 2048, batch_size: int = 64, rounds: int = 3, device: str
 
         bare = timed(bare_hf, rounds, device)
         for dtype in ("float32", "bfloat16"):
-            args = dict(model=str(directory), block_idx=5, dtype=dtype, out=str(tmp / "g.zarr"), dataset=str(text),
-                        split="all", sample_len=256, stride=256, batch_size=batch_size, device=device,
-                        progress=False)  # fmt: skip
-            t = steady_capture(args, rounds, device)
-            print(
-                f"| GPT-2-small shape | 5 | {dtype} | exact | {n / bare:,.0f} | {n / t:,.0f} | {bare / t:.2f} |"
-            )
+            args = dict(common, model=str(directory), block_idx=5, dtype=dtype, dataset=str(text))
+            row("GPT-2-small shape", 5, dtype, "exact", n / bare, n / steady_capture(args, rounds, device))
     shutil.rmtree(tmp)
 
 

@@ -1,7 +1,7 @@
 """Print the benchmark tables (markdown) from a pytest-benchmark JSON file.
 
-pytest benchmarks --benchmark-enable --benchmark-json=bench.json
-python -m benchmarks.report bench.json
+    pytest benchmarks --benchmark-enable --benchmark-json=bench.json
+    python -m benchmarks.report bench.json
 """
 
 from __future__ import annotations
@@ -11,38 +11,78 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-MEMORY = Path(__file__).resolve().parent.parent / ".benchmarks" / "memory.json"
+BENCHMARKS = Path(__file__).resolve().parent.parent / ".benchmarks"
 
 
-def throughput_table(benches: list[dict]) -> list[str]:
+def _groups(benches: list[dict], prefix: str = "") -> dict[str, dict[str, dict]]:
     groups: dict[str, dict[str, dict]] = defaultdict(dict)
     for b in benches:
         info = b["extra_info"]
-        if "tokens" in info:
+        if "tokens" in info and b["group"].startswith(prefix):
             groups[b["group"]][info["variant"]] = {"tps": info["tokens"] / b["stats"]["median"], **info}
+    return groups
+
+
+def _ratio(v: dict, a: str, b: str) -> str:
+    return f"{v[a]['tps'] / v[b]['tps']:.2f}" if a in v and b in v else "-"
+
+
+def throughput_table(benches: list[dict]) -> list[str]:
     rows = [
-        "| model-workload | windows x tokens | bare tok/s | original tok/s | blockcap f32 tok/s "
-        "| f32 / bare | f32 / original | bf16 / bare | f16 / bare |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model-workload | windows x tokens | bare tok/s | f32 / bare | bf16 / bare | dedup / bare | fused / "
+        "fused bare | f32 / original | whole: f32 / bare | whole: f32 / original | whole: dedup / original |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for group, v in sorted(groups.items()):
-        bare, orig = v["bare"]["tps"], v["original"]["tps"]
-        f32, bf16, f16 = (v[f"blockcap-{d}"]["tps"] for d in ("float32", "bfloat16", "float16"))
-        shape = f"{v['bare']['windows']} x {v['bare']['tokens'] // v['bare']['windows']}"
+    for group, v in sorted(_groups(benches).items()):
+        if group.startswith("hf-") or "bare-steady" not in v:
+            continue
+        b = v["bare-steady"]
         rows.append(
-            f"| {group} | {shape} | {bare:,.0f} | {orig:,.0f} | {f32:,.0f} | {f32 / bare:.2f} "
-            f"| {f32 / orig:.2f} | {bf16 / bare:.2f} | {f16 / bare:.2f} |"
+            f"| {group} | {b['windows']} x {b['tokens'] // b['windows']} | {b['tps']:,.0f} "
+            f"| {_ratio(v, 'blockcap-float32-steady', 'bare-steady')} "
+            f"| {_ratio(v, 'blockcap-bfloat16-steady', 'bare-steady')} "
+            f"| {_ratio(v, 'blockcap-dedup-steady', 'bare-steady')} "
+            f"| {_ratio(v, 'blockcap-fused-steady', 'bare-fused-steady')} "
+            f"| {_ratio(v, 'blockcap-float32-steady', 'original-steady')} "
+            f"| {_ratio(v, 'blockcap-float32-whole', 'bare-whole')} "
+            f"| {_ratio(v, 'blockcap-float32-whole', 'original-whole')} "
+            f"| {_ratio(v, 'blockcap-dedup-whole', 'original-whole')} |"
+        )
+    return rows
+
+
+def hf_table(benches: list[dict]) -> list[str]:
+    rows = ["| model | windows x tokens | bare tok/s | f32 / bare | bf16 / bare |", "|---|---|---|---|---|"]
+    for group, v in sorted(_groups(benches, "hf-").items()):
+        b = v["bare-steady"]
+        rows.append(
+            f"| {group[3:]} | {b['windows']} x {b['tokens'] // b['windows']} | {b['tps']:,.0f} "
+            f"| {_ratio(v, 'blockcap-float32-steady', 'bare-steady')} "
+            f"| {_ratio(v, 'blockcap-bfloat16-steady', 'bare-steady')} |"
         )
     return rows
 
 
 def storage_table(benches: list[dict]) -> list[str]:
-    rows = ["| workload | codec/dtype | ratio vs raw f32 | write MB/s (raw f32 in) |", "|---|---|---|---|"]
+    rows = [
+        "| workload | writer | ratio vs raw f32 | MB/s (raw f32 in, one thread) | vs codec limit |",
+        "|---|---|---|---|---|",
+    ]
+    limits = {
+        b["group"]: b["extra_info"]["raw_bytes"] / b["stats"]["median"]
+        for b in benches
+        if b["group"].startswith("storage-") and b["extra_info"]["variant"].startswith("limit")
+    }
     for b in sorted(benches, key=lambda b: (b["group"], b["extra_info"].get("variant", ""))):
         info = b["extra_info"]
-        if b["group"].startswith("storage-"):
-            mbs = info["raw_bytes"] / b["stats"]["median"] / 1e6
-            rows.append(f"| {b['group'][8:]} | {info['variant']} | {info['ratio']:.2f} | {mbs:,.0f} |")
+        if not b["group"].startswith("storage-"):
+            continue
+        speed = info["raw_bytes"] / b["stats"]["median"]
+        ratio = f"{info['ratio']:.2f}" if "ratio" in info else "-"
+        rows.append(
+            f"| {b['group'][8:]} | {info['variant']} | {ratio} | {speed / 1e6:,.0f} "
+            f"| {speed / limits[b['group']]:.2f} |"
+        )
     return rows
 
 
@@ -57,14 +97,25 @@ def read_table(benches: list[dict]) -> list[str]:
     return rows
 
 
+def analysis_table(benches: list[dict]) -> list[str]:
+    rows = ["| analysis | variant | result |", "|---|---|---|"]
+    for b in sorted(benches, key=lambda b: (b["group"], b["extra_info"].get("variant", ""))):
+        if b["group"].startswith("analysis"):
+            info = b["extra_info"]
+            gb = info.get("stored_bytes", info.get("raw_bytes", 0)) / b["stats"]["median"] / 1e9
+            rows.append(f"| {b['group']} | {info.get('variant', b['name'])} | {gb:.2f} GB/s |")
+    return rows
+
+
 def memory_lines() -> list[str]:
-    if not MEMORY.exists():
-        return []
-    m = json.loads(MEMORY.read_text())
-    return [
-        f"Peak RSS of `run`: {m['1']['maxrss_kb'] / 1024:.0f} MiB on N={m['N']} windows, "
-        f"{m['10']['maxrss_kb'] / 1024:.0f} MiB on 10N (ratio {m['growth']:.3f})."
-    ]
+    lines = []
+    for f in sorted(BENCHMARKS.glob("memory-*.json")):
+        m = json.loads(f.read_text())
+        lines.append(
+            f"Peak memory above the post-load baseline, {m['windows']:,} windows ({m['raw'] / 1e9:.2f} GB raw): "
+            f"{m['used'] / 2**20:,.0f} MiB (bound {m['bound'] / 2**20:,.0f} MiB)."
+        )
+    return lines
 
 
 def main(path: str) -> None:
@@ -74,7 +125,7 @@ def main(path: str) -> None:
         f"Machine: {machine.get('cpu', {}).get('brand_raw', machine.get('processor', '?'))}, "
         f"Python {machine.get('python_version', '?')}; {data.get('datetime', '')}\n"
     )
-    for table in (throughput_table, storage_table, read_table):
+    for table in (throughput_table, hf_table, storage_table, read_table, analysis_table):
         print("\n".join(table(data["benchmarks"])) + "\n")
     print("\n".join(memory_lines()))
 

@@ -1,8 +1,9 @@
 """blockcap: capture transformer block internals for every token into compressed Zarr v3 stores.
 
-Library entry points: ``run`` (capture), ``open_store`` (lazy reading), ``nearest`` (top-k
-neighbours of a vector over a site), ``verify`` (integrity), ``CaptureSpec`` (what a capture
-is), ``CaptureModule`` (the char GPT's hook-free capture module), ``load_checkpoint``.
+Library entry points: ``run`` (capture), ``open_store`` (lazy reading), ``topk`` / ``nearest``
+(nearest tokens to vectors or texts), ``loader`` (shuffled training batches), ``verify``
+(integrity), ``CaptureSpec`` (what a capture is), ``CaptureModule`` (the char GPT's hook-free
+capture module), ``load_checkpoint``.
 """
 
 __version__ = "0.2.0"
@@ -13,7 +14,8 @@ from blockcap.integrity import DamagedError  # noqa: E402
 from blockcap.models.chargpt import CaptureModule  # noqa: E402
 from blockcap.pipeline import run  # noqa: E402
 from blockcap.reader import CaptureStore, open_store  # noqa: E402
-from blockcap.search import nearest  # noqa: E402
+from blockcap.loader import loader  # noqa: E402
+from blockcap.search import nearest, topk  # noqa: E402
 from blockcap.spec import CaptureSpec  # noqa: E402
 from blockcap.verify import verify  # noqa: E402
 
@@ -25,8 +27,10 @@ __all__ = [
     "DamagedError",
     "__version__",
     "load_checkpoint",
+    "loader",
     "nearest",
     "open_store",
     "run",
+    "topk",
     "verify",
 ]

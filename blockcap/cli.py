@@ -16,6 +16,8 @@ import fire
 
 from blockcap.errors import BlockcapError, Interrupted
 from blockcap.spec import option_help
+from blockcap.plot import plot_command
+from blockcap.search import similar_command
 from blockcap.train import train as train_model
 
 EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
@@ -132,8 +134,8 @@ def search(
 
 
 COMMANDS = {
-    "run": run, "info": info, "verify": verify, "finalize": finalize, "search": search, "train": train,
-    "generate": generate,
+    "run": run, "info": info, "verify": verify, "finalize": finalize, "search": search,
+    "similar": similar_command, "plot": plot_command, "train": train, "generate": generate,
 }  # fmt: skip
 
 

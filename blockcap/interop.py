@@ -117,9 +117,8 @@ def to_xarray(store: CaptureStore) -> Any:
 
 
 # --- TransformerLens names -------------------------------------------------------------------------------
-SHORT = {
-    site: template.rsplit("hook_", 1)[1] for site, template in TRANSFORMER_LENS.items()
-}  # mlp_out, z, ...
+# each site's short TransformerLens name, as utils.get_act_name takes it: mlp_out, z, pattern, ...
+SHORT = {site: template.rsplit("hook_", 1)[1] for site, template in TRANSFORMER_LENS.items()}
 SHORT_NAMES = {short: site for site, short in SHORT.items()}
 _PATTERNS = {
     site: re.compile(re.escape(template).replace(re.escape("{b}"), r"(\d+)"))

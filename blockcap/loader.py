@@ -63,7 +63,7 @@ class ActivationLoader(IterableDataset):
             self.unit = max(1, READ_BYTES // (4 * T * C))
         self.units = [lo for lo in range(0, n, self.unit) if self.committed[lo : lo + self.unit].any()]
         self.n_vectors = int(self.committed.sum()) * self.positions.size
-        self._epoch = multiprocessing.Value("q", 0)  # shared: persistent workers see set_epoch too
+        self._epoch = multiprocessing.RawValue("q", 0)  # shared memory: persistent workers see set_epoch
         self._where = (str(store.location), store.location.storage_options)
         self._store: CaptureStore | None = store
         self._site: LazyArray | None = None
@@ -127,7 +127,8 @@ class ActivationLoader(IterableDataset):
     def __iter__(self) -> Iterator[Any]:
         units, rng = self._my_units()
         out = _Batches(self.batch_size)
-        mixer = _Mixer(self.buffer_rows, rng, out) if self.shuffle else None
+        rows = sum(int(self.committed[lo : lo + self.unit].sum()) for lo in units) * self.positions.size
+        mixer = _Mixer(min(self.buffer_rows, rows), rng, out) if self.shuffle else None
         for lo in units:
             parts = self._read(lo)
             for batch in mixer.add(parts) if mixer is not None else out.take(parts, None):
@@ -245,7 +246,7 @@ def loader(
     """Every committed token vector of ``site`` once per epoch, in batches of ``batch_size``.
 
     ``DataLoader(loader(...), batch_size=None, num_workers=N)``: each worker reads a disjoint
-    set of units, so N workers read N times as fast; the last batch of each worker may be short
+    set of units, in parallel with the others; the last batch of each worker may be short
     (``drop_last`` drops it). Batches are float32 ``(batch, width)`` tensors, or with
     ``with_ids`` tuples ``(vectors, token_ids, where)`` with ``where`` the (window, position) of
     each row. ``positions``: one position or a list (negatives from the end; default all).
@@ -255,9 +256,10 @@ def loader(
     (``set_epoch`` before each epoch reshuffles), and rows leave a buffer of ``buffer_mb`` MB
     at random as new rows arrive. The buffer is the trade-off: rows in one batch come from
     about ``buffer_mb / unit size`` units, so a larger buffer mixes more (batches look more
-    like uniform samples of the store) but costs that much memory per worker and a longer wait
-    for the first batch; ``buffer_mb=0`` only shuffles within each unit (a few windows). The
-    order is reproducible for a given seed, epoch and number of workers.
+    like uniform samples of the store) but costs that much memory per worker (at most its share
+    of the site) and a longer wait for the first batch; ``buffer_mb=0`` only shuffles within
+    each unit (a few windows). The order is reproducible for a given seed, epoch and number of
+    workers.
     """
     if not isinstance(store, CaptureStore):
         store = open_store(store)

@@ -391,6 +391,18 @@ class CaptureStore:
                     text = self.tokenizer.decode(ids[: p + 1])
                     yield TokenRecord(lo + w, p, text, {n: c[w, p] for n, c in chunk.items()})
 
+    def __getitem__(self, key: Any) -> LazyArray:
+        """A site by TransformerLens name: ``store["blocks.0.hook_mlp_out"]`` or ``store["mlp_out", 0]``."""
+        from blockcap.interop import tl_lookup
+
+        return tl_lookup(self, key)
+
+    def to_xarray(self) -> Any:
+        """The store as a lazy xarray Dataset (needs the ``xarray`` extra); see ``blockcap.interop``."""
+        from blockcap.interop import to_xarray
+
+        return to_xarray(self)
+
     def __repr__(self) -> str:
         state = "complete" if self.complete else "INCOMPLETE"
         where = str(self.location)

@@ -251,7 +251,9 @@ class _Span:
     valid: torch.Tensor  # (n,) committed rows
     # (n,) the valid rows that may set the threshold (unique: one per prefix); None: all valid rows
     counted: torch.Tensor | None
-    ident: Callable[[np.ndarray], np.ndarray] | None  # rows -> prefix identity (unique, dedup)
+    tokens: np.ndarray | None  # (windows lo.., T) token ids of a plain store's span windows
+    lo: int  # the span's first window (plain) or row (dedup)
+    row: np.ndarray | None  # (n,) a dedup store's row index of each row
 
 
 @dataclass
@@ -263,43 +265,42 @@ class _Hits:
     score: np.ndarray
     window: np.ndarray
     position: np.ndarray
-    ident: np.ndarray | None
+    tokens: np.ndarray | None  # (n, T) token ids of each hit's window (plain stores)
+    row: np.ndarray | None  # dedup stores: the row of each hit
 
-    @classmethod
-    def empty(cls, with_ident: bool) -> _Hits:
-        z = np.zeros(0, np.int64)
-        return cls(z, z.astype(float), z.astype(float), z, z, np.zeros(0, object) if with_ident else None)
+    def fields(self) -> tuple[np.ndarray | None, ...]:
+        return self.query, self.key, self.score, self.window, self.position, self.tokens, self.row
 
     def take(self, i: np.ndarray) -> _Hits:
-        return _Hits(self.query[i], self.key[i], self.score[i], self.window[i], self.position[i],
-                     None if self.ident is None else self.ident[i])  # fmt: skip
+        return _Hits(*(None if f is None else f[i] for f in self.fields()))
 
-    def ranked(self, k: int, nq: int, one_per_ident: bool) -> _Hits:
-        """Best first per query (key, then lower window, then position); at most k each."""
+    def plus(self, other: _Hits) -> _Hits:
+        pairs = zip(self.fields(), other.fields(), strict=True)
+        return _Hits(*(None if a is None else np.concatenate([a, b]) for a, b in pairs))
+
+    def ranked(self, k: int, nq: int, unique: bool) -> _Hits:
+        """Best first per query (key, then lower window, then position); at most k each, and with
+        ``unique`` only the best of each distinct prefix (token ids up to the hit)."""
         h = self.take(np.lexsort((self.position, self.window, -self.key, self.query)))
-        if one_per_ident:  # keep each query's best hit of every distinct prefix
-            codes = np.unique(h.ident, return_inverse=True)[1].reshape(-1)
+        if unique:
+            prefixes = np.empty(h.query.size, object)
+            prefixes[:] = [t[: p + 1].tobytes() for t, p in zip(h.tokens, h.position, strict=True)]
+            codes = np.unique(prefixes, return_inverse=True)[1].reshape(-1)
             first = np.unique(h.query * (codes.max(initial=0) + 1) + codes, return_index=True)[1]
             h = h.take(np.sort(first))
         return h.take(np.flatnonzero(_offsets(np.bincount(h.query, minlength=nq)) < k))
-
-    def plus(self, other: _Hits) -> _Hits:
-        ident = None if self.ident is None else np.concatenate([self.ident, other.ident])
-        mine = (self.query, self.key, self.score, self.window, self.position)
-        theirs = (other.query, other.key, other.score, other.window, other.position)
-        return _Hits(*(np.concatenate(pair) for pair in zip(mine, theirs, strict=True)), ident)
 
 
 class _Best:
     """The k best hits of each query so far, and the key each new row must reach."""
 
-    def __init__(self, nq: int, k: int, with_ident: bool, one_per_ident: bool) -> None:
-        self.nq, self.k, self.one_per_ident = nq, k, one_per_ident
-        self.hits = _Hits.empty(with_ident)
+    def __init__(self, nq: int, k: int, unique: bool, empty: _Hits) -> None:
+        self.nq, self.k, self.unique = nq, k, unique
+        self.hits = empty
         self.threshold = torch.full((nq,), -np.inf, dtype=torch.float64)
 
     def merge(self, new: _Hits) -> None:
-        self.hits = self.hits.plus(new).ranked(self.k, self.nq, self.one_per_ident)
+        self.hits = self.hits.plus(new).ranked(self.k, self.nq, self.unique)
         counts = np.bincount(self.hits.query, minlength=self.nq)
         kth = self.hits.key[np.maximum(np.cumsum(counts) - 1, 0)] if self.hits.key.size else np.zeros(self.nq)
         self.threshold = torch.from_numpy(np.where(counts == self.k, kth, -np.inf))
@@ -312,10 +313,11 @@ def _candidates(span: _Span, scorer: _Scorer, k: int, threshold: torch.Tensor) -
     everywhere = bool(span.valid.all())
     if not everywhere:
         key[:, ~span.valid] = -np.inf
-    counted = key if span.counted is None else key.masked_fill(~span.counted[None, :], -np.inf)
     bar = threshold
-    if key.shape[1] >= k:  # k rows (distinct prefixes when unique) of this span reach this
-        bar = torch.maximum(bar, counted.topk(k, dim=1).values[:, -1].double() - tol)
+    if key.shape[1] >= k and bool(torch.isinf(bar).any()):  # some query lacks k hits yet: the
+        counted = key if span.counted is None else key.masked_fill(~span.counted[None, :], -np.inf)
+        span_kth = counted.topk(k, dim=1).values[:, -1].double() - tol  # span's own k-th bounds it
+        bar = torch.maximum(bar, span_kth)
     cut = torch.nextafter((bar - tol).float(), torch.tensor(-np.inf))  # never above it in float32
     chosen = key >= cut[:, None]
     if not everywhere:
@@ -332,8 +334,15 @@ def _candidates(span: _Span, scorer: _Scorer, k: int, threshold: torch.Tensor) -
         np.concatenate([p[1] for p in parts]) if parts else np.zeros(0),
         span.window[r],
         span.position[r],
-        span.ident(r) if span.ident is not None else None,
+        None if span.tokens is None else span.tokens[span.window[r] - span.lo],
+        None if span.row is None else span.row[r],
     )
+
+
+def _no_hits(T: int, dedup: bool) -> _Hits:
+    z = np.zeros(0, np.int64)
+    tokens = None if dedup else np.zeros((0, T), np.int64)
+    return _Hits(z, z.astype(float), z.astype(float), z, z, tokens, z if dedup else None)
 
 
 # --- reading ------------------------------------------------------------------------------------------
@@ -406,19 +415,12 @@ class _WindowSource:
         cols = np.arange(T) if self.position is None else np.asarray([self.position])
         x = data.reshape(-1, data.shape[-1]) if self.position is None else data[:, self.position]
         window = np.repeat(np.arange(lo, hi), cols.size)
-        position = np.tile(cols, hi - lo)
         valid = self.committed[window]
-        counted, ident = None, None
+        tokens = self.store.tokens.np[lo:hi].astype(np.int64)  # read here, beside the vectors: cheap
+        counted = None
         if self.unique:
-            tokens = self.store.tokens.np[lo:hi]
             counted = torch.from_numpy(_first_of_each(_prefix_hashes(tokens)[:, cols].reshape(-1), valid))
-
-            def ident(rows: np.ndarray) -> np.ndarray:
-                keys = np.empty(rows.size, object)
-                keys[:] = [tokens[window[r] - lo, : position[r] + 1].tobytes() for r in rows]
-                return keys
-
-        return _Span(x, window, position, torch.from_numpy(valid), counted, ident)
+        return _Span(x, window, np.tile(cols, hi - lo), torch.from_numpy(valid), counted, tokens, lo, None)
 
     def finish(self, best: _Best) -> _Hits:
         return best.hits
@@ -428,7 +430,8 @@ class _DedupSource:
     """A dedup store's site: each distinct prefix's row scored once, standing for its occurrences.
 
     A row is placed at its first committed occurrence (the best of equal hits); at the end each
-    kept row is expanded into its occurrences, so results equal those of a plain store.
+    kept row is expanded into its occurrences, so results equal those of a plain store. Holds the
+    window index in memory (two int64 per stored token), as ``committed_windows`` reads it anyway.
     """
 
     def __init__(
@@ -459,20 +462,20 @@ class _DedupSource:
     def _read(self, lo: int, hi: int) -> _Span:
         first = self.first[lo:hi]
         valid = torch.from_numpy(first < _NO_ROW)
-        return _Span(self.rows[lo:hi].float(), first // self.T, first % self.T, valid, None,
-                     lambda r: np.arange(lo, hi)[r].astype(object))  # fmt: skip
+        return _Span(self.rows[lo:hi].float(), first // self.T, first % self.T, valid, None, None, lo,
+                     np.arange(lo, hi))  # fmt: skip
 
     def finish(self, best: _Best) -> _Hits:
         """Unique: each row's first occurrence; else every occurrence of the kept rows, re-ranked."""
         h = best.hits
         if self.unique or h.query.size == 0:
             return h
-        rows = h.ident.astype(np.int64)
+        rows = h.row
         start = np.searchsorted(self.occ_rows, rows, "left")
         count = np.minimum(np.searchsorted(self.occ_rows, rows, "right") - start, self.k)
         which = np.repeat(np.arange(rows.size), count)
         occ = self.occ_where[np.repeat(start, count) + _offsets(count)]
-        out = _Hits(h.query[which], h.key[which], h.score[which], occ // self.T, occ % self.T, None)
+        out = _Hits(h.query[which], h.key[which], h.score[which], occ // self.T, occ % self.T, None, None)
         return out.ranked(self.k, best.nq, False)
 
 
@@ -506,12 +509,12 @@ def topk(
     else:
         q = text_vectors(store, texts, site, store.blocks[0] if block is None else block, model, weights)
     k = int(k)
-    if store.dedup:
-        source: Any = _DedupSource(store, arr, pos, unique, k)
-        best = _Best(len(q), k, with_ident=True, one_per_ident=False)
-    else:
-        source = _WindowSource(store, arr, pos, unique)
-        best = _Best(len(q), k, with_ident=unique, one_per_ident=unique)
+    source: Any = (
+        _DedupSource(store, arr, pos, unique, k) if store.dedup else _WindowSource(store, arr, pos, unique)
+    )
+    best = _Best(
+        len(q), k, unique and not store.dedup, _no_hits(arr.shape[1], store.dedup)
+    )  # dedup rows: distinct
     scorer = _Scorer(q, metric, largest)
     with _threads_beside_reader():
         for span in _prefetched(source.jobs()):
@@ -520,15 +523,15 @@ def topk(
 
 
 def _matches(store: CaptureStore, hits: _Hits, nq: int) -> list[list[Match]]:
-    windows = np.unique(hits.window)
-    tokens = store.tokens.np[windows] if windows.size else np.zeros((0, store.sample_len), np.int64)
-    row = np.searchsorted(windows, hits.window)
+    """The hits as Matches, with their text (a dedup store's windows are read now, one by one)."""
+    tokens = hits.tokens
+    if tokens is None:
+        windows, at = np.unique(hits.window, return_inverse=True)
+        tokens = store.tokens.np[windows][at.reshape(-1)] if windows.size else np.zeros((0, 0), np.int64)
     out: list[list[Match]] = [[] for _ in range(nq)]
-    for i in range(hits.query.size):
-        text = store.tokenizer.decode(tokens[row[i], : hits.position[i] + 1].tolist())
-        out[hits.query[i]].append(
-            Match(int(hits.window[i]), int(hits.position[i]), float(hits.score[i]), text)
-        )
+    for q, w, p, score, ids in zip(hits.query, hits.window, hits.position, hits.score, tokens, strict=True):
+        text = store.tokenizer.decode(ids[: p + 1].tolist())
+        out[q].append(Match(int(w), int(p), float(score), text))
     return out
 
 

@@ -1,7 +1,7 @@
 """Print the benchmark tables (markdown) from a pytest-benchmark JSON file.
 
-    pytest benchmarks --benchmark-enable --benchmark-json=bench.json
-    python -m benchmarks.report bench.json
+pytest benchmarks --benchmark-enable --benchmark-json=bench.json
+python -m benchmarks.report bench.json
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ def _ratio(v: dict, a: str, b: str) -> str:
 
 def throughput_table(benches: list[dict]) -> list[str]:
     rows = [
-        "| model-workload | windows x tokens | bare tok/s | f32 / bare | bf16 / bare | dedup / bare | fused / "
-        "fused bare | f32 / original | whole: f32 / bare | whole: f32 / original | whole: dedup / original |",
+        "| model-workload | windows x tokens | bare tok/s | f32 / bare | bf16 / bare | dedup / bare "
+        "| fused / fused bare | f32 / original | whole: f32 / bare | whole: f32 / original "
+        "| whole: dedup / original |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for group, v in sorted(_groups(benches).items()):
@@ -112,7 +113,8 @@ def memory_lines() -> list[str]:
     for f in sorted(BENCHMARKS.glob("memory-*.json")):
         m = json.loads(f.read_text())
         lines.append(
-            f"Peak memory above the post-load baseline, {m['windows']:,} windows ({m['raw'] / 1e9:.2f} GB raw): "
+            f"Peak memory above the post-load baseline, {m['windows']:,} windows "
+            f"({m['raw'] / 1e9:.2f} GB raw): "
             f"{m['used'] / 2**20:,.0f} MiB (bound {m['bound'] / 2**20:,.0f} MiB)."
         )
     return lines

@@ -11,10 +11,10 @@ __version__ = "0.2.0"
 from blockcap.checkpoint import load_checkpoint  # noqa: E402
 from blockcap.errors import BlockcapError  # noqa: E402
 from blockcap.integrity import DamagedError  # noqa: E402
+from blockcap.loader import loader  # noqa: E402
 from blockcap.models.chargpt import CaptureModule  # noqa: E402
 from blockcap.pipeline import run  # noqa: E402
 from blockcap.reader import CaptureStore, open_store  # noqa: E402
-from blockcap.loader import loader  # noqa: E402
 from blockcap.search import nearest, topk  # noqa: E402
 from blockcap.spec import CaptureSpec  # noqa: E402
 from blockcap.verify import verify  # noqa: E402

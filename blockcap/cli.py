@@ -15,9 +15,9 @@ import sys
 import fire
 
 from blockcap.errors import BlockcapError, Interrupted
-from blockcap.spec import option_help
 from blockcap.plot import plot_command
 from blockcap.search import similar_command
+from blockcap.spec import option_help
 from blockcap.train import train as train_model
 
 EXIT_ERROR, EXIT_INTERRUPTED = 2, 130

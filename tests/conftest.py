@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from blockcap.checkpoint import save_checkpoint
-from blockcap.tokens import CharTokenizer
 from blockcap.model import GPT, GPTConfig
+from blockcap.tokens import CharTokenizer
 
 REAL_DATASET_ENV = "BLOCKCAP_TEST_DATASET"
 TINY = GPTConfig(vocab_size=1, n_embed=32, n_head=4, n_layer=3, block_size=32, dropout=0.0)

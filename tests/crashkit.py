@@ -71,7 +71,7 @@ def run(
 
 
 def start_paused(argv: list[str], flag: Path) -> mp.Process:
-    """Start ``blockcap argv`` in a child that stops after committing its first unit, until ``flag`` is deleted."""
+    """Start ``blockcap argv`` in a child that pauses after its first commit until ``flag`` is deleted."""
     p = _CTX.Process(target=_child, args=(argv, None, False, None, str(flag)))
     p.start()
     while not flag.exists():

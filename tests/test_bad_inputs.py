@@ -81,31 +81,65 @@ CASES = [
     ("codec-level-text", lambda w: run_args(w, codec="blosc-lz4:x"), "has a bad level"),
     ("device-index", lambda w: run_args(w, device="cuda:7"), "--device='cuda:7'"),
     ("device-kind", lambda w: run_args(w, device="tpu"), "--device='tpu'"),
-    *([("device-no-gpu", lambda w: run_args(w, device="cuda"), "no CUDA GPU is available")] if NO_GPU else []),
+    *(
+        [("device-no-gpu", lambda w: run_args(w, device="cuda"), "no CUDA GPU is available")]
+        if NO_GPU
+        else []
+    ),
     ("dataset-hash-wrong", lambda w: run_args(w, dataset_sha256="ab" * 32), "expected abab"),
     ("dataset-hash-not-hex", lambda w: run_args(w, dataset_sha256="xyz"), "is not a sha256"),
     ("model-hash-wrong", lambda w: run_args(w, model_sha256="cd" * 32), "does not match the model's weights"),
-    ("chunk-misfit", lambda w: run_args(w, chunk_windows=5), "--chunk_windows=5 must be a multiple or a divisor"),
+    (
+        "chunk-misfit",
+        lambda w: run_args(w, chunk_windows=5),
+        "--chunk_windows=5 must be a multiple or a divisor",
+    ),
     ("chunk-zero", lambda w: run_args(w, chunk_windows=0), "--chunk_windows=0 is out of range"),
     ("shard-zero", lambda w: run_args(w, shard_chunks=0), "--shard_chunks=0 is out of range"),
     ("weights-missing", lambda w: run_args(w, weights="/nonexistent.pt"), "does not exist"),
-    ("weights-text-file", lambda w: run_args(w, weights=w["dir"] / "file.txt"), "is not a loadable checkpoint"),
-    ("weights-not-tensors", lambda w: run_args(w, weights=w["dir"] / "strings.pt"), "ln_f.weight is a str, not a tensor"),
-    ("weights-absurd-size", lambda w: run_args(w, weights=w["dir"] / "huge.pt"), "block_size=100000 is out of range"),
-    ("weights-negative-size", lambda w: run_args(w, weights=w["dir"] / "negative.pt"), "n_embed=-96 is out of range"),
+    (
+        "weights-text-file",
+        lambda w: run_args(w, weights=w["dir"] / "file.txt"),
+        "is not a loadable checkpoint",
+    ),
+    (
+        "weights-not-tensors",
+        lambda w: run_args(w, weights=w["dir"] / "strings.pt"),
+        "ln_f.weight is a str, not a tensor",
+    ),
+    (
+        "weights-absurd-size",
+        lambda w: run_args(w, weights=w["dir"] / "huge.pt"),
+        "block_size=100000 is out of range",
+    ),
+    (
+        "weights-negative-size",
+        lambda w: run_args(w, weights=w["dir"] / "negative.pt"),
+        "n_embed=-96 is out of range",
+    ),
     ("dataset-missing", lambda w: run_args(w, dataset="/nonexistent.txt"), "does not exist"),
     ("dataset-empty", lambda w: run_args(w, dataset=w["dir"] / "empty.txt"), "is empty"),
     ("dataset-binary", lambda w: run_args(w, dataset=w["dir"] / "binary.txt"), "is not UTF-8 text"),
-    ("dataset-column-missing", lambda w: run_args(w, dataset=w["dir"] / "data.jsonl", text_column="body"),
-     "has no text_column 'body'"),  # fmt: skip
+    (
+        "dataset-column-missing",
+        lambda w: run_args(w, dataset=w["dir"] / "data.jsonl", text_column="body"),
+        "has no text_column 'body'",
+    ),  # fmt: skip
     ("text-column-on-txt", lambda w: run_args(w, text_column="body"), "is for .jsonl and .parquet datasets"),
     ("out-is-a-file", lambda w: run_args(w, out=w["dir"] / "file.txt"), "is a file"),
     ("out-foreign-dir", lambda w: run_args(w, out=w["dir"] / "notes"), "is not a blockcap store; refusing"),
-    ("out-foreign-dir-overwrite", lambda w: [*run_args(w, out=w["dir"] / "notes"), "--overwrite"], "refusing"),
+    (
+        "out-foreign-dir-overwrite",
+        lambda w: [*run_args(w, out=w["dir"] / "notes"), "--overwrite"],
+        "refusing",
+    ),
     ("out-no-parent", lambda w: run_args(w, out=w["dir"] / "no" / "such.zarr"), "does not exist"),
     ("out-other-params", lambda w: run_args(w, out=w["good"], stride=7), "other parameters (stride 5 -> 7"),
-    ("replaced-in-the-way", lambda w: [*run_args(w, out=w["dir"] / "notes.zarr", stride=7), "--overwrite"],
-     "was not set aside by blockcap"),  # fmt: skip
+    (
+        "replaced-in-the-way",
+        lambda w: [*run_args(w, out=w["dir"] / "notes.zarr", stride=7), "--overwrite"],
+        "was not set aside by blockcap",
+    ),  # fmt: skip
     ("part", lambda w: run_args(w, part="2/2"), "--part='2/2' is not k/n"),
     ("part-text", lambda w: run_args(w, part="half"), "--part='half' is not k/n"),
     ("writers-zero", lambda w: run_args(w, writers=0), "--writers=0 is out of range"),
@@ -113,7 +147,11 @@ CASES = [
     ("storage-options-not-json", lambda w: run_args(w, storage_options="{oops"), "is not JSON"),
     ("storage-options-list", lambda w: run_args(w, storage_options="[1]"), "is not a JSON object"),
     ("model-and-weights", lambda w: run_args(w, model=w["dir"]), "both given"),
-    ("model-missing", lambda w: ["run", "--model=/nonexistent/model", f"--dataset={w['text']}"], "does not exist"),
+    (
+        "model-missing",
+        lambda w: ["run", "--model=/nonexistent/model", f"--dataset={w['text']}"],
+        "does not exist",
+    ),
     ("revision-without-model", lambda w: run_args(w, revision="main"), "--revision='main' needs --model="),
     ("model-dtype", lambda w: run_args(w, model_dtype="float64"), "--model_dtype='float64' is unknown"),
     ("flag-not-bool", lambda w: run_args(w, compile="maybe"), "--compile='maybe' is not True or False"),
@@ -131,15 +169,31 @@ CASES = [
     ("finalize-missing", lambda w: ["finalize", str(w["dir"] / "missing.zarr")], "does not exist"),
     ("search-window-text", lambda w: ["search", str(w["good"]), "--window=abc"], "--window='abc'"),
     ("search-window-float", lambda w: ["search", str(w["good"]), "--window=1.5"], "--window=1.5"),
-    ("search-window-out", lambda w: ["search", str(w["good"]), "--window=100000"], "--window=100000 is outside"),
-    ("search-position-out", lambda w: ["search", str(w["good"]), "--window=1", "--position=99"], "--position=99"),
-    ("search-site-attention", lambda w: ["search", str(w["good"]), "--window=1", "--site=attention"], "attention"),
+    (
+        "search-window-out",
+        lambda w: ["search", str(w["good"]), "--window=100000"],
+        "--window=100000 is outside",
+    ),
+    (
+        "search-position-out",
+        lambda w: ["search", str(w["good"]), "--window=1", "--position=99"],
+        "--position=99",
+    ),
+    (
+        "search-site-attention",
+        lambda w: ["search", str(w["good"]), "--window=1", "--site=attention"],
+        "attention",
+    ),
     ("search-site-unknown", lambda w: ["search", str(w["good"]), "--window=1", "--site=nope"], "'nope'"),
     ("search-k", lambda w: ["search", str(w["good"]), "--window=1", "--k=0"], "--k=0"),
     ("search-metric", lambda w: ["search", str(w["good"]), "--window=1", "--metric=manhattan"], "manhattan"),
     ("search-block", lambda w: ["search", str(w["good"]), "--window=1", "--block=7"], "block 7"),
     ("generate-weights", lambda w: ["generate", "--weights=/nonexistent.pt"], "does not exist"),
-    ("train-preset", lambda w: ["train", "--preset=huge", f"--dataset={w['text']}"], "--preset='huge' is unknown"),
+    (
+        "train-preset",
+        lambda w: ["train", "--preset=huge", f"--dataset={w['text']}"],
+        "--preset='huge' is unknown",
+    ),
 ]
 
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from blockcap.models.chargpt import FUSED_TOLERANCE, CaptureModule
 from blockcap.model import GPT, GPTConfig
+from blockcap.models.chargpt import FUSED_TOLERANCE, CaptureModule
 from blockcap.sites import SITES
 from tests.reference import GPTLanguageModel
 

@@ -8,8 +8,8 @@ import torch
 import zarr
 
 import blockcap
-from blockcap.schedule import DedupSchedule
 from blockcap.data import Windows
+from blockcap.schedule import DedupSchedule
 from tests import crashkit
 
 # Dedup runs distinct windows in other batches than a plain run; on this CPU the char GPT's values
@@ -46,13 +46,20 @@ def test_reads_equal_a_plain_store(pair):
         scale = want.abs().max().clamp_min(1e-12)
         assert ((got - want).abs().max() / scale) <= DEDUP_TOLERANCE, site
         for key in (7, -1, slice(3, 40, 4), [5, 1, 5], np.arange(plain.n_windows) % 3 == 0, (slice(None), 2)):
-            assert torch.allclose(dedup.site(site)[key], plain.site(site)[key], atol=DEDUP_TOLERANCE * scale.item())
+            assert torch.allclose(
+                dedup.site(site)[key], plain.site(site)[key], atol=DEDUP_TOLERANCE * scale.item()
+            )
     assert torch.equal(dedup.tokens[:], plain.tokens[:]) and torch.equal(dedup.offsets[:], plain.offsets[:])
     assert [dedup.text(i) for i in range(20)] == [plain.text(i) for i in range(20)]
     assert dedup.substring(9, 1) == plain.substring(9, 1)
     a, b = list(dedup.results()), list(plain.results())
-    assert [(r.window, r.position, r.substring) for r in a] == [(r.window, r.position, r.substring) for r in b]
-    assert all(torch.allclose(x.vectors["ffwd_output"], y.vectors["ffwd_output"], atol=1e-6) for x, y in zip(a, b))
+    assert [(r.window, r.position, r.substring) for r in a] == [
+        (r.window, r.position, r.substring) for r in b
+    ]
+    assert all(
+        torch.allclose(x.vectors["ffwd_output"], y.vectors["ffwd_output"], atol=1e-6)
+        for x, y in zip(a, b, strict=True)
+    )
 
 
 def test_statistics_equal_a_plain_store(pair):

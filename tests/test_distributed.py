@@ -26,8 +26,10 @@ def torchrun(nproc: int, args: list[str], script: list[str] | None = None, env: 
 
 @pytest.fixture(scope="module")
 def base(ckpt, text_file) -> list[str]:
-    return ["run", f"--weights={ckpt}", f"--dataset={text_file}", "--split=all", "--sample_len=8", "--stride=3",
-            "--batch_size=16", "--chunk_windows=16", "--block_idx=0,2", "--progress=False"]  # fmt: skip
+    return [
+        "run", f"--weights={ckpt}", f"--dataset={text_file}", "--split=all", "--sample_len=8", "--stride=3",
+        "--batch_size=16", "--chunk_windows=16", "--block_idx=0,2", "--progress=False",
+    ]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -111,7 +111,7 @@ def test_verify_names_array_chunk_and_windows_of_a_deleted_chunk(made):
     problems = blockcap.verify(args["out"])
     lo, hi = windows_of(args, 1)
     assert len(problems) == 1, problems
-    assert f"block0/ffwd_output: " in problems[0] and f"windows {lo}..{hi - 1})" in problems[0]
+    assert "block0/ffwd_output: " in problems[0] and f"windows {lo}..{hi - 1})" in problems[0]
     assert "is committed but its data object" in problems[0]
 
 

@@ -175,7 +175,9 @@ def test_corrupted_chunks_are_detected(run_args, how, capsys):
     corrupt_first_chunk(store, "block0/proj_output", how)
     s = blockcap.open_store(store)
     assert s.site("heads_output")[:].shape[0] == s.n_windows  # other arrays still read
-    with pytest.raises(BlockcapError, match=r"block0/proj_output: chunk 0 \(windows 0..15\): object .* differs"):
+    with pytest.raises(
+        BlockcapError, match=r"block0/proj_output: chunk 0 \(windows 0..15\): object .* differs"
+    ):
         s.site("proj_output")[:20]
     problems = blockcap.verify(store)
     assert any("block0/proj_output: chunk 0 (windows 0..15)" in p for p in problems), problems

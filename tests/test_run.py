@@ -8,12 +8,12 @@ import torch
 import zarr
 
 import blockcap
-from blockcap.models.chargpt import CaptureModule
 from blockcap.checkpoint import load_checkpoint
 from blockcap.data import split_tokens
-from blockcap.tokens import CharTokenizer
 from blockcap.errors import BlockcapError
+from blockcap.models.chargpt import CaptureModule
 from blockcap.sites import DEFAULT_SITES
+from blockcap.tokens import CharTokenizer
 
 
 def expected(run_args, blocks, sites, split="val"):
@@ -236,4 +236,6 @@ def test_sharded_store_equals_unsharded_and_resumes(run_args, tmp_path, monkeypa
     assert len(files) == 1 + -(-b["block0/ffwd_output"].shape[0] // 48)  # zarr.json + one file a shard
     assert blockcap.verify(run_args["out"]) == []
     s = blockcap.open_store(run_args["out"])
-    assert torch.equal(s.site("ffwd_output")[5:40:3], blockcap.open_store(plain.path).site("ffwd_output")[5:40:3])
+    assert torch.equal(
+        s.site("ffwd_output")[5:40:3], blockcap.open_store(plain.path).site("ffwd_output")[5:40:3]
+    )

@@ -1,4 +1,4 @@
-"""Stores in object storage (a local S3 server): run, resume after SIGKILL, verify, read, overwrite, torchrun."""
+"""Stores in object storage (a local S3 server): run, resume, verify, read, overwrite, torchrun."""
 
 from __future__ import annotations
 
@@ -23,9 +23,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture
 def args(ckpt, text_file, s3_server, bucket) -> list[str]:  # noqa: F811
-    return ["run", f"--weights={ckpt}", f"--dataset={text_file}", "--split=all", "--sample_len=8", "--stride=20",
-            "--batch_size=16", "--chunk_windows=16", "--sites=heads_output,ffwd_output", "--progress=False",
-            f"--out=s3://{bucket}/s.zarr", f"--storage_options={s3_server['json']}"]  # fmt: skip
+    return [
+        "run", f"--weights={ckpt}", f"--dataset={text_file}", "--split=all", "--sample_len=8", "--stride=20",
+        "--batch_size=16", "--chunk_windows=16", "--sites=heads_output,ffwd_output", "--progress=False",
+        f"--out=s3://{bucket}/s.zarr", f"--storage_options={s3_server['json']}",
+    ]  # fmt: skip
 
 
 @pytest.fixture
@@ -107,7 +109,15 @@ def test_overwrite_copies_the_old_store_aside_until_the_new_one_completes(args, 
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_into_one_bucket(args, local, s3_server, bucket):  # noqa: F811
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "blockcap"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "blockcap",
+    ]
     done = subprocess.run([*cmd, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert objects(s3_server["fs"], f"{bucket}/s.zarr") == local

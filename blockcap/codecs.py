@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import google_crc32c
 import numcodecs
+import numcodecs.abc
 import numpy as np
 import torch
 from zarr.abc.codec import BytesBytesCodec
@@ -138,3 +139,42 @@ def digest(obj: bytes | memoryview | np.ndarray) -> int:
     is left out; when the object is intact the digest equals that trailer.)
     """
     return int(google_crc32c.value(np.frombuffer(obj, np.uint8)[:-4]))
+
+
+class ChunkDecoder:
+    """Decodes a whole chunk object of an unsharded array: [bytes, blosc | zstd | none, crc32c].
+
+    Built from the array's own metadata, so it reads any store blockcap wrote; other codec chains
+    (sharding, or codecs blockcap never writes) return None from ``for_array`` and are read by zarr.
+    """
+
+    def __init__(self, codec: numcodecs.abc.Codec | None, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+        self.codec = codec
+        self.dtype = np.dtype(dtype).newbyteorder("<")
+        self.shape = shape
+
+    @classmethod
+    def for_array(cls, arr) -> ChunkDecoder | None:
+        if arr.shards is not None or type(arr.serializer).__name__ != "BytesCodec":
+            return None
+        names = [c.to_dict()["name"] for c in arr.compressors]
+        if not names or names[-1] != "crc32c" or len(names) > 2:
+            return None
+        codec = None
+        if len(names) == 2:
+            if names[0] == "blosc":
+                codec = numcodecs.Blosc()
+            elif names[0] == "zstd":
+                codec = numcodecs.Zstd()
+            else:
+                return None
+        return cls(codec, arr.dtype, tuple(arr.chunks))
+
+    def decode(self, obj: bytes | np.ndarray) -> np.ndarray:
+        """The chunk as an array of the chunk shape; ValueError when its checksum fails."""
+        raw = np.frombuffer(obj, np.uint8)
+        body = raw[:-4]
+        if raw.size < 4 or int(raw[-4:].view("<u4")[0]) != google_crc32c.value(body):
+            raise ValueError("its checksum fails")
+        data = body if self.codec is None else np.frombuffer(self.codec.decode(body), np.uint8)
+        return data.view(self.dtype).reshape(self.shape)

@@ -99,10 +99,13 @@ class CommitIndex:
         return rec
 
     def load_all(self, threads: int = 16) -> dict[int, Record]:
-        """Every unit's record (reads them concurrently; object stores have high latency)."""
+        """Every unit's record: cached ones as they are, the others read concurrently (object stores
+        have high latency); records that are absent are read again each time (a run may add them)."""
         units = range(self.layout.n_units)
+        if len(self.records) == self.layout.n_units:
+            return dict(self.records)
         with ThreadPoolExecutor(max_workers=threads) as pool:
-            return dict(zip(units, pool.map(lambda u: self.record(u, cached=False), units), strict=True))
+            return dict(zip(units, pool.map(self.record, units), strict=True))
 
     def committed_mask(self) -> np.ndarray:
         recs = self.load_all()

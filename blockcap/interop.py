@@ -17,9 +17,8 @@ every window were stored.
 Without blockcap, ``xarray.open_zarr(path, group="block0", consolidated=False)`` opens a block's
 sites (and the root group ``tokens``, ``offsets``, ``committed``). What a plain reader sees of
 bfloat16 is the bit pattern: ``uint16`` with the attribute ``blockcap_dtype: bfloat16``; widen it
-with ``(bits.astype(np.uint32) << 16).view(np.float32)``. Every vector site's last dimension is
-named ``embed`` there, so a block holding ``mlp_hidden`` (or heads of another width) has
-conflicting sizes for ``embed``: open it with ``drop_variables=["mlp_hidden"]``.
+with ``(bits.astype(np.uint32) << 16).view(np.float32)``. There the last dimension is ``embed``
+for residual sites, ``head_features`` for ``heads_output`` and ``mlp`` for ``mlp_hidden``.
 """
 
 from __future__ import annotations

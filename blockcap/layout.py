@@ -29,7 +29,7 @@ import numpy as np
 
 from blockcap.codecs import StorageDtype, storage_dtype
 from blockcap.models.base import ModelDims
-from blockcap.sites import ATTENTION, TRANSFORMER_LENS, is_vector
+from blockcap.sites import ATTENTION, TRANSFORMER_LENS, VECTOR_SITES, WIDTH_DIM, is_vector
 from blockcap.spec import CaptureSpec
 from blockcap.tokens import token_dtype
 
@@ -157,11 +157,8 @@ class Layout:
         """Every array, in creation order; the per-unit ones in the order of the commit record."""
         n, T = self.n_windows, self.sample_len
         per_window = CREATE if self.dedup else UNIT  # a dedup store's window index is written up front
-        window_grid = (
-            {"chunks": (min(n, max(1, TARGET_CHUNK_BYTES // (4 * T))), T)}
-            if self.dedup
-            else self._unit_grid((n, T))
-        )
+        # a dedup store's window index is chunked like its rows: a window range reads a few row chunks
+        window_grid = {"chunks": (min(n, self.chunk_windows), T)} if self.dedup else self._unit_grid((n, T))
         tok = str(token_dtype(self.dims.vocab_size))
         out = [
             ArrayDef("tokens", (n, T), tok, dims=("window", "position"), codec=SMALL_CODEC,
@@ -183,7 +180,7 @@ class Layout:
             dims = (
                 ("window", "head", "query", "key")
                 if site == ATTENTION
-                else (("row",) if self.dedup else ("window", "position")) + ("embed",)
+                else (("row",) if self.dedup else ("window", "position")) + (WIDTH_DIM[VECTOR_SITES[site]],)
             )
             attrs = {
                 "blockcap_dtype": self.dtype_name,
@@ -209,7 +206,7 @@ class Layout:
         for b, site in self.stat_outputs():
             width = self.dims.width(site)
             for name in STATS_FINAL:
-                size, dim = (T, "position") if name == "norm_mean" else (width, "embed")
+                size, dim = (T, "position") if name == "norm_mean" else (width, WIDTH_DIM[VECTOR_SITES[site]])
                 out.append(ArrayDef(stats_path(b, site, name), (size,), "float64", (size,), (dim,),
                                     SMALL_CODEC, FINISH))  # fmt: skip
         return out

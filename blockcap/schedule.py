@@ -108,4 +108,5 @@ class DedupSchedule:
         return Batch(b, lo, hi, self.unique[ulo:uhi], None, select)
 
     def run_length(self, unit_items: int) -> int:
-        return 1
+        """Units one batch can fill: up to ``batch_size * T`` rows, not aligned with units."""
+        return self.batch_size * self.unique.shape[1] // unit_items + 2

@@ -437,7 +437,7 @@ class _DedupSource:
     def __init__(
         self, store: CaptureStore, arr: LazyArray, position: int | None, unique: bool, k: int
     ) -> None:
-        self.rows = LazyArray(arr.zarr, arr.name, arr.bfloat16)  # (row, width)
+        self.rows = LazyArray(arr.zarr, arr.name, arr.bfloat16, chunks=arr.chunks)  # (row, width)
         self.unique, self.k = unique, k
         prefix = store.prefix_rows.np[:].astype(np.int64)
         T = prefix.shape[1]

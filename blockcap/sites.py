@@ -20,6 +20,9 @@ VECTOR_SITES: dict[str, str] = {
     "ffwd_output": RESIDUAL,
     "block_output": RESIDUAL,
 }
+# the name of a vector site's last dimension in the store, by width kind: sites of different widths
+# in one group must not share a dimension name (xarray would refuse the group)
+WIDTH_DIM: dict[str, str] = {RESIDUAL: "embed", HEADS: "head_features", MLP: "mlp"}
 ATTENTION = "attention"
 SITES: tuple[str, ...] = (*VECTOR_SITES, ATTENTION)
 DEFAULT_SITES: tuple[str, ...] = ("heads_output", "proj_output", "ffwd_output")

@@ -26,7 +26,7 @@ import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -169,13 +169,16 @@ class Opened:
     layout: Layout
     index: CommitIndex
     group: zarr.Group
+    arrays: dict[str, zarr.Array] = field(default_factory=dict)
 
     @property
     def state(self) -> str:
         return self.meta.get("state", "")
 
     def array(self, path: str) -> zarr.Array:
-        """An array by path, with a one-line error when its metadata is missing or damaged."""
+        """An array by path (opened once), with a one-line error when its metadata is missing or damaged."""
+        if path in self.arrays:
+            return self.arrays[path]
         try:
             arr = self.group[path]
         except Exception as e:  # zarr raises KeyError, FileNotFoundError or JSON errors here
@@ -184,6 +187,7 @@ class Opened:
             ) from None
         if not isinstance(arr, zarr.Array):
             raise DamagedError(f"array {path}: its metadata document is missing or damaged (found a group)")
+        self.arrays[path] = arr
         return arr
 
 

@@ -23,9 +23,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import pickle
 import re
-import zipfile
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -122,7 +120,10 @@ def load_checkpoint(path: str | os.PathLike | None = None) -> Loaded:
     raw = p.read_bytes()
     try:
         obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - any file that is not a checkpoint: pickle, zip, key errors
+        if isinstance(e, MemoryError):
+            raise
+
         raise BlockcapError(f"weights file {p} is not a loadable checkpoint ({_reason(e)})") from None
     if not isinstance(obj, dict):
         raise BlockcapError(f"weights file {p} holds a {type(obj).__name__}, not a checkpoint or state dict")

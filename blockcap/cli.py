@@ -53,7 +53,19 @@ def _document_run() -> None:
 _document_run()
 
 
-def info(store: str, storage_options: str | None = None) -> None:
+def _store_arg(store: object) -> str:
+    if not isinstance(store, (str, int)) or not str(store).strip():
+        raise BlockcapError(f"store={store!r} is not a store path or URL")
+    return str(store)
+
+
+def _bool_arg(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise BlockcapError(f"{name}={value!r} is not True or False")
+    return value
+
+
+def info(store: str, *, storage_options: str | None = None) -> None:
     """Print a store's layout, sizes, completion state, statistics and provenance."""
     from blockcap.describe import describe
     from blockcap.location import Location
@@ -61,18 +73,20 @@ def info(store: str, storage_options: str | None = None) -> None:
     from blockcap.spec import parse_storage_options
     from blockcap.store import open_location
 
-    print(describe(CaptureStore(open_location(Location(str(store), parse_storage_options(storage_options))))))
+    location = Location(_store_arg(store), parse_storage_options(storage_options))
+    print(describe(CaptureStore(open_location(location))))
 
 
 def verify(
-    store: str, dataset_check: bool = True, stats: bool = False, storage_options: str | None = None
+    store: str, *, dataset_check: bool = True, stats: bool = False, storage_options: str | None = None
 ) -> None:
     """Read every object of a store and check metadata, commits, digests and tokens; exit 1 on a problem."""
     from blockcap.verify import verify as verify_store
 
     problems = verify_store(
-        str(store), check_dataset=dataset_check, check_stats=stats, storage_options=storage_options
-    )
+        _store_arg(store), check_dataset=_bool_arg("dataset_check", dataset_check),
+        check_stats=_bool_arg("stats", stats), storage_options=storage_options,
+    )  # fmt: skip
     for p in problems:
         print(f"problem: {p}", file=sys.stderr)
     if problems:
@@ -80,13 +94,13 @@ def verify(
     print(f"ok: {store} is complete and every object matches its commit record")
 
 
-def finalize(store: str, storage_options: str | None = None) -> None:
+def finalize(store: str, *, storage_options: str | None = None) -> None:
     """Mark a store complete once every unit is committed (idempotent; safe from every job-array task)."""
     from blockcap.location import Location
     from blockcap.spec import parse_storage_options
     from blockcap.store import finish, read_meta
 
-    location = Location(str(store), parse_storage_options(storage_options))
+    location = Location(_store_arg(store), parse_storage_options(storage_options))
     meta = finish(location, read_meta(location))
     print(f"complete: {store} (finished {meta.get('finished')})")
 
@@ -96,12 +110,19 @@ def train(*args, **kwargs) -> None:
     train_model(*args, **kwargs)
 
 
-def generate(prompt: str = "\n", length: int = 300, weights: str | None = None, seed: int = 0) -> None:
+def generate(*, prompt: str = "\n", length: int = 300, weights: str | None = None, seed: int = 0) -> None:
     """Sample text from a char model (the bundled one by default) as a sanity check."""
     import torch
 
     from blockcap.checkpoint import load_checkpoint
+    from blockcap.spec import positive
     from blockcap.tokens import CharTokenizer
+
+    positive("length", length, 100_000)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise BlockcapError(f"seed={seed!r} is not an integer 0 or more")
+    if str(prompt) == "":
+        raise BlockcapError("prompt='' is empty; the model needs at least one character to start from")
 
     loaded = load_checkpoint(weights)
     if loaded.vocab is None:
@@ -168,7 +189,10 @@ def check_args(argv: list[str]) -> None:
         if tok.startswith("--"):
             name, eq, _ = tok[2:].partition("=")
             name = name.replace("-", "_")
-            if name not in params and not (name.startswith("no") and name[2:] in flags):
+            negated = name.startswith("no") and name[2:] in flags and name not in params
+            if negated and eq:
+                raise BlockcapError(f"option --{name} takes no value; use --{name[2:]}=False")
+            if name not in params and not negated:
                 raise BlockcapError(f"unknown option --{name} for {argv[0]}; its options are "
                                     f"{', '.join('--' + n for n in params)}")  # fmt: skip
             named.add(name)
@@ -200,6 +224,13 @@ def main(argv: list[str] | None = None) -> None:
     except Interrupted as e:
         if not quiet:
             print(f"blockcap: {cli_words(str(e))}", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    except KeyboardInterrupt:  # outside a capture loop: planning, creating or finishing a store
+        if not quiet:
+            print(
+                "blockcap: interrupted; every store is left consistent: re-run the same command",
+                file=sys.stderr,
+            )
         sys.exit(EXIT_INTERRUPTED)
     except BlockcapError as e:
         if not quiet:

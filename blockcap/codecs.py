@@ -142,39 +142,51 @@ def digest(obj: bytes | memoryview | np.ndarray) -> int:
 
 
 class ChunkDecoder:
-    """Decodes a whole chunk object of an unsharded array: [bytes, blosc | zstd | none, crc32c].
+    """Decodes the objects ``ChunkEncoder`` writes: a chunk [bytes, blosc | zstd | none, crc32c],
+    or a shard of such chunks with its index at the end."""
 
-    Built from the array's own metadata, so it reads any store blockcap wrote; other codec chains
-    (sharding, or codecs blockcap never writes) return None from ``for_array`` and are read by zarr.
-    """
-
-    def __init__(self, codec: numcodecs.abc.Codec | None, dtype: np.dtype, shape: tuple[int, ...]) -> None:
-        self.codec = codec
+    def __init__(self, codec: str, dtype: np.dtype, chunk: tuple[int, ...], shard_chunks: int = 1) -> None:
+        name, _ = _parse(codec)
+        self.codec = (
+            numcodecs.Blosc() if name.startswith("blosc-") else numcodecs.Zstd() if name == "zstd" else None
+        )
         self.dtype = np.dtype(dtype).newbyteorder("<")
-        self.shape = shape
+        self.chunk_shape = tuple(chunk)
+        self.shard_chunks = shard_chunks
 
     @classmethod
     def for_array(cls, arr) -> ChunkDecoder | None:
-        if arr.shards is not None or type(arr.serializer).__name__ != "BytesCodec":
-            return None
+        """From a zarr array's own metadata (format-1 stores); None for a codec chain of another kind."""
         names = [c.to_dict()["name"] for c in arr.compressors]
-        if not names or names[-1] != "crc32c" or len(names) > 2:
+        if arr.shards is not None or names[-1:] != ["crc32c"] or len(names) > 2:
             return None
-        codec = None
-        if len(names) == 2:
-            if names[0] == "blosc":
-                codec = numcodecs.Blosc()
-            elif names[0] == "zstd":
-                codec = numcodecs.Zstd()
-            else:
-                return None
-        return cls(codec, arr.dtype, tuple(arr.chunks))
+        codec = {"blosc": "blosc-lz4", "zstd": "zstd"}.get(names[0], "?") if len(names) == 2 else "none"
+        return cls(codec, arr.dtype, tuple(arr.chunks)) if codec != "?" else None
 
     def decode(self, obj: bytes | np.ndarray) -> np.ndarray:
-        """The chunk as an array of the chunk shape; ValueError when its checksum fails."""
+        """One chunk as an array of the chunk shape; ValueError when its checksum fails."""
         raw = np.frombuffer(obj, np.uint8)
         body = raw[:-4]
         if raw.size < 4 or int(raw[-4:].view("<u4")[0]) != google_crc32c.value(body):
             raise ValueError("its checksum fails")
         data = body if self.codec is None else np.frombuffer(self.codec.decode(body), np.uint8)
-        return data.view(self.dtype).reshape(self.shape)
+        return data.view(self.dtype).reshape(self.chunk_shape)
+
+    def decode_shard(self, obj: bytes | np.ndarray, inner: list[int]) -> list[np.ndarray | None]:
+        """Chunks ``inner`` of a shard (None where the shard stores none); ValueError when damaged."""
+        raw = np.frombuffer(obj, np.uint8)
+        size = 16 * self.shard_chunks
+        table, tail = raw[-size - 4 : -4], raw[-4:]
+        if raw.size < size + 4 or int(tail.view("<u4")[0]) != google_crc32c.value(table):
+            raise ValueError("its shard index checksum fails")
+        index = table.view("<u8").reshape(self.shard_chunks, 2)
+        out = []
+        for i in inner:
+            offset, length = (int(x) for x in index[i])
+            if offset == EMPTY:
+                out.append(None)
+                continue
+            if offset + length > raw.size - size - 4:
+                raise ValueError("its shard index points outside the shard")
+            out.append(self.decode(raw[offset : offset + length]))
+        return out

@@ -1,21 +1,24 @@
 """Commit records, and reads that never mistake missing or wrong data for zeros.
 
 A write unit is committed by one record object written after every object of the unit: a row of
-``committed`` holding a magic number, the unit's index and the crc32c of each of the unit's
-objects, in the order ``committed.attrs["objects"]`` lists. Hence:
+``committed`` holding a magic number, the unit's index, the store's tag (a digest of its spec)
+and the digest of each of the unit's objects, in the order ``committed.attrs["objects"]`` lists.
+Objects written at creation and at finish (tokenizer, a dedup store's index, final statistics)
+have their digests in the root document. Hence:
 
-* a unit without a record was never finished: its windows read as the fill value (zeros);
-* a record that fails its checksum, has the wrong magic or names another unit is damage;
-* an object of a committed unit that is missing, or whose bytes differ from the digest, is damage.
+* a unit without a record was never finished: its windows read as the fill value (zeros), unless
+  the store is complete, where every record must exist;
+* a record that fails its checksum, has the wrong magic or names another unit or store is damage;
+* an object that is missing, or whose bytes differ from its digest, is damage.
 
-``CheckedStore`` wraps zarr's store for reading and applies those rules to every chunk a read
-touches (zarr alone reads an absent chunk as zeros). Format-1 stores have one uint8 flag per
-chunk and no digests: their chunks are checked for presence only.
+``CommitIndex.check`` applies these rules to every object a read fetches (zarr alone reads an
+absent chunk as zeros); ``CheckedStore`` makes zarr's own reads go through it too. Format-1
+stores have one uint8 flag per chunk and no digests: their chunks are checked for presence only.
 """
 
 from __future__ import annotations
 
-import asyncio
+import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -38,9 +41,14 @@ class DamagedError(BlockcapError):
     """Stored data is missing or differs from what was committed."""
 
 
-def encode_record(unit: int, digests: list[int]) -> np.ndarray:
-    """The commit record row of ``unit``."""
-    return np.asarray([MAGIC, unit, *digests], dtype="<u4")
+def store_tag(identity: dict[str, Any]) -> int:
+    """A store's tag in its commit records: a digest of what it holds (its spec's identity)."""
+    return int(google_crc32c.value(json.dumps(identity, sort_keys=True).encode()))
+
+
+def encode_record(unit: int, tag: int, digests: list[int]) -> np.ndarray:
+    """The commit record row of ``unit`` in the store tagged ``tag``."""
+    return np.asarray([MAGIC, unit, tag, *digests], dtype="<u4")
 
 
 @dataclass(frozen=True)
@@ -50,7 +58,7 @@ class Record:
     reason: str = ""
 
 
-def _decode_record(raw: bytes | None, unit: int, n_fields: int, version: int) -> Record:
+def _decode_record(raw: bytes | None, unit: int, n_fields: int, version: int, tag: int) -> Record:
     if raw is None:
         return Record(ABSENT)
     body, tail = raw[:-4], raw[-4:]
@@ -61,21 +69,28 @@ def _decode_record(raw: bytes | None, unit: int, n_fields: int, version: int) ->
     row = np.frombuffer(body, "<u4") if len(body) % 4 == 0 else np.zeros(0, "<u4")
     if row.size != n_fields or row[0] != MAGIC or row[1] != unit:
         return Record(DAMAGED, reason="it is not a commit record of this unit (forged or misplaced)")
-    return Record(COMMITTED, tuple(int(x) for x in row[2:]))
+    if row[2] != tag:
+        return Record(DAMAGED, reason="it is a commit record of another store")
+    return Record(COMMITTED, tuple(int(x) for x in row[3:]))
 
 
 class CommitIndex:
     """The commit records of one store, loaded on demand and cached once committed."""
 
-    def __init__(self, location: Location, layout: Layout, version: int, objects: list[str]) -> None:
+    def __init__(
+        self, location: Location, layout: Layout, version: int, objects: list[str], tag: int = 0,
+        digests: dict[str, int] | None = None, complete: bool = False,
+    ) -> None:  # fmt: skip
         self.location = location
         self.layout = layout
         self.version = version
         self.objects = {path: i for i, path in enumerate(objects)}
-        self.n_fields = 2 + len(objects)
+        self.n_fields = 3 + len(objects)
+        self.tag = tag
+        self.digests = dict(digests or {})  # objects outside the unit protocol that must be as recorded
+        self.complete = complete  # then every unit must have its record
         self.records: dict[int, Record] = {}
         self.lock = threading.Lock()
-        self.required: set[str] = set()  # arrays outside the unit protocol whose objects must exist
 
     def _keys(self, unit: int) -> list[str]:
         """The record objects of ``unit``: one row (format 2), or one flag per chunk (format 1)."""
@@ -88,7 +103,8 @@ class CommitIndex:
         if cached and unit in self.records:
             return self.records[unit]
         parts = [
-            _decode_record(self.location.get(k), unit, self.n_fields, self.version) for k in self._keys(unit)
+            _decode_record(self.location.get(k), unit, self.n_fields, self.version, self.tag)
+            for k in self._keys(unit)
         ]
         rec = next((p for p in parts if p.status == DAMAGED), None) or next(
             (p for p in parts if p.status == ABSENT), parts[0]
@@ -122,20 +138,27 @@ class CommitIndex:
     def check(self, key: str, data: Any, whole: bool) -> Any:
         """``data`` read for ``key`` (None: absent), as a read should see it; DamagedError if damaged.
 
-        Objects outside the unit protocol pass unchanged, except that ``required`` ones must
-        exist. Objects of a unit never committed read as absent (the fill value), never as
-        half-written data.
+        Objects outside the unit protocol must match the root document's digests where it has
+        them. Objects of a unit never committed read as absent (the fill value), never as
+        half-written data; in a complete store every unit must be committed.
         """
         path, sep, coords = key.rpartition("/c/")
         if not sep or path not in self.objects:
-            if data is None and path in self.required:
-                raise DamagedError(f"{path}: its data object {key} is missing")
+            if key in self.digests:
+                if data is None:
+                    raise DamagedError(f"{path}: its data object {key} is missing")
+                if whole and digest(data) != self.digests[key]:
+                    raise DamagedError(f"{path}: object {key} differs from what was written")
             return data
         unit = int(coords.split("/", 1)[0])
         rec = self.record(unit)
         if rec.status == DAMAGED:
             raise DamagedError(f"{self.describe(path, unit)}: its commit record is damaged ({rec.reason})")
         if rec.status == ABSENT:
+            if self.complete:
+                raise DamagedError(
+                    f"{self.describe(path, unit)}: its commit record is missing from a complete store"
+                )
             return None
         if data is None:
             raise DamagedError(
@@ -161,5 +184,4 @@ class CheckedStore(WrapperStore):
         if "/c/" not in key:
             return buf
         raw = None if buf is None else buf.as_numpy_array()
-        checked = await asyncio.to_thread(self.index.check, key, raw, byte_range is None)
-        return None if checked is None else buf
+        return None if self.index.check(key, raw, byte_range is None) is None else buf

@@ -197,9 +197,9 @@ class Layout:
             out.append(ArrayDef(stats_path(b, site, "partial"), (self.n_units, w), "float64", (1, w),
                                 ("unit", "value"), SMALL_CODEC, UNIT))  # fmt: skip
         out.append(
-            ArrayDef("committed", (self.n_units, 2 + len(out_units(out))), "uint32",
-                     (1, 2 + len(out_units(out))), ("unit", "field"), "none", COMMIT,
-                     attrs={"description": "per write unit: magic, unit, crc32c of each unit object",
+            ArrayDef("committed", (self.n_units, 3 + len(out_units(out))), "uint32",
+                     (1, 3 + len(out_units(out))), ("unit", "field"), "none", COMMIT,
+                     attrs={"description": "per unit: magic, unit, store tag, digest of each unit object",
                             "objects": [a.path for a in out_units(out)],
                             "unit_items": self.unit_windows})
         )  # fmt: skip

@@ -10,6 +10,7 @@ kill the process after any one of them.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable
@@ -59,19 +60,38 @@ class Location:
         """The location named like this one plus ``suffix`` (e.g. ``out.replaced``)."""
         return Location(self.url.rstrip("/") + suffix, self.storage_options)
 
+    def _remote(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        """An object-store call whose failures (credentials, network, permissions) are one line."""
+        try:
+            return fn(*args, **kw)
+        except (FileNotFoundError, BlockcapError):
+            raise
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise BlockcapError(
+                f"{self.url}: the object store failed ({type(e).__name__}: {first})"
+            ) from None
+
+    def _remote_write(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        """As ``_remote``, as an OSError: a failed write leaves a resumable store, like a full disk."""
+        try:
+            return self._remote(fn, *args, **kw)
+        except BlockcapError as e:
+            raise OSError(str(e)) from None
+
     # --- reading -----------------------------------------------------------------------------
     def get(self, key: str) -> bytes | None:
         try:
             if self.local:
                 return (self.root / key).read_bytes()
-            return self.fs.cat_file(f"{self.path}/{key}")
+            return self._remote(self.fs.cat_file, f"{self.path}/{key}")
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
 
     def exists(self, key: str = "") -> bool:
         if self.local:
             return (self.root / key).exists()
-        return self.fs.exists(f"{self.path}/{key}".rstrip("/"))
+        return self._remote(self.fs.exists, f"{self.path}/{key}".rstrip("/"))
 
     def keys(self, prefix: str = "") -> list[str]:
         """Every object under ``prefix`` (relative keys, sorted); local temp files left out."""
@@ -85,9 +105,9 @@ class Location:
                 found += [f if rel == "." else f"{rel}/{f}" for f in files if not f.endswith(PARTIAL)]
             return sorted(found)
         base = f"{self.path}/{prefix}".rstrip("/")
-        self.fs.invalidate_cache(base)  # other processes write here too: never trust a cached listing
+        self._remote(self.fs.invalidate_cache, base)  # other processes write too: no cached listing
         try:
-            return sorted(p[len(self.path) + 1 :] for p in self.fs.find(base))
+            return sorted(p[len(self.path) + 1 :] for p in self._remote(self.fs.find, base))
         except FileNotFoundError:
             return []
 
@@ -95,17 +115,19 @@ class Location:
         """Every object's size in bytes, from one listing."""
         if self.local:
             return {k: (self.root / k).stat().st_size for k in self.keys()}
-        self.fs.invalidate_cache(self.path)
-        found = self.fs.find(self.path, detail=True)
+        self._remote(self.fs.invalidate_cache, self.path)
+        found = self._remote(self.fs.find, self.path, detail=True)
         return {p[len(self.path) + 1 :]: int(info.get("size", 0)) for p, info in found.items()}
 
     def is_empty(self) -> bool:
         """Nothing stored here (an empty local directory, or no object under the prefix)."""
         if self.local:
+            if os.path.islink(self.root) and not self.root.exists():
+                return False  # a dangling symbolic link is something in the way, not nothing
             return not self.root.exists() or (self.root.is_dir() and not any(self.root.iterdir()))
-        self.fs.invalidate_cache(self.path)
+        self._remote(self.fs.invalidate_cache, self.path)
         try:
-            return not self.fs.ls(self.path)
+            return not self._remote(self.fs.ls, self.path)
         except FileNotFoundError:
             return True
 
@@ -131,6 +153,10 @@ class Location:
             return
         if self.root.is_file():
             raise BlockcapError(f"out={self.url!r} is a file; pass a directory path for the store")
+        if os.path.islink(self.root) and not self.root.exists():
+            raise BlockcapError(
+                f"out={self.url!r} is a symbolic link to nothing; remove it or choose another out=PATH"
+            )
         parent = self.root.absolute().parent
         if not parent.is_dir():
             raise BlockcapError(f"out={self.url!r}: directory {parent} does not exist; create it first")
@@ -149,7 +175,7 @@ class Location:
             _wrote("put-partial", key)
             os.replace(tmp, path)
         else:
-            self.fs.pipe_file(f"{self.path}/{key}", bytes(data))
+            self._remote_write(self.fs.pipe_file, f"{self.path}/{key}", bytes(data))
         _wrote("put", key)
 
     def put_many(self, objects: dict[str, bytes]) -> None:
@@ -177,15 +203,19 @@ class Location:
             self.put(key, data)
             return
         staging = self.root.with_name(f".{self.root.name}.{uuid.uuid4().hex[:12]}.creating")
-        Location(str(staging)).put(key, data)
-        os.rename(staging, self.root)
+        try:
+            Location(str(staging)).put(key, data)
+            os.rename(staging, self.root)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         _wrote("rename", str(self.root))
 
     def delete(self, key: str) -> None:
         if self.local:
             (self.root / key).unlink(missing_ok=True)
-        elif self.fs.exists(f"{self.path}/{key}"):
-            self.fs.rm_file(f"{self.path}/{key}")
+        elif self._remote(self.fs.exists, f"{self.path}/{key}"):
+            self._remote_write(self.fs.rm_file, f"{self.path}/{key}")
         _wrote("delete", key)
 
     def remove_partial_files(self) -> int:
@@ -215,9 +245,9 @@ class Location:
             keys = self.keys()
             rest = [f"{self.path}/{k}" for k in keys if k != "zarr.json"]
             if rest:
-                self.fs.rm(rest)
+                self._remote_write(self.fs.rm, rest)
             if "zarr.json" in keys:
-                self.fs.rm_file(f"{self.path}/zarr.json")
+                self._remote_write(self.fs.rm_file, f"{self.path}/zarr.json")
         _wrote("delete", "")
 
     def copy_to(self, dst: Location, keys: list[str]) -> None:
@@ -227,18 +257,20 @@ class Location:
                 dst.put(key, self.get(key))
             return
         if keys:
-            self.fs.copy([f"{self.path}/{k}" for k in keys], [f"{dst.path}/{k}" for k in keys])
+            self._remote_write(
+                self.fs.copy, [f"{self.path}/{k}" for k in keys], [f"{dst.path}/{k}" for k in keys]
+            )
         _wrote("copy", dst.url)
 
     def stale_trash(self) -> list[Path]:
-        """Directories a kill left beside this store: trash being removed, or a store being staged."""
+        """Directories a kill left beside this store: trash being removed, or a store being staged.
+
+        Recognised by the exact names blockcap gives them (a 12-digit hex token), nothing looser.
+        """
         if not self.local or not self.root.parent.is_dir():
             return []
-        return sorted(
-            p
-            for suffix in ("trash", "creating")
-            for p in self.root.parent.glob(f".{self.root.name}.*.{suffix}")
-        )
+        mine = re.compile(rf"\.{re.escape(self.root.name)}\.[0-9a-f]{{12}}\.(trash|creating)")
+        return sorted(p for p in self.root.parent.iterdir() if mine.fullmatch(p.name) and p.is_dir())
 
     # --- zarr -----------------------------------------------------------------------------------
     def zarr_store(self, read_only: bool = True) -> Any:
@@ -261,8 +293,12 @@ def _filesystem(url: str, options: dict[str, Any]) -> tuple[Any, str]:
         ) from None
     try:
         fs, path = fsspec.url_to_fs(url, **options)
-    except (ImportError, ValueError) as e:
+    except ImportError as e:
         raise BlockcapError(
             f"cannot open {url}: {e}; install the fsspec backend for it (s3fs for s3://)"
+        ) from None
+    except Exception as e:  # bad storage_options: each backend raises its own kind
+        raise BlockcapError(
+            f"cannot open {url} with storage_options={options!r} ({type(e).__name__}: {e})"
         ) from None
     return fs, path.rstrip("/")

@@ -30,6 +30,7 @@ from blockcap.device import free_memory, pick_device
 from blockcap.dist import Group, from_env
 from blockcap.dryrun import DryRun, check_free_space, dry_run
 from blockcap.errors import BlockcapError, Interrupted
+from blockcap.integrity import store_tag
 from blockcap.layout import Layout, choose_chunk_windows
 from blockcap.location import Location
 from blockcap.models import Adapter, ModelDims, load_model
@@ -177,6 +178,12 @@ def make_plan(spec: CaptureSpec, opts: RunOptions, group: Group) -> Plan:
         if spec.dedup
         else choose_chunk_windows(spec.batch_size, _bytes_per_item(spec, adapter, itemsize), schedule.n_items)
     )
+    n_chunks = -(-schedule.n_items // chunk)
+    if spec.shard_chunks > n_chunks:
+        raise BlockcapError(
+            f"shard_chunks={spec.shard_chunks} is more chunks than the run has ({n_chunks}); "
+            f"use 1..{n_chunks}"
+        )
     resolved = replace(
         spec, block_idx=blocks, chunk_windows=chunk, dataset_sha256=dataset_sha256(data_path),
         model_sha256=adapter.model_sha256, device=device.type,
@@ -257,7 +264,7 @@ def _capture(p: Plan, writer: SlabWriter, units: list[int], bar: tqdm, group: Gr
     batches = schedule.batches_for(units, p.layout.unit_windows)
     rounds = group.max(len(batches))
     done, shown, computed, t0 = 0, 0, 0, time.perf_counter()
-    with _sigterm_as_interrupt(), torch.inference_mode():
+    with torch.inference_mode():
         for r in range(rounds):
             if r < len(batches):
                 batch = schedule.batch(batches[r])
@@ -285,8 +292,9 @@ class Job:
     def __init__(self, **kw: Any) -> None:
         self.t0 = time.perf_counter()
         spec, opts = split_kwargs(kw)
-        self.group = from_env()
         self.stack = ExitStack()
+        self.stack.enter_context(_sigterm_as_interrupt())  # stops unwind the same way everywhere
+        self.group = from_env()
         self.stack.callback(self.group.close)
         try:
             self.plan = make_plan(spec, opts, self.group)
@@ -371,6 +379,7 @@ class Job:
         )  # fmt: skip
         source = UnitSource(
             offsets=p.windows.offsets,
+            tag=store_tag(p.spec.identity()),
             row_positions=getattr(p.schedule, "row_position", None),
             row_weights=getattr(p.schedule, "row_weight", None),
         )

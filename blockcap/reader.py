@@ -9,9 +9,10 @@ per-head views, dedup stores read as if every window were stored, and per-token 
 
 from __future__ import annotations
 
+import os
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -21,8 +22,8 @@ import numpy as np
 import torch
 import zarr
 
-from blockcap.errors import BlockcapError
 from blockcap.codecs import ChunkDecoder
+from blockcap.errors import BlockcapError
 from blockcap.integrity import DamagedError
 from blockcap.layout import STATS_FINAL, Layout, site_path, stats_path
 from blockcap.location import Location
@@ -61,46 +62,73 @@ def _normalize(key: Any, ndim: int, name: str) -> tuple[Any, ...]:
     return key or (slice(None),)
 
 
-_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="blockcap-reader")
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool() -> ThreadPoolExecutor:
+    """This process's reader threads (a forked child, e.g. a DataLoader worker, gets its own)."""
+    pid = os.getpid()
+    if pid not in _POOLS:
+        _POOLS.clear()
+        _POOLS[pid] = ThreadPoolExecutor(max_workers=2, thread_name_prefix="blockcap-reader")
+    return _POOLS[pid]
 
 
 class ChunkReader:
-    """Whole chunks of an unsharded array straight from the store: read, commit check, decode.
+    """Whole objects of an array straight from the store: read, commit check, decode.
 
-    zarr's own read path costs about a millisecond a chunk here (its event loop, copies); scans,
-    the loader and xarray read through this instead, two chunks at a time (decoding releases the
-    GIL). The same rules apply: ``CommitIndex.check`` on every object.
+    Shapes, dtype and codec come from the store's layout, not from the array's metadata document,
+    so an altered ``zarr.json`` cannot change what blockcap reads (``verify`` reports it). Every
+    object is read whole and checked against its digest, a shard included (a read of one window
+    of a sharded store fetches its shard). zarr's own read path costs about a millisecond a chunk
+    here (its event loop, copies); objects are fetched and decoded two at a time (decoding
+    releases the GIL).
     """
 
     def __init__(self, opened: Opened, array: zarr.Array, path: str) -> None:
         self.opened = opened
         self.path = path
-        self.decoder = ChunkDecoder.for_array(array)
-        self.shape = tuple(array.shape)
-        self.rows = int(array.chunks[0])
-        self.fill = np.zeros(tuple(array.chunks), array.dtype)
+        spec = next((a for a in opened.layout.arrays() if a.path == path), None)
+        if opened.index.version >= 2 and spec is not None:
+            self.shape, chunks = spec.shape, spec.chunks
+            per = (spec.shards[0] // spec.chunks[0]) if spec.shards else 1
+            self.decoder = ChunkDecoder(spec.codec, np.dtype(spec.dtype), chunks, per)
+        else:  # format 1: its own metadata, unsharded arrays only
+            self.shape, chunks = tuple(array.shape), tuple(array.chunks)
+            self.decoder = ChunkDecoder.for_array(array)
+        self.rows = int(chunks[0])
+        self.fill = np.zeros(chunks, array.dtype if self.decoder is None else self.decoder.dtype)
 
-    def chunk(self, c: int) -> np.ndarray:
-        key = "/".join([self.path, "c", str(c), *["0"] * (len(self.shape) - 1)])
+    def _object(self, unit: int, chunks: list[int]) -> list[np.ndarray]:
+        """Chunks ``chunks`` of object ``unit`` (a chunk, or a shard of ``shard_chunks`` chunks)."""
+        key = "/".join([self.path, "c", str(unit), *["0"] * (len(self.shape) - 1)])
         data = self.opened.index.check(key, self.opened.location.get(key), whole=True)
         if data is None:
-            return self.fill  # never committed: the fill value
+            return [self.fill] * len(chunks)  # never committed: the fill value
+        k = self.decoder.shard_chunks
         try:
-            return self.decoder.decode(data)
+            if k == 1:
+                return [self.decoder.decode(data)]
+            inner = self.decoder.decode_shard(data, [c - unit * k for c in chunks])
+            return [self.fill if x is None else x for x in inner]
         except ValueError as e:
-            lo = c * self.rows
-            where = f"chunk {c} (windows {lo}..{min(lo + self.rows, self.shape[0]) - 1})"
-            raise DamagedError(f"{self.path}: {where} is damaged ({e})") from None
+            lo, hi = chunks[0] * self.rows, min((chunks[-1] + 1) * self.rows, self.shape[0])
+            raise DamagedError(
+                f"{self.path}: object {key} (windows {lo}..{hi - 1}) is damaged ({e})"
+            ) from None
 
     def read(self, lo: int, hi: int, rows: np.ndarray | None) -> np.ndarray:
         """Rows ``lo:hi``, or only ``rows`` (sorted, unique), as zarr would return them."""
         want = np.arange(lo, hi) if rows is None else rows
-        chunks = np.unique(want // self.rows)
+        chunks = np.unique(want // self.rows).tolist()
+        k = self.decoder.shard_chunks
+        units = sorted({c // k for c in chunks})
+        groups = [[c for c in chunks if c // k == u] for u in units]
         out = np.empty((len(want), *self.shape[1:]), self.fill.dtype)
-        at = np.searchsorted(want, chunks * self.rows)
-        for c, start, data in zip(chunks, at, _POOL.map(self.chunk, chunks.tolist()), strict=True):
-            stop = np.searchsorted(want, (c + 1) * self.rows)
-            out[start:stop] = data[want[start:stop] - c * self.rows]
+        for group, datas in zip(groups, _pool().map(self._object, units, groups), strict=True):
+            for c, data in zip(group, datas, strict=True):
+                start, stop = np.searchsorted(want, [c * self.rows, (c + 1) * self.rows])
+                out[start:stop] = data[want[start:stop] - c * self.rows]
         return out
 
 
@@ -111,8 +139,10 @@ class LazyArray:
     tensors, boolean masks, ``...``) or raises IndexError; only the windows it selects are read.
     """
 
-    def __init__(self, array: zarr.Array, name: str, bfloat16: bool = False,
-                 split_last: tuple[int, int] | None = None, chunks: ChunkReader | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, array: zarr.Array, name: str, bfloat16: bool = False, split_last: tuple[int, int] | None = None,
+        chunks: ChunkReader | None = None,
+    ) -> None:  # fmt: skip
         self.zarr = array
         self.name = name
         self.bfloat16 = bfloat16
@@ -213,7 +243,14 @@ class LazyArray:
         return self._rows(lo, hi, picked)
 
     def __getitem__(self, key: Any) -> torch.Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(self._select(key)))
+        data = np.asarray(self._select(key))  # 0-d stays 0-d, as in numpy
+        t = torch.from_numpy(
+            data.copy()
+            if any(s < 0 for s in data.strides)
+            else np.ascontiguousarray(data)
+            if data.ndim
+            else data
+        )
         return t.view(torch.bfloat16) if self.bfloat16 else t
 
     @property
@@ -419,6 +456,8 @@ class CaptureStore:
         Reads one chunk of windows at a time, so memory stays at one chunk per site.
         """
         block = self._block(block)
+        if isinstance(sites, str):
+            sites = tuple(s.strip() for s in sites.split(","))
         names = (
             tuple(sites)
             if sites

@@ -86,6 +86,9 @@ def parse_sites(value: Any) -> tuple[str, ...]:
     return tuple(s for s in SITES if s in names)
 
 
+MAX_COUNT = 1 << 40  # windows, strides and chunks beyond this are typos, not runs
+
+
 def positive(name: str, value: Any, upper: int | None = None) -> int:
     """``value`` if it is an int in 1..upper, else a BlockcapError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (upper and value > upper):
@@ -198,16 +201,16 @@ class CaptureSpec:
             raise BlockcapError(
                 f"sample_len={self.sample_len!r} is not an integer; use 1..the model's context"
             )
-        positive("sample_len", self.sample_len)
-        positive("stride", self.stride)
-        positive("batch_size", self.batch_size)
+        positive("sample_len", self.sample_len, MAX_COUNT)
+        positive("stride", self.stride, MAX_COUNT)
+        positive("batch_size", self.batch_size, 1 << 62)
         storage_dtype(self.dtype)
         compressors(self.codec)
         for name in ("compile", "fused", "dedup", "stats"):
             _flag(name, getattr(self, name))
         if self.chunk_windows is not None:  # its fit with batch_size needs the window count: see plan
-            positive("chunk_windows", self.chunk_windows)
-        positive("shard_chunks", self.shard_chunks)
+            positive("chunk_windows", self.chunk_windows, MAX_COUNT)
+        positive("shard_chunks", self.shard_chunks, 1 << 20)
         if self.dedup and ATTENTION in self.sites:
             raise BlockcapError("sites with attention cannot be deduplicated; drop attention or dedup")
 

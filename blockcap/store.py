@@ -33,12 +33,11 @@ import numpy as np
 import zarr
 from zarr.storage import MemoryStore
 
-from blockcap.codecs import ChunkEncoder, compressors
+from blockcap.codecs import ChunkEncoder, compressors, digest
 from blockcap.errors import BlockcapError
-from blockcap.integrity import COMMITTED, CheckedStore, CommitIndex, DamagedError
+from blockcap.integrity import COMMITTED, CheckedStore, CommitIndex, DamagedError, store_tag
 from blockcap.layout import (
     CREATE,
-    FINISH,
     FORMAT,
     FORMAT_VERSION,
     STATS_FINAL,
@@ -201,11 +200,12 @@ def open_location(location: Location, allow_creating: bool = False) -> Opened:
         objects = ["tokens", "offsets", *(f"block{b}/{s}" for b, s in layout.outputs())]
     else:
         objects = [a.path for a in layout.unit_arrays()]
-    index = CommitIndex(location, layout, meta["format_version"], objects)
-    if meta.get("state") in (INCOMPLETE, COMPLETE):
-        index.required = {a.path for a in layout.arrays() if a.when == CREATE}
-    if meta.get("state") == COMPLETE:
-        index.required |= {a.path for a in layout.arrays() if a.when == FINISH}
+    spec = spec_of(meta)
+    index = CommitIndex(
+        location, layout, meta["format_version"], objects, tag=store_tag(spec.identity()) if spec else 0,
+        digests=meta.get("digests", {}) if meta.get("state") != CREATING else {},
+        complete=meta.get("state") == COMPLETE,
+    )  # fmt: skip
     try:
         group = zarr.open_group(
             CheckedStore(location.zarr_store(read_only=True), index), mode="r", zarr_format=3
@@ -224,7 +224,8 @@ def create(
     Every step rewrites whole documents with the same content, so it is safe to repeat after a
     kill at any point. Returns the metadata as written.
     """
-    meta = {**meta, "format": FORMAT, "format_version": FORMAT_VERSION, "state": CREATING}
+    digests = {key: digest(blob) for key, blob in objects.items()}
+    meta = {**meta, "format": FORMAT, "format_version": FORMAT_VERSION, "state": CREATING, "digests": digests}
     docs = render_metadata(layout, meta)
     location.put_first(ROOT, docs.pop(ROOT))
     location.put_many({**docs, **objects})
@@ -280,6 +281,22 @@ def missing_objects(location: Location, layout: Layout, units: list[int]) -> set
     return bad
 
 
+def intact(location: Location, layout: Layout, meta: dict[str, Any]) -> bool:
+    """Whether a complete store still has every object it had: metadata, units with their commit
+    records, and the objects recorded in its root (one listing per array; contents are verify's)."""
+    units = list(range(layout.n_units))
+    records = set(location.keys("committed/c"))
+    digested = meta.get("digests", {})
+    paths = {key.rpartition("/c/")[0] for key in digested}
+    present = {k for path in paths for k in location.keys(f"{path}/c")}
+    return (
+        not damaged_metadata(location, layout, meta)
+        and not missing_objects(location, layout, units)
+        and all(f"committed/c/{u}/0" in records for u in units)
+        and all(key in present for key in digested)
+    )
+
+
 def pending_units(opened: Opened) -> tuple[list[int], list[int]]:
     """(units to compute, committed units whose data is gone): everything not whole and committed."""
     records = opened.index.load_all()
@@ -315,12 +332,15 @@ def finish(location: Location, meta: dict[str, Any]) -> dict[str, Any]:
             f"store {location} is not finished: {what}{len(todo)} of {opened.layout.n_units} units "
             f"still to capture (first: unit {todo[0]}); re-run the capture to finish it"
         )
-    enc = ChunkEncoder("zstd")
+    arrays = {a.path: a for a in opened.layout.arrays()}
+    written = {}
     for (b, site), st in final_stats(opened).items():
         for name in STATS_FINAL:
-            arr = [a for a in opened.layout.arrays() if a.path == stats_path(b, site, name)][0]
-            location.put(object_key(arr, 0), enc.chunk(np.asarray(getattr(st, name), dtype="<f8")))
-    meta = {**meta, "state": COMPLETE, "finished": now()}
+            a = arrays[stats_path(b, site, name)]
+            blob = ChunkEncoder(a.codec).chunk(np.asarray(getattr(st, name), dtype="<f8"))
+            location.put(object_key(a, 0), blob)
+            written[object_key(a, 0)] = digest(blob)
+    meta = {**meta, "state": COMPLETE, "finished": now(), "digests": {**meta.get("digests", {}), **written}}
     put_root(location, meta)
     discard_aside(location, meta["run_id"])
     return meta
@@ -405,9 +425,15 @@ def exclusive(location: Location, shared: bool = False) -> Iterator[None]:
     if not location.local:
         yield
         return
-    path = location.root.absolute().parent / f".{location.root.name}.lock"
+    real = location.root.resolve()  # one lock for the store, whatever symlink names it
+    path = real.parent / f".{real.name}.lock"
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise BlockcapError(
+                f"cannot create the lock file {path} ({e.strerror}); choose another out=PATH"
+            ) from None
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -419,10 +445,9 @@ def exclusive(location: Location, shared: bool = False) -> Iterator[None]:
         if _same_file(fd, path):  # not unlinked by a finishing holder between open and lock
             break
         os.close(fd)
-    if not shared:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"process {os.getpid()} on host {socket.gethostname()}".encode(), 0)
-        _wrote("lock", str(path))
+    os.ftruncate(fd, 0)  # parts share the lock: the line names the latest of them
+    os.pwrite(fd, f"process {os.getpid()} on host {socket.gethostname()}".encode(), 0)
+    _wrote("lock", str(path))
     try:
         yield
     finally:
@@ -504,9 +529,7 @@ def _continue(
     """Resume the store this spec started: finish creating it, or list the units left."""
     keep = {k: old[k] for k in ("run_id", "started") if k in old}
     if old.get("state") == COMPLETE:
-        if not damaged_metadata(location, layout, old) and not missing_objects(
-            location, layout, list(range(layout.n_units))
-        ):
+        if intact(location, layout, old):
             discard_aside(location, old["run_id"])
             return Prepared(old, [], "complete")
         old = {**old, "state": INCOMPLETE}  # data went missing: repair it like an interrupted run

@@ -6,6 +6,7 @@ import math
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -15,6 +16,7 @@ from blockcap.data import read_text, resolve_dataset, sha256_file, split_tokens
 from blockcap.device import pick_device
 from blockcap.errors import BlockcapError
 from blockcap.model import GPT, PRESETS
+from blockcap.spec import positive
 from blockcap.tokens import CharTokenizer
 
 
@@ -43,6 +45,38 @@ def estimate_loss(
     return out
 
 
+def _number(name: str, value: Any, lo: float, hi: float, integer: bool = True) -> None:
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not lo <= value <= hi:
+        raise BlockcapError(
+            f"{name}={value!r} is out of range; use {'an integer' if integer else 'a number'} {lo}..{hi}"
+        )
+
+
+def _check_options(
+    out: Any, max_iters: Any, batch_size: Any, block_size: Any, lr: Any, min_lr: Any, warmup: Any,
+    eval_interval: Any, eval_iters: Any, seed: Any, threads: Any, config: Any,
+) -> None:  # fmt: skip
+    """Every option checked before the dataset is read or a model built."""
+    positive("max_iters", max_iters, 1 << 30)
+    positive("batch_size", batch_size, 1 << 16)
+    positive("eval_interval", eval_interval, 1 << 30)
+    positive("eval_iters", eval_iters, 1 << 20)
+    _number("warmup", warmup, 0, 1 << 30)
+    _number("lr", lr, 1e-12, 10.0, integer=False)
+    _number("min_lr", min_lr, 0.0, 10.0, integer=False)
+    _number("seed", seed, 0, 2**63 - 1)
+    if threads is not None:
+        positive("threads", threads, 1024)
+    if block_size is not None:
+        positive("block_size", block_size, config.block_size if config else 1 << 14)
+    if not isinstance(out, str) or not out.strip():
+        raise BlockcapError(f"out={out!r} is not a file path; pass out=PATH for the checkpoint")
+    path = Path(out)
+    if path.is_dir() or not path.absolute().parent.is_dir():
+        raise BlockcapError(f"out={out!r} is a directory or its directory does not exist; pass out=FILE")
+
+
 def train(
     out: str = "checkpoint.pt",
     preset: str = "small",
@@ -65,6 +99,10 @@ def train(
     steps on ``eval_iters`` fixed batches. ``block_size`` trains on shorter contexts than the
     model's; ``threads`` sets torch's CPU threads.
     """
+    _check_options(
+        out, max_iters, batch_size, block_size, lr, min_lr, warmup, eval_interval, eval_iters, seed, threads,
+        PRESETS.get(preset),
+    )  # fmt: skip
     if preset not in PRESETS:
         raise BlockcapError(f"preset={preset!r} is unknown; use one of {', '.join(PRESETS)}")
     if threads:
@@ -113,6 +151,11 @@ def train(
         "seconds": round(time.time() - start, 1),
         "torch": str(torch.__version__),
     }
-    save_checkpoint(Path(out), model.cpu().eval(), tok.vocab, meta)
+    try:
+        save_checkpoint(Path(out), model.cpu().eval(), tok.vocab, meta)
+    except OSError as e:
+        raise BlockcapError(
+            f"writing out={out!r} failed ({e.strerror or e}); choose another out=PATH"
+        ) from None
     print(f"wrote {out}: val loss {losses['val']:.4f} nats/char after {meta['seconds']} s")
     return losses

@@ -18,11 +18,11 @@ from blockcap.codecs import digest
 from blockcap.data import Windows, dataset_sha256, split_tokens, token_stream
 from blockcap.errors import BlockcapError
 from blockcap.integrity import ABSENT, COMMITTED, DAMAGED
-from blockcap.layout import CREATE, FINISH, site_path
+from blockcap.layout import site_path
 from blockcap.location import Location
 from blockcap.reader import CaptureStore
 from blockcap.spec import parse_storage_options
-from blockcap.store import COMPLETE, CREATING, Opened, open_location, read_meta
+from blockcap.store import COMPLETE, CREATING, Opened, damaged_metadata, open_location, read_meta
 from blockcap.writer import as_float32
 
 STATS_RTOL = 1e-5  # stored statistics against a float64 recomputation (see blockcap.stats)
@@ -72,21 +72,18 @@ def verify(
 
 
 def _metadata(opened: Opened) -> list[str]:
+    """Every group and array metadata document says what the layout says (format 1: readable)."""
+    if opened.index.version >= 2:
+        bad = damaged_metadata(opened.location, opened.layout, opened.meta)
+        return [
+            f"metadata document {key} is missing or differs from the store's layout" for key in sorted(bad)
+        ]
     problems = []
-    for a in opened.layout.arrays() if opened.index.version >= 2 else []:
+    for path in opened.index.objects:
         try:
-            arr = opened.array(a.path)
+            opened.array(path)
         except BlockcapError as e:
             problems.append(str(e))
-            continue
-        if tuple(arr.shape) != a.shape:
-            problems.append(f"array {a.path} has shape {tuple(arr.shape)}, the metadata says {a.shape}")
-    for path in opened.index.objects:
-        if opened.index.version == 1:
-            try:
-                opened.array(path)
-            except BlockcapError as e:
-                problems.append(str(e))
     return problems
 
 
@@ -132,15 +129,15 @@ def _decodes(opened: Opened, path: str, unit: int) -> list[str]:
 
 
 def _other_arrays(opened: Opened) -> list[str]:
-    """Arrays written at creation, and at finish once complete: every chunk decodes."""
+    """Objects written at creation and at finish: present, with the digests the root records."""
+    digests = opened.meta.get("digests", {})
+    keys = sorted(digests)
     problems = []
-    complete = opened.meta.get("state") == COMPLETE
-    for a in opened.layout.arrays() if opened.index.version >= 2 else []:
-        if a.when == CREATE or (a.when == FINISH and complete):
-            try:
-                opened.array(a.path)[:]
-            except Exception as e:
-                problems.append(f"array {a.path} is unreadable ({e})")
+    for key, data in zip(keys, opened.location.get_many(keys), strict=True):
+        if data is None:
+            problems.append(f"{key.rpartition('/c/')[0]}: its data object {key} is missing")
+        elif digest(data) != digests[key]:
+            problems.append(f"{key.rpartition('/c/')[0]}: object {key} differs from what was written")
     return problems
 
 

@@ -133,6 +133,7 @@ class UnitSource:
     """What the writer needs besides the slab: window offsets, and a dedup store's row facts."""
 
     offsets: Callable[[int, int], np.ndarray]  # windows lo:hi -> start offsets
+    tag: int  # the store's tag for its commit records (``integrity.store_tag``)
     row_positions: np.ndarray | None = None  # dedup: position of each row's token
     row_weights: np.ndarray | None = None  # dedup: how many (window, position) pairs use each row
 
@@ -243,7 +244,7 @@ class SlabWriter:
                 digests.append(digest(blob))
                 with self.lock:
                     self.stored += len(blob)
-            record = self.record_encoder.chunk(encode_record(slab.unit, digests)[None])
+            record = self.record_encoder.chunk(encode_record(slab.unit, self.source.tag, digests)[None])
             self.location.put(f"committed/c/{slab.unit}/0", record)
             del slab, data
             _release_memory()

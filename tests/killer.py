@@ -5,7 +5,8 @@ Usage: python tests/killer.py N [--partial] run --flag=...
 Writes are counted at blockcap's one choke point (``blockcap.location.WRITE_HOOKS``): every
 object put, delete, rename, lock and unlock, metadata included. With ``--partial`` the Nth event
 may also be a file written to its temporary name and not yet renamed into place. Under torchrun,
-``KILL_RANK`` picks the one rank that dies (the others are stopped by torchrun).
+``KILL_RANK`` picks the one rank that dies (the others are stopped by torchrun). ``KILL_SIGNAL``
+(INT or TERM) sends that signal instead of SIGKILL, once.
 """
 
 import os
@@ -34,7 +35,7 @@ def count(op: str, key: str) -> None:
     with lock:
         calls += 1
         if calls == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("KILL_SIGNAL", "KILL")))
 
 
 location.WRITE_HOOKS.append(count)

@@ -30,6 +30,8 @@ def world(tmp_path_factory, ckpt, text_file, tiny_model) -> dict[str, Path]:
     (d / "notes.zarr.replaced").mkdir()
     (d / "notes.zarr.replaced" / "keep.txt").write_text("mine")
     (d / "file.txt").write_text("not a store")
+    (d / "hi.pt").write_text("hi\n")
+    (d / "dangling").symlink_to(d / "nowhere")
     (d / "notes").mkdir()
     (d / "notes" / "mine.txt").write_text("precious")
     (d / "empty.txt").write_text("")
@@ -194,6 +196,50 @@ CASES = [
         lambda w: ["train", "--preset=huge", f"--dataset={w['text']}"],
         "--preset='huge' is unknown",
     ),
+    ("stride-huge", lambda w: run_args(w, stride=10**20), "--stride=100000000000000000000 is out of range"),
+    ("shard-huge", lambda w: run_args(w, shard_chunks=10**20), "--shard_chunks=100000000000000000000 is out"),
+    ("shard-beyond-run", lambda w: run_args(w, shard_chunks=300000), "more chunks than the run has"),
+    ("negated-flag-with-value", lambda w: [*run_args(w), "--nostats=1"], "--nostats takes no value"),
+    ("weights-text", lambda w: run_args(w, weights=w["dir"] / "hi.pt"), "is not a loadable checkpoint"),
+    (
+        "out-in-proc",
+        lambda w: run_args(w, out="/proc/x.zarr"),
+        "cannot create the lock file /proc/.x.zarr.lock",
+    ),
+    ("out-dangling-link", lambda w: run_args(w, out=w["dir"] / "dangling"), "is a symbolic link to nothing"),
+    (
+        "s3-unreachable",
+        lambda w: run_args(
+            w,
+            out="s3://bucket/x.zarr",
+            storage_options='{"endpoint_url": "http://127.0.0.1:9", "key": "k", "secret": "s"}',
+        ),
+        "the object store",
+    ),
+    (
+        "verify-flag-not-bool",
+        lambda w: ["verify", str(w["good"]), "--dataset_check=maybe"],
+        "is not True or False",
+    ),
+    ("verify-stray-argument", lambda w: ["verify", str(w["good"]), "extra"], "unexpected argument 'extra'"),
+    ("info-empty-path", lambda w: ["info", ""], "is not a store path"),
+    (
+        "train-negative-iters",
+        lambda w: ["train", "--max_iters=-1", f"--dataset={w['text']}"],
+        "--max_iters=-1",
+    ),
+    ("train-zero-batch", lambda w: ["train", "--batch_size=0", f"--dataset={w['text']}"], "--batch_size=0"),
+    (
+        "train-block-size",
+        lambda w: ["train", "--block_size=100000", f"--dataset={w['text']}"],
+        "--block_size",
+    ),
+    ("train-lr-text", lambda w: ["train", "--lr=x", f"--dataset={w['text']}"], "--lr='x'"),
+    ("train-out-dir", lambda w: ["train", f"--out={w['dir']}", f"--dataset={w['text']}"], "is a directory"),
+    ("generate-length-text", lambda w: ["generate", "--length=x"], "--length='x'"),
+    ("generate-length-huge", lambda w: ["generate", "--length=100000000000"], "--length=100000000000"),
+    ("generate-seed-text", lambda w: ["generate", "--seed=x"], "--seed='x'"),
+    ("generate-empty-prompt", lambda w: ["generate", "--prompt="], "is empty"),
 ]
 
 

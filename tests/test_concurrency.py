@@ -69,3 +69,40 @@ def test_finalize_marks_complete_only_when_every_unit_is_in(run_args):
     assert blockcap.open_store(run_args["out"]).complete
     again = cli(["finalize", run_args["out"]])  # idempotent
     assert again.returncode == 0 and "complete" in again.stdout
+
+
+def test_a_symlink_to_a_store_in_use_is_refused_too(run_args, tmp_path):
+    argv = flags(run_args, chunk_windows=8, batch_size=8)
+    link = tmp_path / "link.zarr"
+    link.symlink_to(Path(run_args["out"]))
+    first = crashkit.start_paused([*argv, "--writers=1"], tmp_path / "paused")
+    try:
+        second = cli([a for a in argv if not a.startswith("--out=")] + [f"--out={link}"])
+        assert second.returncode == 2 and "is in use by process" in second.stderr
+    finally:
+        (tmp_path / "paused").unlink()
+        first.join(60)
+    assert first.exitcode == 0 and blockcap.verify(run_args["out"]) == []
+
+
+def test_directories_that_only_look_like_blockcap_leftovers_are_kept(run_args, tmp_path):
+    keep = [
+        tmp_path / ".s.zarr.mine.trash",
+        tmp_path / ".s.zarr.notes.creating",
+        tmp_path / ".s.zarr.abc.trash",
+    ]
+    for d in keep:
+        d.mkdir()
+        (d / "file.txt").write_text("mine")
+    blockcap.run(**run_args)
+    blockcap.run(**{**run_args, "out": str(tmp_path / "[s].zarr")})  # a glob pattern in a name
+    assert all((d / "file.txt").read_text() == "mine" for d in keep)
+
+
+def test_a_dangling_symlink_in_the_way_of_overwrite_is_refused_and_nothing_changes(run_args, tmp_path):
+    blockcap.run(**run_args)
+    before = crashkit.files(Path(run_args["out"]))
+    Path(run_args["out"] + ".replaced").symlink_to(tmp_path / "nowhere")
+    done = cli([*flags(run_args, stride=7), "--overwrite"])
+    assert done.returncode == 2 and "was not set aside by blockcap" in done.stderr
+    assert crashkit.files(Path(run_args["out"])) == before

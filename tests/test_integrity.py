@@ -4,6 +4,7 @@ search and resume; commit records and metadata documents are protected too."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -15,7 +16,7 @@ import zarr
 
 import blockcap
 from blockcap.errors import BlockcapError
-from blockcap.integrity import DamagedError, encode_record
+from blockcap.integrity import DamagedError, encode_record, store_tag
 from blockcap.reader import IncompleteStoreWarning
 from tests import crashkit
 
@@ -151,7 +152,9 @@ def test_resume_recomputes_a_committed_unit_whose_data_vanished(made):
     assert crashkit.files(Path(args["out"])) == crashkit.files(pristine)
 
 
-@pytest.mark.parametrize("how", ["flip", "truncate", "misplaced", "forged-digests", "format-1-flag"])
+@pytest.mark.parametrize(
+    "how", ["flip", "truncate", "misplaced", "forged-digests", "other-store", "format-1-flag"]
+)
 def test_a_damaged_or_forged_commit_record_is_reported_and_redone(made, how):
     args, pristine = made
     record = Path(args["out"], "committed", "c", "1", "0")
@@ -167,18 +170,18 @@ def test_a_damaged_or_forged_commit_record_is_reported_and_redone(made, how):
     elif how == "misplaced":
         data = other  # unit 0's valid record at unit 1
     elif how == "forged-digests":
-        data = ChunkEncoder("none").chunk(encode_record(1, [7] * (n_fields - 2))[None])
+        tag = store_tag(blockcap.open_store(args["out"]).spec.identity())
+        data = ChunkEncoder("none").chunk(encode_record(1, tag, [7] * (n_fields - 3))[None])
+    elif how == "other-store":
+        data = ChunkEncoder("none").chunk(encode_record(1, 12345, [7] * (n_fields - 3))[None])
     else:
         data = ChunkEncoder("none").chunk(np.ones(1, np.uint8))
     record.write_bytes(data)
     s = blockcap.open_store(args["out"])
     lo, hi = windows_of(args, 1)
     expected = "differs from what was committed" if how == "forged-digests" else "commit record is damaged"
-    if how == "forged-digests" and args["shard_chunks"] > 1:
-        s.site("ffwd_output")[lo]  # shard reads are byte ranges: each chunk's checksum, no object digest
-    else:
-        with pytest.raises(DamagedError, match=expected):
-            s.site("ffwd_output")[lo]
+    with pytest.raises(DamagedError, match=expected):
+        s.site("ffwd_output")[lo]  # a sharded store's reads fetch and check whole shards too
     assert any(expected in p for p in blockcap.verify(args["out"]))
     root = Path(args["out"], "zarr.json")
     doc = json.loads(root.read_text())
@@ -193,12 +196,13 @@ def test_a_damaged_or_forged_commit_record_is_reported_and_redone(made, how):
     "doc, expect",
     [
         ("zarr.json", "not a Zarr v3 store \\(no zarr.json\\)"),
-        ("committed/zarr.json", "array committed: its metadata document is missing or damaged"),
+        ("committed/zarr.json", "metadata document committed/zarr.json is missing or differs"),
         (
             "block0/ffwd_output/zarr.json",
-            "array block0/ffwd_output: its metadata document is missing or damaged",
+            "metadata document block0/ffwd_output/zarr.json is missing or differs",
         ),
-        ("tokens/zarr.json", "array tokens: its metadata document is missing or damaged"),
+        ("tokens/zarr.json", "metadata document tokens/zarr.json is missing or differs"),
+        ("block0/zarr.json", "metadata document block0/zarr.json is missing or differs"),
     ],
 )
 @pytest.mark.parametrize("how", ["delete", "garble"])
@@ -213,7 +217,7 @@ def test_damaged_metadata_documents_get_one_line(made, doc, expect, how):
             expect = "zarr.json is damaged"
     problems = blockcap.verify(args["out"])
     assert problems and all("\n" not in p for p in problems)
-    assert any(__import__("re").search(expect, p) for p in problems), problems
+    assert any(re.search(expect, p) for p in problems), problems
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", IncompleteStoreWarning)
@@ -225,3 +229,82 @@ def test_damaged_metadata_documents_get_one_line(made, doc, expect, how):
     if doc != "zarr.json":  # a run repairs the metadata of its own store
         assert blockcap.run(**args).status == "resumed and completed"
         assert crashkit.files(Path(args["out"])) == crashkit.files(pristine)
+
+
+def test_a_deleted_commit_record_of_a_complete_store_is_damage_and_repaired(made):
+    args, pristine = made
+    Path(args["out"], "committed", "c", "1", "0").unlink()
+    s = blockcap.open_store(args["out"])
+    lo, _ = windows_of(args, 1)
+    for read in (lambda: s.site("ffwd_output")[lo], lambda: s.tokens[lo], lambda: s.text(lo)):
+        with pytest.raises(DamagedError, match="commit record is missing from a complete store"):
+            read()
+    assert any("not committed" in p for p in blockcap.verify(args["out"]))
+    assert blockcap.run(**args).status == "resumed and completed"
+    assert crashkit.files(Path(args["out"])) == crashkit.files(pristine)
+
+
+def test_a_unit_copied_from_another_store_is_refused(made, tmp_path):
+    args, _ = made
+    other = {**args, "out": str(tmp_path / "other.zarr"), "dtype": "float16"}  # another spec, same grid
+    blockcap.run(**other)
+    for rel in ("block0/ffwd_output/c/1/0/0", "committed/c/1/0"):
+        shutil.copy(Path(other["out"], rel), Path(args["out"], rel))
+    s = blockcap.open_store(args["out"])
+    with pytest.raises(DamagedError, match="commit record of another store"):
+        s.site("ffwd_output")[windows_of(args, 1)[0]]
+    assert any("another store" in p for p in blockcap.verify(args["out"]))
+
+
+def test_altered_array_metadata_changes_nothing_blockcap_reads(made):
+    args, pristine = made
+    want = blockcap.open_store(args["out"]).site("ffwd_output")[:]
+    doc = Path(args["out"], "block0/ffwd_output/zarr.json")
+    meta = json.loads(doc.read_text())
+    meta["data_type"] = "int32"
+    doc.write_text(json.dumps(meta))
+    assert torch.equal(blockcap.open_store(args["out"]).site("ffwd_output")[:], want)  # the layout decides
+    assert any(
+        "block0/ffwd_output/zarr.json is missing or differs" in p for p in blockcap.verify(args["out"])
+    )
+    assert blockcap.run(**args).status == "resumed and completed"
+    assert crashkit.files(Path(args["out"])) == crashkit.files(pristine)
+
+
+@pytest.mark.parametrize("how", ["flip", "delete", "foreign"])
+def test_final_statistics_are_protected_and_repaired(made, tmp_path, how, capsys):
+    args, pristine = made
+    f = Path(args["out"], "block0/stats/ffwd_output/mean/c/0")
+    if how == "flip":
+        data = bytearray(f.read_bytes())
+        data[10] ^= 1
+        f.write_bytes(bytes(data))
+    elif how == "delete":
+        f.unlink()
+    else:
+        blockcap.run(**{**args, "out": str(tmp_path / "o.zarr"), "dtype": "float16"})
+        shutil.copy(tmp_path / "o.zarr" / "block0/stats/ffwd_output/mean/c/0", f)
+    with pytest.raises(DamagedError, match="block0/stats/ffwd_output/mean"):
+        blockcap.open_store(args["out"]).stats("ffwd_output")
+    assert any("block0/stats/ffwd_output/mean" in p for p in blockcap.verify(args["out"]))
+    from blockcap.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["info", args["out"]])
+    assert exc.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+    if how == "delete":  # a run puts back what went missing; altered bytes are verify's to report
+        assert blockcap.run(**args).status == "resumed and completed"
+        assert crashkit.files(Path(args["out"])) == crashkit.files(pristine)
+
+
+def test_a_dedup_store_index_is_protected(run_args, tmp_path):
+    args = {**run_args, "sample_len": 3, "stride": 1, "dedup": True, "chunk_windows": 64, "batch_size": 64}
+    blockcap.run(**args)
+    a, b = Path(args["out"], "prefix_rows/c/0/0"), Path(args["out"], "prefix_rows/c/1/0")
+    data_a, data_b = a.read_bytes(), b.read_bytes()
+    a.write_bytes(data_b)
+    b.write_bytes(data_a)
+    s = blockcap.open_store(args["out"])
+    with pytest.raises(DamagedError, match="prefix_rows: object prefix_rows/c/0/0 differs"):
+        s.site("ffwd_output")[3]
+    assert any("prefix_rows" in p for p in blockcap.verify(args["out"]))

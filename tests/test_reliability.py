@@ -344,3 +344,31 @@ def test_substring_and_results_follow_python_rules(run_args):
             s.substring(*bad)
     with pytest.raises(BlockcapError, match="attention is a .head, query, key. pattern per window"):
         next(s.results(sites=("attention",)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["INT", "TERM"])
+def test_a_signal_while_creating_or_finishing_is_one_line_and_resumable(crash_args, reference, tmp_path, sig):
+    store = tmp_path / "crash.zarr"
+    count = subprocess.run(
+        [sys.executable, "tests/killer.py", "100000", *crash_args[:-1], f"--out={tmp_path / 'count.zarr'}"],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    total = int(count.stderr.strip().splitlines()[-1].split()[-1])
+    for at in (2, 15, total - 2):  # creating, creating, finishing
+        shutil.rmtree(store, ignore_errors=True)
+        proc = subprocess.run(
+            [sys.executable, "tests/killer.py", str(at), *crash_args], cwd=ROOT, capture_output=True, text=True,
+            env={**os.environ, "KILL_SIGNAL": sig},
+        )  # fmt: skip
+        err = proc.stderr.strip().splitlines()
+        assert proc.returncode == 130, (at, proc.stderr)
+        assert (
+            len([line for line in err if not line.startswith("writes:")]) == 1
+            and "Traceback" not in proc.stderr
+        )
+        assert not list(tmp_path.glob(".crash.zarr*.lock"))
+        subprocess.run(
+            [sys.executable, "-m", "blockcap", *crash_args], cwd=ROOT, check=True, capture_output=True
+        )
+        assert_identical(store, reference)

@@ -358,8 +358,8 @@ def test_a_signal_while_creating_or_finishing_is_one_line_and_resumable(crash_ar
     for at in (2, 15, total - 2):  # creating, creating, finishing
         shutil.rmtree(store, ignore_errors=True)
         proc = subprocess.run(
-            [sys.executable, "tests/killer.py", str(at), *crash_args], cwd=ROOT, capture_output=True, text=True,
-            env={**os.environ, "KILL_SIGNAL": sig},
+            [sys.executable, "tests/killer.py", str(at), *crash_args], cwd=ROOT, capture_output=True,
+            text=True, env={**os.environ, "KILL_SIGNAL": sig},
         )  # fmt: skip
         err = proc.stderr.strip().splitlines()
         assert proc.returncode == 130, (at, proc.stderr)

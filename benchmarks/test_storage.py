@@ -22,6 +22,7 @@ import torch
 import blockcap
 from benchmarks.conftest import ROUNDS, WORKLOADS, make_setup
 from blockcap.codecs import DTYPES
+from blockcap.integrity import store_tag
 from blockcap.layout import Layout, choose_chunk_windows
 from blockcap.location import Location
 from blockcap.models.base import ModelDims
@@ -89,7 +90,7 @@ def test_writer(benchmark, activations, tmp_path, codec, dtype):
     dims = ModelDims(n_layer=1, d_model=C, n_head=6, head_dim=C // 6, d_mlp=4 * C, vocab_size=256, context=T)
     layout = Layout.build(spec, dims, n)
     out = tmp_path / "w.zarr"
-    source = UnitSource(offsets=lambda lo, hi: np.arange(lo, hi, dtype=np.int64))
+    source = UnitSource(offsets=lambda lo, hi: np.arange(lo, hi, dtype=np.int64), tag=store_tag(spec.identity()))
 
     def fresh():
         shutil.rmtree(out, ignore_errors=True)

@@ -57,7 +57,7 @@ BAD = [
     (["--block_idx=x"], "block_idx='x'"),
     (["--sites=nope"], "sites='nope' has unknown 'nope'"),
     (["--sites="], "is empty"),
-    (["--sample_len=0"], "--sample_len=0 is out of range; use an integer 1 or more"),
+    (["--sample_len=0"], "--sample_len=0 is out of range; use an integer 1..2^40"),
     (["--sample_len=33"], "--sample_len=33 is longer than the model's context of 32 tokens; use 1..32"),
     (["--stride=0"], "stride=0 is out of range"),
     (["--batch_size=-4"], "batch_size=-4 is out of range"),

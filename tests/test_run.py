@@ -179,7 +179,7 @@ def test_default_run_gives_1162_windows_on_the_real_text(real_dataset, tmp_path,
     monkeypatch.chdir(tmp_path)
     summary = blockcap.run(dataset=str(real_dataset), progress=False)
     assert summary.n_windows == 1162
-    assert summary.path.name == "block0_internals.zarr"
+    assert Path(summary.path).name == "block0_internals.zarr"
     s = blockcap.open_store(tmp_path / "block0_internals.zarr")
     assert s.site("heads_output").shape == (1162, 3, 96)
     assert s.text(0) == real_dataset.read_text()[int(0.9 * 1115394) :][:3]

@@ -487,8 +487,8 @@ def prepare(
 
     ``sole``: no other process writes the store now, so temporary files left by a kill can go.
     """
-    if sole:
-        for trash in location.stale_trash():
+    if sole:  # what a kill left beside the store or beside its set-aside copy
+        for trash in location.stale_trash() + aside_of(location).stale_trash():
             Location(str(trash)).remove_tree()
     location.check_parent()
     if not location.is_empty():

@@ -78,18 +78,32 @@ def info(store: str, *, storage_options: str | None = None) -> None:
 
 
 def verify(
-    store: str, *, dataset_check: bool = True, stats: bool = False, storage_options: str | None = None
-) -> None:
-    """Read every object of a store and check metadata, commits, digests and tokens; exit 1 on a problem."""
+    store: str, *, dataset_check: bool = True, stats: bool = False, repair: bool = False,
+    storage_options: str | None = None,
+) -> None:  # fmt: skip
+    """Read every object of a store and check metadata, commits, digests and tokens; exit 1 on a problem.
+
+    --repair deletes the objects found altered, so that re-running the capture recomputes them.
+    """
     from blockcap.verify import verify as verify_store
 
     problems = verify_store(
         _store_arg(store), check_dataset=_bool_arg("dataset_check", dataset_check),
         check_stats=_bool_arg("stats", stats), storage_options=storage_options,
+        repair=_bool_arg("repair", repair),
     )  # fmt: skip
     for p in problems:
         print(f"problem: {p}", file=sys.stderr)
     if problems:
+        if not repair and any("differs from what was" in p or "record is damaged" in p for p in problems):
+            print(
+                "hint: verify --repair deletes the altered objects; then re-run the capture", file=sys.stderr
+            )
+        elif any("is missing" in p for p in problems):
+            print(
+                "hint: re-run the capture command: it recomputes units whose objects are missing",
+                file=sys.stderr,
+            )
         sys.exit(1)
     print(f"ok: {store} is complete and every object matches its commit record")
 

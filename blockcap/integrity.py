@@ -92,7 +92,7 @@ class CommitIndex:
         self.records: dict[int, Record] = {}
         self.lock = threading.Lock()
 
-    def _keys(self, unit: int) -> list[str]:
+    def record_keys(self, unit: int) -> list[str]:
         """The record objects of ``unit``: one row (format 2), or one flag per chunk (format 1)."""
         if self.version == 1:
             k = self.layout.shard_chunks
@@ -104,7 +104,7 @@ class CommitIndex:
             return self.records[unit]
         parts = [
             _decode_record(self.location.get(k), unit, self.n_fields, self.version, self.tag)
-            for k in self._keys(unit)
+            for k in self.record_keys(unit)
         ]
         rec = next((p for p in parts if p.status == DAMAGED), None) or next(
             (p for p in parts if p.status == ABSENT), parts[0]

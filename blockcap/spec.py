@@ -92,7 +92,9 @@ MAX_COUNT = 1 << 40  # windows, strides and chunks beyond this are typos, not ru
 def positive(name: str, value: Any, upper: int | None = None) -> int:
     """``value`` if it is an int in 1..upper, else a BlockcapError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (upper and value > upper):
-        hi = " or more" if not upper else f"..2^{upper.bit_length() - 1}" if upper >= 1 << 30 else f"..{upper}"
+        hi = (
+            " or more" if not upper else f"..2^{upper.bit_length() - 1}" if upper >= 1 << 30 else f"..{upper}"
+        )
         raise BlockcapError(f"{name}={value!r} is out of range; use an integer 1{hi}")
     return value
 

@@ -22,7 +22,7 @@ from blockcap.layout import site_path
 from blockcap.location import Location
 from blockcap.reader import CaptureStore
 from blockcap.spec import parse_storage_options
-from blockcap.store import COMPLETE, CREATING, Opened, damaged_metadata, open_location, read_meta
+from blockcap.store import COMPLETE, CREATING, Opened, damaged_metadata, exclusive, open_location, read_meta
 from blockcap.writer import as_float32
 
 STATS_RTOL = 1e-5  # stored statistics against a float64 recomputation (see blockcap.stats)
@@ -30,14 +30,34 @@ STATS_RTOL = 1e-5  # stored statistics against a float64 recomputation (see bloc
 
 def verify(
     path: str | Path, check_dataset: bool = True, check_stats: bool = False,
-    storage_options: dict[str, Any] | str | None = None,
+    storage_options: dict[str, Any] | str | None = None, repair: bool = False,
 ) -> list[str]:  # fmt: skip
     """Every problem found in the store at ``path`` (empty when it is whole).
+
+    ``repair``: also delete every object (and commit record) found altered, holding the store's
+    lock, so that re-running the capture recomputes exactly those units; a run only notices
+    objects that are missing, not ones that were altered (that takes reading everything).
 
     Raises BlockcapError when ``path`` is not a blockcap store at all (nothing to verify); a
     store whose root document is missing or damaged is a problem found, not an error.
     """
     location = Location(str(path), parse_storage_options(storage_options))
+    if not repair:
+        return _verify(location, check_dataset, check_stats, [])
+    with exclusive(location):
+        altered: list[str] = []
+        problems = _verify(location, check_dataset, check_stats, altered)
+        for key in altered:
+            location.delete(key)
+    if altered:
+        problems.append(
+            f"repair: deleted {len(altered)} altered objects; re-run the capture command to recompute them"
+        )
+    return problems
+
+
+def _verify(location: Location, check_dataset: bool, check_stats: bool, altered: list[str]) -> list[str]:
+    """``verify``'s checks; the keys of objects found altered are appended to ``altered``."""
     try:
         meta = read_meta(location)
         if meta.get("state") == CREATING:
@@ -57,8 +77,8 @@ def verify(
     problems += _metadata(opened)
     if problems and any("metadata document" in p for p in problems):
         return problems
-    problems += _units(opened)
-    problems += _other_arrays(opened)
+    problems += _units(opened, altered)
+    problems += _other_arrays(opened, altered)
     if problems:  # content checks read everything; they would only repeat the damage found
         return problems
     try:
@@ -87,12 +107,13 @@ def _metadata(opened: Opened) -> list[str]:
     return problems
 
 
-def _units(opened: Opened) -> list[str]:
+def _units(opened: Opened, altered: list[str]) -> list[str]:
     """Commit records, presence of every object of committed units, and their digests."""
     index, location, layout = opened.index, opened.location, opened.layout
     records = index.load_all()
     problems = [f"{index.describe('committed', u)}: commit record is damaged ({r.reason})"
                 for u, r in records.items() if r.status == DAMAGED]  # fmt: skip
+    altered += [k for u, r in records.items() if r.status == DAMAGED for k in index.record_keys(u)]
     absent = [u for u, r in records.items() if r.status == ABSENT]
     if absent:
         problems.append(f"{len(absent)} of {layout.n_units} units not committed (first: unit {absent[0]})")
@@ -116,6 +137,7 @@ def _units(opened: Opened) -> list[str]:
                 problems.append(
                     f"{index.describe(path, u)}: object {keys[u]} differs from what was committed"
                 )
+                altered.append(keys[u])
     return problems
 
 
@@ -128,7 +150,7 @@ def _decodes(opened: Opened, path: str, unit: int) -> list[str]:
     return []
 
 
-def _other_arrays(opened: Opened) -> list[str]:
+def _other_arrays(opened: Opened, altered: list[str]) -> list[str]:
     """Objects written at creation and at finish: present, with the digests the root records."""
     digests = opened.meta.get("digests", {})
     keys = sorted(digests)
@@ -138,6 +160,7 @@ def _other_arrays(opened: Opened) -> list[str]:
             problems.append(f"{key.rpartition('/c/')[0]}: its data object {key} is missing")
         elif digest(data) != digests[key]:
             problems.append(f"{key.rpartition('/c/')[0]}: object {key} differs from what was written")
+            altered.append(key)
     return problems
 
 

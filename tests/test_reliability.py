@@ -157,8 +157,8 @@ def test_resume_refuses_other_parameters(run_args):
     assert blockcap.run(**run_args).status == "resumed and completed"  # same parameters: finishes it
 
 
-def corrupt_first_chunk(store: Path, array: str, how: str) -> Path:
-    chunk = sorted(p for p in (store / array / "c").rglob("*") if p.is_file())[0]
+def corrupt_first_chunk(store: Path, array: str, how: str, index: int = 0) -> Path:
+    chunk = sorted(p for p in (store / array / "c").rglob("*") if p.is_file())[index]
     data = bytearray(chunk.read_bytes())
     if how == "flip":
         data[len(data) // 2] ^= 0xFF
@@ -186,6 +186,32 @@ def test_corrupted_chunks_are_detected(run_args, how, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["verify", str(store)])
     assert exc.value.code == 1
+
+
+def test_verify_repair_then_rerun_restores_altered_objects_exactly(run_args, capsys):
+    """A run notices missing objects only; verify --repair turns altered ones (data, a commit record,
+    an object written at finish) into missing ones, and the rerun recomputes just those units."""
+    from blockcap.cli import main
+    from tests.crashkit import files
+
+    blockcap.run(**{**run_args, "chunk_windows": 16})
+    store = Path(run_args["out"])
+    want = files(store)
+    corrupt_first_chunk(store, "block0/proj_output", "flip")
+    corrupt_first_chunk(store, "committed", "truncate", index=-1)
+    corrupt_first_chunk(store, "block0/stats/ffwd_output/mean", "flip")
+    assert blockcap.run(**{**run_args, "chunk_windows": 16}).status == "already complete"  # unnoticed
+    with pytest.raises(SystemExit) as exc:
+        main(["verify", str(store)])
+    assert exc.value.code == 1 and "hint: verify --repair" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["verify", str(store), "--repair"])
+    assert "deleted 3 altered objects" in capsys.readouterr().err
+    summary = blockcap.run(**{**run_args, "chunk_windows": 16})
+    last_unit = (summary.n_windows - 1) % 16 + 1
+    assert summary.status.startswith("resumed") and summary.windows_computed == 16 + last_unit
+    assert files(store) == want
+    assert blockcap.verify(store, check_stats=True) == []
 
 
 def test_verify_checks_tokens_against_dataset(run_args):

@@ -90,7 +90,9 @@ def test_writer(benchmark, activations, tmp_path, codec, dtype):
     dims = ModelDims(n_layer=1, d_model=C, n_head=6, head_dim=C // 6, d_mlp=4 * C, vocab_size=256, context=T)
     layout = Layout.build(spec, dims, n)
     out = tmp_path / "w.zarr"
-    source = UnitSource(offsets=lambda lo, hi: np.arange(lo, hi, dtype=np.int64), tag=store_tag(spec.identity()))
+    source = UnitSource(
+        offsets=lambda lo, hi: np.arange(lo, hi, dtype=np.int64), tag=store_tag(spec.identity())
+    )
 
     def fresh():
         shutil.rmtree(out, ignore_errors=True)

@@ -108,6 +108,19 @@ def analysis_table(benches: list[dict]) -> list[str]:
     return rows
 
 
+def objectstore_table(benches: list[dict]) -> list[str]:
+    rows = ["| steady capture into | stored MB/s | raw MB/s | vs local |", "|---|---|---|---|"]
+    found = {b["extra_info"]["variant"]: b for b in benches if b["group"].startswith("objectstore")}
+    for where, b in sorted(found.items()):
+        info, t = b["extra_info"], b["stats"]["median"]
+        vs = found["local"]["stats"]["median"] / t if "local" in found else float("nan")
+        rows.append(
+            f"| {where} ({b['group'][12:]}) | {info['stored_bytes'] / t / 1e6:,.0f} "
+            f"| {info['raw_bytes'] / t / 1e6:,.0f} | {vs:.2f} |"
+        )
+    return rows
+
+
 def memory_lines() -> list[str]:
     lines = []
     for f in sorted(BENCHMARKS.glob("memory-*.json")):
@@ -127,7 +140,8 @@ def main(path: str) -> None:
         f"Machine: {machine.get('cpu', {}).get('brand_raw', machine.get('processor', '?'))}, "
         f"Python {machine.get('python_version', '?')}; {data.get('datetime', '')}\n"
     )
-    for table in (throughput_table, hf_table, storage_table, read_table, analysis_table):
+    tables = (throughput_table, hf_table, storage_table, read_table, analysis_table, objectstore_table)
+    for table in tables:
         print("\n".join(table(data["benchmarks"])) + "\n")
     print("\n".join(memory_lines()))
 

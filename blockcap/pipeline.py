@@ -75,7 +75,7 @@ class Summary:
             f"  windows {self.n_windows:,} ({self.windows_computed:,} {what} now), tokens {self.tokens:,}",
             f"  bytes raw {self.raw_bytes / 1e6:,.1f} MB, stored {self.stored_bytes / 1e6:,.1f} MB, "
             f"ratio {ratio:.2f}x",
-            f"  time {self.seconds:.1f} s, {rate:,.0f} tokens/s",
+            f"  time {self.seconds:.1f} s, {rate:,.0f} {'distinct-prefix ' if self.dedup else ''}tokens/s",
         ]
 
 

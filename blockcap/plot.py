@@ -97,6 +97,7 @@ def render(report: Report, out: Path) -> None:
         np.arange(report.norm_mean.size), report.norm_mean, marker="." if report.norm_mean.size < 50 else None
     )
     norms.set(title="mean vector norm per position (all tokens)", xlabel="position", ylabel="mean L2 norm")
+    norms.xaxis.get_major_locator().set_params(integer=True)
     hist.hist(report.values.ravel(), bins=100, log=True, color="tab:gray")
     hist.set(title=f"values of {len(report.values):,} sampled vectors", xlabel="value", ylabel="count")
     c, mean, std = np.arange(report.channel_mean.size), report.channel_mean, report.channel_std

@@ -37,6 +37,6 @@ class BlockCapture(nn.Module):
         self.want_pattern = ATTENTION in self.sites
         self.outputs = [(b, s) for b in sorted(set(blocks)) for s in self.sites]
 
-    def pick(self, values: dict[str, torch.Tensor | None]) -> list[torch.Tensor]:
-        """The requested sites of one block, in ``self.sites`` order."""
-        return [values[s] for s in self.sites]  # type: ignore[misc]
+    def pick(self, block: int, **values: torch.Tensor | None) -> list[torch.Tensor]:
+        """The requested sites of ``block`` in ``self.sites`` order; none if it is not captured."""
+        return [values[s] for s in self.sites] if self.capture_at[block] else []  # type: ignore[misc]

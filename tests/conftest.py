@@ -94,4 +94,22 @@ def real_dataset() -> Path:
     return Path(p)
 
 
+def small_store(ckpt, dataset, out, **kw):
+    """A quick capture of the tiny model (several 4-window chunks), opened; ``kw`` overrides.
+
+    ``ckpt`` None captures with the bundled model. An incomplete store opens without its warning.
+    """
+    import warnings
+
+    import blockcap
+    from blockcap.reader import IncompleteStoreWarning
+
+    args = dict(weights=ckpt and str(ckpt), dataset=str(dataset), out=str(out), sample_len=8, stride=5,
+                batch_size=16, chunk_windows=4, progress=False)  # fmt: skip
+    blockcap.run(**{**args, **kw})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", IncompleteStoreWarning)
+        return blockcap.open_store(out)
+
+
 from tests.hf_models import hf_text_fixture, hf_zoo_fixture  # noqa: E402, F401  (fixtures hf_text, hf_zoo)

@@ -7,27 +7,20 @@ import numpy as np
 import pytest
 import torch
 
-import blockcap
 from blockcap.errors import BlockcapError
 from blockcap.interop import tl_lookup, to_xarray
 from blockcap.reader import LazyArray
+from tests.conftest import small_store
 
 xr = pytest.importorskip("xarray")
 da = pytest.importorskip("dask.array")
 
 
-def capture(ckpt, text_file, out, **kw):
-    args = dict(weights=str(ckpt), dataset=str(text_file), out=str(out), sample_len=8, stride=5,
-                batch_size=16, chunk_windows=4, progress=False)  # fmt: skip
-    blockcap.run(**{**args, **kw})
-    return blockcap.open_store(out)
-
-
 @pytest.fixture(scope="module")
 def store(ckpt, text_file, tmp_path_factory):
     """bfloat16, every site and attention, two blocks."""
-    return capture(ckpt, text_file, tmp_path_factory.mktemp("x") / "s.zarr", dtype="bfloat16",
-                   sites="all,attention", block_idx="0,2")  # fmt: skip
+    return small_store(ckpt, text_file, tmp_path_factory.mktemp("x") / "s.zarr", dtype="bfloat16",
+                       sites="all,attention", block_idx="0,2")  # fmt: skip
 
 
 def expected(store, block, site):
@@ -71,8 +64,8 @@ def test_reads_only_what_is_selected(store, monkeypatch):
 
 
 def test_dedup_store_gathers_through_prefix_rows(ckpt, text_file, tmp_path):
-    s = capture(ckpt, text_file, tmp_path / "d.zarr", dedup=True, sample_len=4, stride=2, chunk_windows=32,
-                sites="heads_output,mlp_hidden")  # fmt: skip
+    d = dict(dedup=True, sample_len=4, stride=2, chunk_windows=32, sites="heads_output,mlp_hidden")
+    s = small_store(ckpt, text_file, tmp_path / "d.zarr", **d)
     ds = to_xarray(s)
     assert ds.attrs["dedup"] == 1
     np.testing.assert_array_equal(ds["block0.mlp_hidden"].values, s.site("mlp_hidden")[:].numpy())
@@ -83,7 +76,7 @@ def test_dedup_store_gathers_through_prefix_rows(ckpt, text_file, tmp_path):
 def test_incomplete_store_marks_committed(ckpt, text_file, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        s = capture(ckpt, text_file, tmp_path / "p.zarr", part="0/2")
+        s = small_store(ckpt, text_file, tmp_path / "p.zarr", part="0/2")
     ds = to_xarray(s)
     np.testing.assert_array_equal(ds["committed"].values, s.committed_windows())
     assert not ds["block0.ffwd_output"].where(~ds["committed"], 0).values.any()  # unwritten: zeros
@@ -100,7 +93,7 @@ def test_without_xarray_is_one_line(store, monkeypatch):
 
 def test_plain_xarray_opens_a_store(ckpt, text_file, tmp_path, store):
     """No blockcap involved: float32 as is, bfloat16 as its uint16 bits plus an attribute."""
-    plain = capture(ckpt, text_file, tmp_path / "f.zarr", block_idx="1")
+    plain = small_store(ckpt, text_file, tmp_path / "f.zarr", block_idx="1")
     ds = xr.open_zarr(plain.path, group="block1", consolidated=False)
     assert sorted(ds.data_vars) == ["ffwd_output", "heads_output", "proj_output"]
     assert ds["ffwd_output"].dims == ("window", "position", "embed")
@@ -162,7 +155,7 @@ def test_unknown_names_list_the_valid_ones(store, key, message):
 
 
 def test_tl_site_not_captured(ckpt, text_file, tmp_path):
-    s = capture(ckpt, text_file, tmp_path / "o.zarr", sites="ffwd_output")
+    s = small_store(ckpt, text_file, tmp_path / "o.zarr", sites="ffwd_output")
     with pytest.raises(
         BlockcapError,
         match=r"'blocks.0.hook_resid_pre' is not captured.*has blocks.N.hook_mlp_out for N in 0,",

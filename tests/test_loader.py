@@ -1,32 +1,21 @@
 """The training loader: every committed vector exactly once per epoch, reproducibly shuffled."""
 
 import importlib
-import warnings
 
 import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
-import blockcap
 from blockcap.errors import BlockcapError
-from blockcap.reader import IncompleteStoreWarning
+from tests.conftest import small_store
 
 L = importlib.import_module("blockcap.loader")  # the module, whatever ``blockcap.loader`` is bound to
 
 
-def capture(ckpt, text_file, out, **kw):
-    args = dict(weights=str(ckpt), dataset=str(text_file), out=str(out), sample_len=8, stride=5,
-                batch_size=16, chunk_windows=4, progress=False)  # fmt: skip
-    blockcap.run(**{**args, **kw})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", IncompleteStoreWarning)
-        return blockcap.open_store(out)
-
-
 @pytest.fixture(scope="module")
 def store(ckpt, text_file, tmp_path_factory):
-    return capture(ckpt, text_file, tmp_path_factory.mktemp("l") / "s.zarr")
+    return small_store(ckpt, text_file, tmp_path_factory.mktemp("l") / "s.zarr")
 
 
 @pytest.fixture(autouse=True)
@@ -78,7 +67,7 @@ def test_unshuffled_is_the_store_in_order(store):
 
 
 def test_incomplete_store_and_positions(ckpt, text_file, tmp_path):
-    s = capture(ckpt, text_file, tmp_path / "p.zarr", part="1/2")
+    s = small_store(ckpt, text_file, tmp_path / "p.zarr", part="1/2")
     assert 0 < s.committed_windows().sum() < s.n_windows
     for workers in (0, 2):
         batches = epoch(L.loader(s, batch_size=7, positions=[-1, 2], with_ids=True), workers)
@@ -86,7 +75,9 @@ def test_incomplete_store_and_positions(ckpt, text_file, tmp_path):
 
 
 def test_dedup_store(ckpt, text_file, tmp_path):
-    s = capture(ckpt, text_file, tmp_path / "d.zarr", dedup=True, sample_len=4, stride=2, chunk_windows=32)
+    s = small_store(
+        ckpt, text_file, tmp_path / "d.zarr", dedup=True, sample_len=4, stride=2, chunk_windows=32
+    )
     check_epoch(s, epoch(L.loader(s, batch_size=100, with_ids=True), 2))
 
 
@@ -130,7 +121,7 @@ def test_normalize_with_the_stats(store):
 
 
 def test_drop_last_and_bfloat16(ckpt, text_file, tmp_path):
-    s = capture(ckpt, text_file, tmp_path / "b.zarr", dtype="bfloat16")
+    s = small_store(ckpt, text_file, tmp_path / "b.zarr", dtype="bfloat16")
     batches = epoch(L.loader(s, batch_size=64, drop_last=True, with_ids=True), 2)
     assert all(b[0].shape == (64, 32) and b[0].dtype == torch.float32 for b in batches)
     units = range(0, s.n_windows, 4)
@@ -167,7 +158,7 @@ def test_bad_input_is_one_line(store, change, message):
 def test_bad_epoch_and_no_stats(ckpt, text_file, tmp_path, store):
     with pytest.raises(BlockcapError, match="epoch=-1 is not an integer"):
         L.loader(store).set_epoch(-1)
-    s = capture(ckpt, text_file, tmp_path / "n.zarr", stats=False)
+    s = small_store(ckpt, text_file, tmp_path / "n.zarr", stats=False)
     with pytest.raises(BlockcapError, match="has no statistics for block0/ffwd_output"):
         L.loader(s, normalize="stats")
 

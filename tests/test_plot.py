@@ -2,7 +2,6 @@
 
 import struct
 import sys
-import warnings
 
 import numpy as np
 import pytest
@@ -11,23 +10,15 @@ import blockcap
 import blockcap.cli
 from blockcap.errors import BlockcapError
 from blockcap.plot import plot_command, report_data
+from tests.conftest import small_store
 
 pytest.importorskip("matplotlib")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def capture(ckpt, text_file, out, **kw):
-    args = dict(weights=str(ckpt), dataset=str(text_file), out=str(out), sample_len=8, stride=5,
-                batch_size=16, chunk_windows=4, progress=False)  # fmt: skip
-    blockcap.run(**{**args, **kw})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return blockcap.open_store(out)
-
-
 @pytest.fixture(scope="module")
 def store(ckpt, text_file, tmp_path_factory):
-    return capture(ckpt, text_file, tmp_path_factory.mktemp("p") / "s.zarr", block_idx="0,1", sites="all")
+    return small_store(ckpt, text_file, tmp_path_factory.mktemp("p") / "s.zarr", block_idx="0,1", sites="all")
 
 
 def png_size(path):
@@ -96,9 +87,9 @@ def test_bad_input_is_one_line(store, tmp_path, capsys, change, message):
 def test_needs_statistics_and_matplotlib(ckpt, text_file, tmp_path, monkeypatch):
     out = str(tmp_path / "r.png")
     with pytest.raises(BlockcapError, match="has no statistics for block0/ffwd_output"):
-        plot_command(capture(ckpt, text_file, tmp_path / "n.zarr", stats=False), out=out)
+        plot_command(small_store(ckpt, text_file, tmp_path / "n.zarr", stats=False), out=out)
     with pytest.raises(BlockcapError, match="is incomplete: its statistics are written when it completes"):
-        plot_command(capture(ckpt, text_file, tmp_path / "i.zarr", part="0/2"), out=out)
+        plot_command(small_store(ckpt, text_file, tmp_path / "i.zarr", part="0/2"), out=out)
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(
         BlockcapError, match=r"^plot needs matplotlib; install it with pip install 'blockcap\[plot\]'$"

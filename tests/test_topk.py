@@ -1,7 +1,6 @@
 """Batched top-k search equals a float64 brute force, ties included, on plain, dedup and partial stores."""
 
 import json
-import warnings
 
 import numpy as np
 import pytest
@@ -13,26 +12,17 @@ from blockcap import search
 from blockcap.checkpoint import save_checkpoint
 from blockcap.errors import BlockcapError
 from blockcap.model import GPT
-from blockcap.reader import IncompleteStoreWarning
 from blockcap.search import topk
+from tests.conftest import small_store
 from tests.hf_models import NEEDS_TRANSFORMERS
 
 PHRASE = "the king and my lord.\n"  # repeated with a stride of its length: every window is the same
 
 
-def capture(ckpt, dataset, out, **kw):
-    args = dict(weights=ckpt and str(ckpt), dataset=str(dataset), out=str(out), sample_len=8, stride=5,
-                batch_size=16, chunk_windows=4, progress=False)  # fmt: skip
-    blockcap.run(**{**args, **kw})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", IncompleteStoreWarning)
-        return blockcap.open_store(out)
-
-
 @pytest.fixture(scope="module")
 def store(ckpt, text_file, tmp_path_factory):
     """Several chunks and two blocks, every vector site."""
-    return capture(ckpt, text_file, tmp_path_factory.mktemp("t") / "s.zarr", block_idx="0,1", sites="all")
+    return small_store(ckpt, text_file, tmp_path_factory.mktemp("t") / "s.zarr", block_idx="0,1", sites="all")
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +31,8 @@ def repeated(ckpt, tmp_path_factory):
     path = tmp_path_factory.mktemp("rep") / "rep.txt"
     path.write_text(PHRASE * 40)
     kw = dict(stride=len(PHRASE), split="all")
-    plain = capture(ckpt, path, path.parent / "plain.zarr", **kw)
-    dedup = capture(ckpt, path, path.parent / "dedup.zarr", dedup=True, **kw)
+    plain = small_store(ckpt, path, path.parent / "plain.zarr", **kw)
+    dedup = small_store(ckpt, path, path.parent / "dedup.zarr", dedup=True, **kw)
     return plain, dedup
 
 
@@ -163,7 +153,9 @@ def test_dedup_equals_plain(repeated, position, largest):
 
 
 def test_dedup_of_varied_text(ckpt, text_file, tmp_path):
-    s = capture(ckpt, text_file, tmp_path / "d.zarr", dedup=True, sample_len=4, stride=2, chunk_windows=32)
+    s = small_store(
+        ckpt, text_file, tmp_path / "d.zarr", dedup=True, sample_len=4, stride=2, chunk_windows=32
+    )
     assert s.dedup
     q = queries(s)
     for unique in (False, True):
@@ -171,7 +163,7 @@ def test_dedup_of_varied_text(ckpt, text_file, tmp_path):
 
 
 def test_incomplete_store_searches_committed_windows(ckpt, text_file, tmp_path):
-    s = capture(ckpt, text_file, tmp_path / "p.zarr", part="0/2")
+    s = small_store(ckpt, text_file, tmp_path / "p.zarr", part="0/2")
     committed = s.committed_windows()
     assert 0 < committed.sum() < committed.size
     q = queries(s)
@@ -192,7 +184,7 @@ def test_text_query_is_the_stored_vector(store):
 def test_raw_state_dict_takes_the_stores_vocabulary(tiny_model, text_file, tmp_path):
     raw = tmp_path / "raw.pt"
     torch.save(tiny_model[0].state_dict(), raw)
-    s = capture(raw, text_file, tmp_path / "r.zarr")
+    s = small_store(raw, text_file, tmp_path / "r.zarr")
     hit = topk(s, s.substring(2, 7), k=1)[0][0]
     assert hit.substring == s.substring(2, 7) and hit.score == pytest.approx(1.0, abs=1e-5)
 
@@ -251,7 +243,7 @@ def test_bad_input_is_one_line(store, change, message):
 
 
 def test_attention_is_not_searchable(ckpt, text_file, tmp_path):
-    s = capture(ckpt, text_file, tmp_path / "a.zarr", sites="ffwd_output,attention")
+    s = small_store(ckpt, text_file, tmp_path / "a.zarr", sites="ffwd_output,attention")
     with pytest.raises(
         BlockcapError, match="site='attention' holds a pattern per window.*use one of: ffwd_output"
     ):
@@ -349,8 +341,8 @@ def test_float32_rounding_never_reorders(metric):
 
 @NEEDS_TRANSFORMERS
 def test_text_query_on_a_hugging_face_store(hf_zoo, hf_text, tmp_path):
-    s = capture(None, hf_text, tmp_path / "hf.zarr", weights=None, model=str(hf_zoo("gpt2")), sample_len=16,
-                stride=8, batch_size=8, chunk_windows=8, block_idx=1)  # fmt: skip
+    s = small_store(None, hf_text, tmp_path / "hf.zarr", model=str(hf_zoo("gpt2")), sample_len=16, stride=8,
+                    batch_size=8, chunk_windows=8, block_idx=1)  # fmt: skip
     tokens = s.tokens.np[:]
     w, p = next((w, p) for w in range(3, s.n_windows) for p in (9, 12)  # a prefix that re-encodes the same
                 if s.tokenizer.encode(s.substring(w, p)).tolist() == tokens[w, : p + 1].tolist())  # fmt: skip

@@ -6,7 +6,7 @@ A family module (``chargpt``, ``gpt2``, ``neox``, ``llama``) turns a loaded mode
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import ABC
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
@@ -59,9 +59,11 @@ class Adapter(ABC):
         self.model_sha256 = model_sha256
         self.provenance = provenance
 
-    @abstractmethod
+    capture_class: type[BlockCapture]  # the family's capture module
+
     def capture_module(self, blocks: Sequence[int], sites: Sequence[str], fused: bool) -> BlockCapture:
         """The hook-free module returning ``sites`` of ``blocks``."""
+        return self.capture_class(self.model, blocks, sites, fused=fused)
 
     def check_sites(self, sites: Sequence[str]) -> None:  # noqa: B027 - most families have every site
         """Raise a BlockcapError for a site this model does not have (default: it has them all)."""

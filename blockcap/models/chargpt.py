@@ -97,28 +97,16 @@ class CaptureModule(BlockCapture):
             hidden = act(up(block.ln2(mid)))  # (B, T, 4C)
             ffwd = down(hidden)
             out = mid + ffwd
-            if self.capture_at[i]:
-                captured += self.pick(
-                    {
-                        "block_input": x,
-                        "heads_output": heads,
-                        "proj_output": proj,
-                        "resid_mid": mid,
-                        "mlp_hidden": hidden,
-                        "ffwd_output": ffwd,
-                        "block_output": out,
-                        "attention": pattern,
-                    }
-                )
+            captured += self.pick(i, block_input=x, heads_output=heads, proj_output=proj, resid_mid=mid,
+                                  mlp_hidden=hidden, ffwd_output=ffwd, block_output=out,
+                                  attention=pattern)  # fmt: skip
             x = out
         return tuple(captured)
 
 
 class CharGPT(Adapter):
     family = "chargpt"
-
-    def capture_module(self, blocks: Sequence[int], sites: Sequence[str], fused: bool) -> CaptureModule:
-        return CaptureModule(self.model, blocks, sites, fused=fused)
+    capture_class = CaptureModule
 
 
 def load(weights: str | None, dataset_text: Callable[[], str]) -> CharGPT:

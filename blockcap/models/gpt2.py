@@ -64,25 +64,16 @@ class CaptureModule(BlockCapture):
             hidden = mlp.act(mlp.c_fc(block.ln_2(mid)))
             ffwd = mlp.dropout(mlp.c_proj(hidden))
             out = mid + ffwd
-            if self.capture_at[i]:
-                captured += self.pick(
-                    {
-                        "block_input": x,
-                        "heads_output": heads,
-                        "proj_output": proj,
-                        "resid_mid": mid,
-                        "mlp_hidden": hidden,
-                        "ffwd_output": ffwd,
-                        "block_output": out,
-                        "attention": pattern,
-                    }
-                )
+            captured += self.pick(i, block_input=x, heads_output=heads, proj_output=proj, resid_mid=mid,
+                                  mlp_hidden=hidden, ffwd_output=ffwd, block_output=out,
+                                  attention=pattern)  # fmt: skip
             x = out
         return tuple(captured)
 
 
 class GPT2(HFAdapter):
     family = "gpt2"
+    capture_class = CaptureModule
 
     @staticmethod
     def dims_of(model: nn.Module) -> ModelDims:
@@ -91,6 +82,3 @@ class GPT2(HFAdapter):
             n_layer=len(model.h), d_model=attn.embed_dim, n_head=attn.num_heads, head_dim=attn.head_dim,
             d_mlp=model.h[0].mlp.c_fc.nf, vocab_size=model.wte.num_embeddings, context=cfg.n_positions,
         )  # fmt: skip
-
-    def capture_module(self, blocks: Sequence[int], sites: Sequence[str], fused: bool) -> CaptureModule:
-        return CaptureModule(self.model, blocks, sites, fused=fused)

@@ -82,25 +82,16 @@ class CaptureModule(BlockCapture):
             hidden = mlp.act_fn(mlp.gate_proj(g)) * mlp.up_proj(g)
             ffwd = mlp.down_proj(hidden)
             out = mid + ffwd
-            if self.capture_at[i]:
-                captured += self.pick(
-                    {
-                        "block_input": x,
-                        "heads_output": heads,
-                        "proj_output": proj,
-                        "resid_mid": mid,
-                        "mlp_hidden": hidden,
-                        "ffwd_output": ffwd,
-                        "block_output": out,
-                        "attention": pattern,
-                    }
-                )
+            captured += self.pick(i, block_input=x, heads_output=heads, proj_output=proj, resid_mid=mid,
+                                  mlp_hidden=hidden, ffwd_output=ffwd, block_output=out,
+                                  attention=pattern)  # fmt: skip
             x = out
         return tuple(captured)
 
 
 class Llama(HFAdapter):
     family = "llama"
+    capture_class = CaptureModule
 
     @staticmethod
     def dims_of(model: nn.Module) -> ModelDims:
@@ -110,6 +101,3 @@ class Llama(HFAdapter):
             head_dim=layer.self_attn.head_dim, d_mlp=layer.mlp.down_proj.in_features,
             vocab_size=model.embed_tokens.num_embeddings, context=cfg.max_position_embeddings,
         )  # fmt: skip
-
-    def capture_module(self, blocks: Sequence[int], sites: Sequence[str], fused: bool) -> CaptureModule:
-        return CaptureModule(self.model, blocks, sites, fused=fused)

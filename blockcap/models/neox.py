@@ -86,25 +86,16 @@ class CaptureModule(BlockCapture):
                 hidden = mlp.act(mlp.dense_h_to_4h(layer.post_attention_layernorm(mid)))
                 ffwd = mlp.dense_4h_to_h(hidden)
                 out = layer.post_mlp_dropout(ffwd) + mid
-            if self.capture_at[i]:
-                captured += self.pick(
-                    {
-                        "block_input": x,
-                        "heads_output": heads,
-                        "proj_output": proj,
-                        "resid_mid": mid,
-                        "mlp_hidden": hidden,
-                        "ffwd_output": ffwd,
-                        "block_output": out,
-                        "attention": pattern,
-                    }
-                )
+            captured += self.pick(i, block_input=x, heads_output=heads, proj_output=proj, resid_mid=mid,
+                                  mlp_hidden=hidden, ffwd_output=ffwd, block_output=out,
+                                  attention=pattern)  # fmt: skip
             x = out
         return tuple(captured)
 
 
 class NeoX(HFAdapter):
     family = "neox"
+    capture_class = CaptureModule
 
     @staticmethod
     def dims_of(model: nn.Module) -> ModelDims:
@@ -117,6 +108,3 @@ class NeoX(HFAdapter):
 
     def check_sites(self, sites: Sequence[str]) -> None:
         check_sites(self.model, sites)
-
-    def capture_module(self, blocks: Sequence[int], sites: Sequence[str], fused: bool) -> CaptureModule:
-        return CaptureModule(self.model, blocks, sites, fused=fused)

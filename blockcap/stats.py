@@ -6,15 +6,24 @@ commit record. ``merge`` combines partials with Chan et al.'s pairwise update in
 the result depends only on which units exist, never on which process or run computed them: a
 resumed or distributed capture gets exactly the statistics of an uninterrupted one.
 
-Precision: sums are float64; deviations and norms are taken in float32 before accumulating,
-so means match a float64 reference to ~1e-7 relative and variances to ~1e-6 (tested at 1e-5).
+Precision: a unit's sums of x and x² are float64 (the square of a float32 is exact in float64),
+and its m2 is Σx² - (Σx)²/n; the cancellation costs about n·eps·(1 + mean²/var) relative, 1e-9
+for a 10,000-row unit whose channel mean is 100 standard deviations. Norms are float32. Means
+and variances match a float64 reference to ~1e-7 (tested at 1e-5).
+
+Speed: this runs on a writer thread beside the forward pass, once per stored byte, so it is
+written for numpy's fast paths: rows are folded into wide rows before reducing over axis 0
+(narrow rows make the inner loop short) and one float64 copy serves both sums.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
+
+FOLD = 16  # rows folded into one wide row before reducing over rows
 
 
 def partial(
@@ -24,7 +33,7 @@ def partial(
 
     Layout: [count, mean (W), m2 (W), min (W), max (W), norm_sum (T), norm_count (T)].
     """
-    x = np.asarray(x, dtype=np.float32)
+    x = np.ascontiguousarray(x, dtype=np.float32)
     rows, width = x.shape
     w = np.ones(rows, np.float64) if weights is None else np.asarray(weights, np.float64)
     count = w.sum()
@@ -34,19 +43,23 @@ def partial(
         out[1 + 2 * width : 1 + 3 * width] = np.inf
         out[1 + 3 * width : 1 + 4 * width] = -np.inf
         return out
+    x64 = x.astype(np.float64)
+    k = math.gcd(rows, FOLD)
     if weights is None:
-        mean = x.sum(axis=0, dtype=np.float64) / count
-        d = x - mean.astype(np.float32)
-        m2 = np.square(d).sum(axis=0, dtype=np.float64)
+        wide = x64.reshape(rows // k, k * width)
+        total = wide.sum(axis=0).reshape(k, width).sum(axis=0)
+        squares = np.einsum("ij,ij->j", wide, wide).reshape(k, width).sum(axis=0)
     else:
-        mean = (w @ x.astype(np.float64)) / count
-        d = x - mean.astype(np.float32)
-        m2 = w @ np.square(d).astype(np.float64)
+        total = w @ x64
+        squares = w @ np.square(x64)
+    mean = total / count
+    m2 = np.maximum(squares - total * mean, 0.0)
+    wide32 = x.reshape(rows // k, k * width)
     norms = np.sqrt(np.einsum("ij,ij->i", x, x)).astype(np.float64)
     out[1 : 1 + width] = mean
     out[1 + width : 1 + 2 * width] = m2
-    out[1 + 2 * width : 1 + 3 * width] = x.min(axis=0)
-    out[1 + 3 * width : 1 + 4 * width] = x.max(axis=0)
+    out[1 + 2 * width : 1 + 3 * width] = wide32.min(axis=0).reshape(k, width).min(axis=0)
+    out[1 + 3 * width : 1 + 4 * width] = wide32.max(axis=0).reshape(k, width).max(axis=0)
     base = 1 + 4 * width
     out[base : base + n_positions] = np.bincount(positions, weights=w * norms, minlength=n_positions)
     out[base + n_positions :] = np.bincount(positions, weights=w, minlength=n_positions)

@@ -95,17 +95,19 @@ def verify(
     for p in problems:
         print(f"problem: {p}", file=sys.stderr)
     if problems:
-        if not repair and any("differs from what was" in p or "record is damaged" in p for p in problems):
-            print(
-                "hint: verify --repair deletes the altered objects; then re-run the capture", file=sys.stderr
-            )
-        elif any("is missing" in p for p in problems):
-            print(
-                "hint: re-run the capture command: it recomputes units whose objects are missing",
-                file=sys.stderr,
-            )
+        print(f"hint: {_verify_hint(problems, repair)}", file=sys.stderr)
         sys.exit(1)
     print(f"ok: {store} is complete and every object matches its commit record")
+
+
+ALTERED = ("differs from what was", "record is damaged", "metadata document")  # verify --repair's part
+
+
+def _verify_hint(problems: list[str], repaired: bool) -> str:
+    """What to do next about ``problems``."""
+    if repaired or not any(a in p for p in problems for a in ALTERED):
+        return "re-run the capture command: it recomputes what is missing and finishes the store"
+    return "verify --repair rewrites damaged metadata and deletes altered objects; then re-run the capture"
 
 
 def finalize(store: str, *, storage_options: str | None = None) -> None:

@@ -415,7 +415,9 @@ class StoreInUse(BlockcapError):
 
 
 @contextmanager
-def exclusive(location: Location, shared: bool = False) -> Iterator[None]:
+def exclusive(
+    location: Location, shared: bool = False, hint: str = "wait for it to finish, or choose another out=PATH"
+) -> Iterator[None]:
     """Hold the store's lock for a run: exclusive, or ``shared`` among ``part`` processes.
 
     A POSIX advisory lock on ``.<name>.lock`` beside a local store: the kernel drops it when the
@@ -439,9 +441,7 @@ def exclusive(location: Location, shared: bool = False) -> Iterator[None]:
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise StoreInUse(
-                f"store {location} is in use by {holder}; wait for it to finish, or choose another out=PATH"
-            ) from None
+            raise StoreInUse(f"store {location} is in use by {holder}; {hint}") from None
         if _same_file(fd, path):  # not unlinked by a finishing holder between open and lock
             break
         os.close(fd)

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+import blockcap.store as lifecycle
 from blockcap.codecs import digest
 from blockcap.data import Windows, dataset_sha256, split_tokens, token_stream
 from blockcap.errors import BlockcapError
@@ -22,7 +23,7 @@ from blockcap.layout import site_path
 from blockcap.location import Location
 from blockcap.reader import CaptureStore
 from blockcap.spec import parse_storage_options
-from blockcap.store import COMPLETE, CREATING, Opened, damaged_metadata, exclusive, open_location, read_meta
+from blockcap.store import COMPLETE, CREATING, Opened, damaged_metadata, open_location, read_meta
 from blockcap.writer import as_float32
 
 STATS_RTOL = 1e-5  # stored statistics against a float64 recomputation (see blockcap.stats)
@@ -34,17 +35,19 @@ def verify(
 ) -> list[str]:  # fmt: skip
     """Every problem found in the store at ``path`` (empty when it is whole).
 
-    ``repair``: also delete every object (and commit record) found altered, holding the store's
-    lock, so that re-running the capture recomputes exactly those units; a run only notices
-    objects that are missing, not ones that were altered (that takes reading everything).
+    ``repair``: holding the store's lock, rewrite damaged metadata documents from the layout and
+    delete every object (and commit record) found altered, so that re-running the capture
+    recomputes exactly those units; a run only notices objects that are missing, not ones that
+    were altered (that takes reading everything).
 
     Raises BlockcapError when ``path`` is not a blockcap store at all (nothing to verify); a
     store whose root document is missing or damaged is a problem found, not an error.
     """
     location = Location(str(path), parse_storage_options(storage_options))
     if not repair:
-        return _verify(location, check_dataset, check_stats, [])
-    with exclusive(location):
+        return _verify(location, check_dataset, check_stats, None)
+    read_meta(location)  # not a store: one line, before any lock file appears beside it
+    with lifecycle.exclusive(location, hint="wait for it to finish"):
         altered: list[str] = []
         problems = _verify(location, check_dataset, check_stats, altered)
         for key in altered:
@@ -56,8 +59,11 @@ def verify(
     return problems
 
 
-def _verify(location: Location, check_dataset: bool, check_stats: bool, altered: list[str]) -> list[str]:
-    """``verify``'s checks; the keys of objects found altered are appended to ``altered``."""
+def _verify(
+    location: Location, check_dataset: bool, check_stats: bool, altered: list[str] | None
+) -> list[str]:
+    """``verify``'s checks. Repairing (``altered`` a list): damaged metadata documents are
+    rewritten before the data is checked, and the keys of altered objects are appended."""
     try:
         meta = read_meta(location)
         if meta.get("state") == CREATING:
@@ -74,9 +80,15 @@ def _verify(location: Location, check_dataset: bool, check_stats: bool, altered:
         problems.append(
             f"state is {meta.get('state')!r}, not 'complete': re-run the capture command to finish it"
         )
-    problems += _metadata(opened)
-    if problems and any("metadata document" in p for p in problems):
-        return problems
+    damaged = _metadata(opened)
+    problems += damaged
+    if damaged and any("metadata document" in p for p in damaged):
+        if altered is None:  # the data checks read arrays through their metadata
+            return problems
+        lifecycle.repair_metadata(location, opened.layout, meta)
+        opened = open_location(location)
+        problems.append(f"repair: rewrote {len(damaged)} metadata documents from the store's layout")
+    altered = [] if altered is None else altered
     problems += _units(opened, altered)
     problems += _other_arrays(opened, altered)
     if problems:  # content checks read everything; they would only repeat the damage found

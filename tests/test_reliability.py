@@ -190,7 +190,8 @@ def test_corrupted_chunks_are_detected(run_args, how, capsys):
 
 def test_verify_repair_then_rerun_restores_altered_objects_exactly(run_args, capsys):
     """A run notices missing objects only; verify --repair turns altered ones (data, a commit record,
-    an object written at finish) into missing ones, and the rerun recomputes just those units."""
+    an object written at finish) into missing ones, rewriting damaged metadata first, and the
+    rerun recomputes just those units."""
     from blockcap.cli import main
     from tests.crashkit import files
 
@@ -201,12 +202,14 @@ def test_verify_repair_then_rerun_restores_altered_objects_exactly(run_args, cap
     corrupt_first_chunk(store, "committed", "truncate", index=-1)
     corrupt_first_chunk(store, "block0/stats/ffwd_output/mean", "flip")
     assert blockcap.run(**{**run_args, "chunk_windows": 16}).status == "already complete"  # unnoticed
+    (store / "block0" / "ffwd_output" / "zarr.json").unlink()  # repaired in the same pass
     with pytest.raises(SystemExit) as exc:
         main(["verify", str(store)])
     assert exc.value.code == 1 and "hint: verify --repair" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["verify", str(store), "--repair"])
-    assert "deleted 3 altered objects" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "rewrote 1 metadata documents" in err and "deleted 3 altered objects" in err
     summary = blockcap.run(**{**run_args, "chunk_windows": 16})
     last_unit = (summary.n_windows - 1) % 16 + 1
     assert summary.status.startswith("resumed") and summary.windows_computed == 16 + last_unit

@@ -100,7 +100,12 @@ def verify(
     print(f"ok: {store} is complete and every object matches its commit record")
 
 
-ALTERED = ("differs from what was", "record is damaged", "metadata document")  # verify --repair's part
+# problems that verify --repair acts on
+ALTERED = (
+    "differs from what was",
+    "record is damaged",
+    "differs from the store's layout",
+)  # verify --repair's part
 
 
 def _verify_hint(problems: list[str], repaired: bool) -> str:

@@ -51,6 +51,18 @@ def encode_record(unit: int, tag: int, digests: list[int]) -> np.ndarray:
     return np.asarray([MAGIC, unit, tag, *digests], dtype="<u4")
 
 
+def record_tags(blobs: list[bytes | None]) -> set[int]:
+    """The store tags of the intact format-2 commit records among ``blobs`` (damaged ones skipped)."""
+    tags = set()
+    for raw in blobs:
+        if raw is None or len(raw) < 16 or np.frombuffer(raw[-4:], "<u4")[0] != google_crc32c.value(raw[:-4]):
+            continue
+        row = np.frombuffer(raw[:-4], "<u4") if (len(raw) - 4) % 4 == 0 else np.zeros(0, "<u4")
+        if row.size >= 3 and row[0] == MAGIC:
+            tags.add(int(row[2]))
+    return tags
+
+
 @dataclass(frozen=True)
 class Record:
     status: str  # COMMITTED, ABSENT or DAMAGED

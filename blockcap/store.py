@@ -35,7 +35,7 @@ from zarr.storage import MemoryStore
 
 from blockcap.codecs import ChunkEncoder, compressors, digest
 from blockcap.errors import BlockcapError
-from blockcap.integrity import COMMITTED, CheckedStore, CommitIndex, DamagedError, store_tag
+from blockcap.integrity import COMMITTED, CheckedStore, CommitIndex, DamagedError, record_tags, store_tag
 from blockcap.layout import (
     CREATE,
     FORMAT,
@@ -495,6 +495,9 @@ def prepare(
         try:
             old = read_meta(location)
         except BlockcapError as e:
+            if sole and _lost_root_of(location, spec):
+                new = create(location, layout, meta, objects)  # the data stays; every unit is checked
+                return Prepared(new, pending_units(open_location(location))[0], "resumed")
             reason = str(e) if "damaged" in str(e) else f"{location} exists and is not a blockcap store"
             raise BlockcapError(f"{reason}; refusing to touch it; choose another out=PATH") from None
         old_spec = spec_of(old)
@@ -520,6 +523,13 @@ def prepare(
         check_aside_is_ours(location)
         restamp_aside(location, meta["run_id"])
     return Prepared(create(location, layout, meta, objects), list(range(layout.n_units)), "new")
+
+
+def _lost_root_of(location: Location, spec: CaptureSpec) -> bool:
+    """Whether ``location`` is a store of ``spec`` whose root document was lost or damaged: its
+    intact commit records all carry ``spec``'s tag (a digest of its identity), and there is one."""
+    keys = [k for k in location.keys("committed/c") if not k.endswith(PARTIAL)]
+    return bool(keys) and record_tags(location.get_many(keys)) == {store_tag(spec.identity())}
 
 
 def _continue(

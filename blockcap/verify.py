@@ -46,7 +46,8 @@ def verify(
     location = Location(str(path), parse_storage_options(storage_options))
     if not repair:
         return _verify(location, check_dataset, check_stats, None)
-    read_meta(location)  # not a store: one line, before any lock file appears beside it
+    if location.get("committed/zarr.json") is None:
+        read_meta(location)  # not a store: one line, before any lock file appears beside it
     with lifecycle.exclusive(location, hint="wait for it to finish"):
         altered: list[str] = []
         problems = _verify(location, check_dataset, check_stats, altered)

@@ -217,6 +217,28 @@ def test_verify_repair_then_rerun_restores_altered_objects_exactly(run_args, cap
     assert blockcap.verify(store, check_stats=True) == []
 
 
+@pytest.mark.parametrize("how", ["truncate", "delete"])
+def test_a_lost_root_document_is_rebuilt_by_the_same_capture_only(run_args, how, capsys):
+    """The commit records carry the spec's tag, so the same command can prove the data its own."""
+    from tests.crashkit import files
+
+    blockcap.run(**{**run_args, "chunk_windows": 16})
+    store = Path(run_args["out"])
+    want = files(store)
+    root = store / "zarr.json"
+    root.write_bytes(root.read_bytes()[:20]) if how == "truncate" else root.unlink()
+    assert len(blockcap.verify(store)) == 1
+    raw = lambda: {p: p.read_bytes() for p in sorted(store.rglob("*")) if p.is_file()}  # noqa: E731
+    damaged = raw()
+    with pytest.raises(BlockcapError, match="refusing to touch it"):
+        blockcap.run(**{**run_args, "chunk_windows": 16, "stride": 6})  # another capture: not ours
+    assert raw() == damaged
+    summary = blockcap.run(**{**run_args, "chunk_windows": 16})
+    assert summary.status.startswith("resumed") and summary.windows_computed == 0
+    assert files(store) == want
+    assert blockcap.verify(store, check_stats=True) == []
+
+
 def test_verify_checks_tokens_against_dataset(run_args):
     blockcap.run(**run_args)
     g = zarr.open_group(run_args["out"], mode="r+")

@@ -101,11 +101,7 @@ def verify(
 
 
 # problems that verify --repair acts on
-ALTERED = (
-    "differs from what was",
-    "record is damaged",
-    "differs from the store's layout",
-)  # verify --repair's part
+ALTERED = ("differs from what was", "record is damaged", "differs from the store's layout")
 
 
 def _verify_hint(problems: list[str], repaired: bool) -> str:

@@ -51,18 +51,6 @@ def encode_record(unit: int, tag: int, digests: list[int]) -> np.ndarray:
     return np.asarray([MAGIC, unit, tag, *digests], dtype="<u4")
 
 
-def record_tags(blobs: list[bytes | None]) -> set[int]:
-    """The store tags of the intact format-2 commit records among ``blobs`` (damaged ones skipped)."""
-    tags = set()
-    for raw in blobs:
-        if raw is None or len(raw) < 16 or np.frombuffer(raw[-4:], "<u4")[0] != google_crc32c.value(raw[:-4]):
-            continue
-        row = np.frombuffer(raw[:-4], "<u4") if (len(raw) - 4) % 4 == 0 else np.zeros(0, "<u4")
-        if row.size >= 3 and row[0] == MAGIC:
-            tags.add(int(row[2]))
-    return tags
-
-
 @dataclass(frozen=True)
 class Record:
     status: str  # COMMITTED, ABSENT or DAMAGED
@@ -70,12 +58,15 @@ class Record:
     reason: str = ""
 
 
+CHECKSUM_FAILS = "its checksum fails"  # damage that proves nothing about whose record it was
+
+
 def _decode_record(raw: bytes | None, unit: int, n_fields: int, version: int, tag: int) -> Record:
     if raw is None:
         return Record(ABSENT)
     body, tail = raw[:-4], raw[-4:]
     if len(raw) < 5 or np.frombuffer(tail, "<u4")[0] != google_crc32c.value(body):
-        return Record(DAMAGED, reason="its checksum fails")
+        return Record(DAMAGED, reason=CHECKSUM_FAILS)
     if version == 1:  # one uint8 flag per chunk
         return Record(COMMITTED) if body == b"\x01" else Record(DAMAGED, reason=f"flag {body!r} is not 1")
     row = np.frombuffer(body, "<u4") if len(body) % 4 == 0 else np.zeros(0, "<u4")

@@ -35,7 +35,15 @@ from zarr.storage import MemoryStore
 
 from blockcap.codecs import ChunkEncoder, compressors, digest
 from blockcap.errors import BlockcapError
-from blockcap.integrity import COMMITTED, CheckedStore, CommitIndex, DamagedError, record_tags, store_tag
+from blockcap.integrity import (
+    CHECKSUM_FAILS,
+    COMMITTED,
+    DAMAGED,
+    CheckedStore,
+    CommitIndex,
+    DamagedError,
+    store_tag,
+)
 from blockcap.layout import (
     CREATE,
     FORMAT,
@@ -190,19 +198,23 @@ class Opened:
         return arr
 
 
+def unit_objects(layout: Layout, version: int) -> list[str]:
+    """The arrays whose objects a commit record of this format covers, in its order."""
+    if version == 1:
+        return ["tokens", "offsets", *(f"block{b}/{s}" for b, s in layout.outputs())]
+    return [a.path for a in layout.unit_arrays()]
+
+
 def open_location(location: Location, allow_creating: bool = False) -> Opened:
     """Open a store for reading; "being created" is an error unless ``allow_creating``."""
     meta = read_meta(location)
     if meta.get("state") == CREATING and not allow_creating:
         raise BlockcapError(f"store {location} is being created; try again in a moment")
     layout = layout_of(meta)
-    if meta["format_version"] == 1:
-        objects = ["tokens", "offsets", *(f"block{b}/{s}" for b, s in layout.outputs())]
-    else:
-        objects = [a.path for a in layout.unit_arrays()]
     spec = spec_of(meta)
     index = CommitIndex(
-        location, layout, meta["format_version"], objects, tag=store_tag(spec.identity()) if spec else 0,
+        location, layout, meta["format_version"], unit_objects(layout, meta["format_version"]),
+        tag=store_tag(spec.identity()) if spec else 0,
         digests=meta.get("digests", {}) if meta.get("state") != CREATING else {},
         complete=meta.get("state") == COMPLETE,
     )  # fmt: skip
@@ -495,7 +507,7 @@ def prepare(
         try:
             old = read_meta(location)
         except BlockcapError as e:
-            if sole and _lost_root_of(location, spec):
+            if sole and _lost_root_of(location, layout, spec):
                 new = create(location, layout, meta, objects)  # the data stays; every unit is checked
                 return Prepared(new, pending_units(open_location(location))[0], "resumed")
             reason = str(e) if "damaged" in str(e) else f"{location} exists and is not a blockcap store"
@@ -525,11 +537,15 @@ def prepare(
     return Prepared(create(location, layout, meta, objects), list(range(layout.n_units)), "new")
 
 
-def _lost_root_of(location: Location, spec: CaptureSpec) -> bool:
-    """Whether ``location`` is a store of ``spec`` whose root document was lost or damaged: its
-    intact commit records all carry ``spec``'s tag (a digest of its identity), and there is one."""
-    keys = [k for k in location.keys("committed/c") if not k.endswith(PARTIAL)]
-    return bool(keys) and record_tags(location.get_many(keys)) == {store_tag(spec.identity())}
+def _lost_root_of(location: Location, layout: Layout, spec: CaptureSpec) -> bool:
+    """Whether ``location`` is a store of ``spec`` whose root document was lost or damaged: a commit
+    record carries ``spec``'s tag (a digest of its identity), and every other readable one does too."""
+    objects = unit_objects(layout, FORMAT_VERSION)
+    index = CommitIndex(location, layout, FORMAT_VERSION, objects, tag=store_tag(spec.identity()))
+    records = index.load_all().values()
+    return any(r.status == COMMITTED for r in records) and all(
+        r.status != DAMAGED or r.reason == CHECKSUM_FAILS for r in records
+    )
 
 
 def _continue(

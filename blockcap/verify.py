@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 
-import blockcap.store as lifecycle
 from blockcap.codecs import digest
 from blockcap.data import Windows, dataset_sha256, split_tokens, token_stream
 from blockcap.errors import BlockcapError
@@ -23,7 +22,16 @@ from blockcap.layout import site_path
 from blockcap.location import Location
 from blockcap.reader import CaptureStore
 from blockcap.spec import parse_storage_options
-from blockcap.store import COMPLETE, CREATING, Opened, damaged_metadata, open_location, read_meta
+from blockcap.store import (
+    COMPLETE,
+    CREATING,
+    Opened,
+    damaged_metadata,
+    exclusive,
+    open_location,
+    read_meta,
+    repair_metadata,
+)
 from blockcap.writer import as_float32
 
 STATS_RTOL = 1e-5  # stored statistics against a float64 recomputation (see blockcap.stats)
@@ -45,12 +53,11 @@ def verify(
     """
     location = Location(str(path), parse_storage_options(storage_options))
     if not repair:
-        return _verify(location, check_dataset, check_stats, None)
+        return _verify(location, check_dataset, check_stats, repair=False)[0]
     if location.get("committed/zarr.json") is None:
         read_meta(location)  # not a store: one line, before any lock file appears beside it
-    with lifecycle.exclusive(location, hint="wait for it to finish"):
-        altered: list[str] = []
-        problems = _verify(location, check_dataset, check_stats, altered)
+    with exclusive(location, hint="wait for it to finish"):
+        problems, altered = _verify(location, check_dataset, check_stats, repair=True)
         for key in altered:
             location.delete(key)
     if altered:
@@ -61,21 +68,21 @@ def verify(
 
 
 def _verify(
-    location: Location, check_dataset: bool, check_stats: bool, altered: list[str] | None
-) -> list[str]:
-    """``verify``'s checks. Repairing (``altered`` a list): damaged metadata documents are
-    rewritten before the data is checked, and the keys of altered objects are appended."""
+    location: Location, check_dataset: bool, check_stats: bool, repair: bool
+) -> tuple[list[str], list[str]]:
+    """``verify``'s checks: (problems, keys of the objects found altered). ``repair`` rewrites
+    damaged metadata documents first, so that the data can still be checked."""
     try:
         meta = read_meta(location)
         if meta.get("state") == CREATING:
             return [
                 f"store {location} is being created (or its creation was interrupted): re-run the capture"
-            ]
+            ], []
         opened = open_location(location)
     except BlockcapError as e:
         if location.get("committed/zarr.json") is None:  # not one of ours: bad input, not damage
             raise
-        return [str(e)]
+        return [str(e)], []
     problems = []
     if meta.get("state") != COMPLETE:
         problems.append(
@@ -84,16 +91,16 @@ def _verify(
     damaged = _metadata(opened)
     problems += damaged
     if damaged and any("metadata document" in p for p in damaged):
-        if altered is None:  # the data checks read arrays through their metadata
-            return problems
-        lifecycle.repair_metadata(location, opened.layout, meta)
+        if not repair:  # the data checks read arrays through their metadata
+            return problems, []
+        repair_metadata(location, opened.layout, meta)
         opened = open_location(location)
         problems.append(f"repair: rewrote {len(damaged)} metadata documents from the store's layout")
-    altered = [] if altered is None else altered
+    altered: list[str] = []
     problems += _units(opened, altered)
     problems += _other_arrays(opened, altered)
     if problems:  # content checks read everything; they would only repeat the damage found
-        return problems
+        return problems, altered
     try:
         if check_dataset:
             problems += _tokens(opened)
@@ -101,7 +108,7 @@ def _verify(
             problems += _stats(opened)
     except BlockcapError as e:
         problems.append(str(e))
-    return problems
+    return problems, altered
 
 
 def _metadata(opened: Opened) -> list[str]:

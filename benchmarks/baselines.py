@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from blockcap.checkpoint import load_checkpoint
-from blockcap.data import split_tokens
-from blockcap.model import GPT, Block
-from blockcap.models.chargpt import CaptureModule
-from blockcap.tokens import CharTokenizer
+from blockcap.capture.chargpt.capture import CaptureModule
+from blockcap.capture.chargpt.checkpoint import load_checkpoint
+from blockcap.capture.chargpt.model import GPT, Block
+from blockcap.data.tokenizers import CharTokenizer
+from blockcap.data.windows import split_tokens
 
 
 def bare_forward(model: GPT, windows: torch.Tensor, block: int, batch_size: int, fused: bool = False) -> None:

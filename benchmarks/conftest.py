@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from blockcap.checkpoint import load_checkpoint, save_checkpoint
-from blockcap.data import split_tokens
-from blockcap.model import GPT, PRESETS
-from blockcap.tokens import CharTokenizer
+from blockcap.capture.chargpt.checkpoint import load_checkpoint, save_checkpoint
+from blockcap.capture.chargpt.model import GPT, PRESETS
+from blockcap.data.tokenizers import CharTokenizer
+from blockcap.data.windows import split_tokens
 
 THREADS = int(os.environ.get("BLOCKCAP_BENCH_THREADS", "2"))
 ROUNDS = int(os.environ.get("BLOCKCAP_BENCH_ROUNDS", "3"))

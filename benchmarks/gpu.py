@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 from benchmarks.baselines import bare_forward
-from blockcap.checkpoint import save_checkpoint
-from blockcap.model import GPT, PRESETS
-from blockcap.pipeline import Job
-from blockcap.tokens import CharTokenizer
+from blockcap.capture.chargpt.checkpoint import save_checkpoint
+from blockcap.capture.chargpt.model import GPT, PRESETS
+from blockcap.data.tokenizers import CharTokenizer
+from blockcap.run.job import Job
 from tests.conftest import make_text
 
 
@@ -80,8 +80,8 @@ def gpt2_small(tmp: Path, windows: int) -> tuple[Path, Path, torch.Tensor, torch
         import transformers
     except ImportError:
         return None
-    from blockcap.data import token_stream
-    from blockcap.tokens import HFTokenizer
+    from blockcap.data.sources import token_stream
+    from blockcap.data.tokenizers import HFTokenizer
     from tests.hf_models import make_text as words
     from tests.hf_models import train_tokenizer
 

@@ -21,9 +21,9 @@ import torch
 
 from benchmarks.baselines import bare_forward, original_experiment
 from benchmarks.conftest import WORKLOADS, make_setup
-from blockcap.checkpoint import load_checkpoint, save_checkpoint
-from blockcap.model import GPT, PRESETS
-from blockcap.pipeline import Job
+from blockcap.capture.chargpt.checkpoint import load_checkpoint, save_checkpoint
+from blockcap.capture.chargpt.model import GPT, PRESETS
+from blockcap.run.job import Job
 
 
 def main() -> None:

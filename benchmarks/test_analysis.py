@@ -20,13 +20,13 @@ from torch.utils.data import DataLoader
 
 import blockcap
 from benchmarks.conftest import Workload, make_setup
-from blockcap.search import topk
+from blockcap.analysis.search import topk
 
 ROUNDS = int(os.environ.get("BLOCKCAP_BENCH_ROUNDS", "5"))
 WINDOWS = int(os.environ.get("BLOCKCAP_BENCH_ANALYSIS_WINDOWS", "128"))
 QUERIES = 64
 SITES = ["ffwd_output", "mlp_hidden"]  # the residual width, and the widest site (4x)
-loader_module = importlib.import_module("blockcap.loader")
+loader_module = importlib.import_module("blockcap.analysis.loader")
 _sequential: dict[str, float] = {}  # site -> best seconds of the sequential scan
 
 

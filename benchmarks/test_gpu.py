@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import blockcap
-from blockcap.models.chargpt import FUSED_TOLERANCE, CaptureModule
+from blockcap.capture.chargpt.capture import FUSED_TOLERANCE, CaptureModule
 from tests.conftest import make_text
 
 pytestmark = [

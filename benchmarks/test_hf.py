@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from benchmarks.conftest import ROUNDS, THREADS
-from blockcap.data import split_tokens, token_stream
-from blockcap.pipeline import Job
-from blockcap.tokens import HFTokenizer
+from blockcap.data.sources import token_stream
+from blockcap.data.tokenizers import HFTokenizer
+from blockcap.data.windows import split_tokens
+from blockcap.run.job import Job
 from tests.hf_models import NEEDS_TRANSFORMERS, hf_text_fixture, hf_zoo_fixture, make_text  # noqa: F401
 
 pytestmark = NEEDS_TRANSFORMERS

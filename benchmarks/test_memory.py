@@ -26,7 +26,7 @@ ALLOWANCE = 160 << 20  # interpreter, allocator slack, tokenized text, encoder b
 CHILD = """
 import json, os, sys, threading, time, torch
 torch.set_num_threads(2)
-from blockcap.pipeline import Job
+from blockcap.run.job import Job
 
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

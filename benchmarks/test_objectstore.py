@@ -12,7 +12,7 @@ import pytest
 
 import blockcap
 from benchmarks.conftest import ROUNDS, THREADS, WORKLOADS, make_setup
-from blockcap.pipeline import Job
+from blockcap.run.job import Job
 from tests.s3server import bucket, s3_server  # noqa: F401  (fixtures)
 
 WORKLOAD = next(w for w in WORKLOADS if w.name == "long-b0")

@@ -21,15 +21,16 @@ import torch
 
 import blockcap
 from benchmarks.conftest import ROUNDS, WORKLOADS, make_setup
-from blockcap.codecs import DTYPES
-from blockcap.integrity import store_tag
-from blockcap.layout import Layout, choose_chunk_windows
-from blockcap.location import Location
-from blockcap.models.base import ModelDims
-from blockcap.models.chargpt import CaptureModule
-from blockcap.spec import CaptureSpec
-from blockcap.store import create
-from blockcap.writer import SlabWriter, UnitSource
+from blockcap.analysis.reader import CaptureStore
+from blockcap.capture.chargpt.capture import CaptureModule
+from blockcap.core.dims import ModelDims
+from blockcap.core.encoding import DTYPES
+from blockcap.core.layout import Layout, choose_chunk_windows
+from blockcap.core.spec import CaptureSpec
+from blockcap.storage.integrity import store_tag
+from blockcap.storage.location import Location
+from blockcap.storage.store import create, open_location
+from blockcap.storage.writer import SlabWriter, UnitSource
 
 CODECS = ["none", "blosc-lz4", "blosc-zstd", "zstd:1", "zstd:3"]
 SITES = ("heads_output", "proj_output", "ffwd_output")
@@ -116,7 +117,7 @@ def test_writer(benchmark, activations, tmp_path, codec, dtype):
         p.stat().st_size for p in out.rglob("*") if p.is_file() and "/c/" in str(p) and "block0/" in str(p)
     )
     benchmark.extra_info.update(stored_bytes=stored, ratio=raw / stored)
-    back = blockcap.reader.CaptureStore(blockcap.store.open_location(Location(str(out))))
+    back = CaptureStore(open_location(Location(str(out))))
     assert torch.equal(back.site("ffwd_output", 0)[:], outs[2])
 
 

@@ -16,7 +16,7 @@ import pytest
 import blockcap
 from benchmarks.baselines import bare_forward, load_like_a_user, original_experiment
 from benchmarks.conftest import ROUNDS, THREADS, WORKLOADS, make_setup
-from blockcap.pipeline import Job
+from blockcap.run.job import Job
 
 CASES = [(m, w) for m in ("bundled", "seed") for w in WORKLOADS]
 

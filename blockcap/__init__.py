@@ -6,18 +6,17 @@ Library entry points: ``run`` (capture), ``open_store`` (lazy reading), ``topk``
 capture module), ``load_checkpoint``.
 """
 
-__version__ = "0.2.0"
-
-from blockcap.checkpoint import load_checkpoint  # noqa: E402
-from blockcap.errors import BlockcapError  # noqa: E402
-from blockcap.integrity import DamagedError  # noqa: E402
-from blockcap.loader import loader  # noqa: E402
-from blockcap.models.chargpt import CaptureModule  # noqa: E402
-from blockcap.pipeline import run  # noqa: E402
-from blockcap.reader import CaptureStore, open_store  # noqa: E402
-from blockcap.search import nearest, topk  # noqa: E402
-from blockcap.spec import CaptureSpec  # noqa: E402
-from blockcap.verify import verify  # noqa: E402
+from blockcap.analysis.loader import loader
+from blockcap.analysis.reader import CaptureStore, IncompleteStoreWarning, open_store
+from blockcap.analysis.search import nearest, topk
+from blockcap.analysis.verify import verify
+from blockcap.capture.chargpt.capture import CaptureModule
+from blockcap.capture.chargpt.checkpoint import load_checkpoint
+from blockcap.core.errors import BlockcapError
+from blockcap.core.spec import CaptureSpec
+from blockcap.core.version import __version__
+from blockcap.run.job import run
+from blockcap.storage.integrity import DamagedError
 
 __all__ = [
     "BlockcapError",
@@ -25,6 +24,7 @@ __all__ = [
     "CaptureSpec",
     "CaptureStore",
     "DamagedError",
+    "IncompleteStoreWarning",
     "__version__",
     "load_checkpoint",
     "loader",

@@ -14,11 +14,11 @@ import sys
 
 import fire
 
-from blockcap.errors import BlockcapError, Interrupted
-from blockcap.plot import plot_command
-from blockcap.search import similar_command
-from blockcap.spec import option_help
-from blockcap.train import train as train_model
+from blockcap.analysis.plot import plot_command
+from blockcap.analysis.search import similar_command
+from blockcap.capture.chargpt.train import train as train_model
+from blockcap.core.errors import BlockcapError, Interrupted
+from blockcap.core.spec import option_help
 
 EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
 
@@ -29,7 +29,7 @@ def default_command() -> str:
 
 
 def run(**kwargs) -> None:
-    from blockcap.pipeline import run as run_capture
+    from blockcap.run.job import run as run_capture
 
     kwargs.setdefault("command", default_command())
     summary = run_capture(**kwargs)
@@ -67,11 +67,11 @@ def _bool_arg(name: str, value: object) -> bool:
 
 def info(store: str, *, storage_options: str | None = None) -> None:
     """Print a store's layout, sizes, completion state, statistics and provenance."""
-    from blockcap.describe import describe
-    from blockcap.location import Location
-    from blockcap.reader import CaptureStore
-    from blockcap.spec import parse_storage_options
-    from blockcap.store import open_location
+    from blockcap.analysis.describe import describe
+    from blockcap.analysis.reader import CaptureStore
+    from blockcap.core.spec import parse_storage_options
+    from blockcap.storage.location import Location
+    from blockcap.storage.store import open_location
 
     location = Location(_store_arg(store), parse_storage_options(storage_options))
     print(describe(CaptureStore(open_location(location))))
@@ -85,7 +85,7 @@ def verify(
 
     --repair deletes the objects found altered, so that re-running the capture recomputes them.
     """
-    from blockcap.verify import verify as verify_store
+    from blockcap.analysis.verify import verify as verify_store
 
     problems = verify_store(
         _store_arg(store), check_dataset=_bool_arg("dataset_check", dataset_check),
@@ -113,9 +113,9 @@ def _verify_hint(problems: list[str], repaired: bool) -> str:
 
 def finalize(store: str, *, storage_options: str | None = None) -> None:
     """Mark a store complete once every unit is committed (idempotent; safe from every job-array task)."""
-    from blockcap.location import Location
-    from blockcap.spec import parse_storage_options
-    from blockcap.store import finish, read_meta
+    from blockcap.core.spec import parse_storage_options
+    from blockcap.storage.location import Location
+    from blockcap.storage.store import finish, read_meta
 
     location = Location(_store_arg(store), parse_storage_options(storage_options))
     meta = finish(location, read_meta(location))
@@ -131,9 +131,9 @@ def generate(*, prompt: str = "\n", length: int = 300, weights: str | None = Non
     """Sample text from a char model (the bundled one by default) as a sanity check."""
     import torch
 
-    from blockcap.checkpoint import load_checkpoint
-    from blockcap.spec import positive
-    from blockcap.tokens import CharTokenizer
+    from blockcap.capture.chargpt.checkpoint import load_checkpoint
+    from blockcap.core.spec import positive
+    from blockcap.data.tokenizers import CharTokenizer
 
     positive("length", length, 100_000)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
@@ -155,8 +155,8 @@ def search(
     k: int = 10, metric: str = "cosine",
 ) -> None:  # fmt: skip
     """Print the k tokens whose vectors are nearest to those of one token (window, position)."""
-    from blockcap.reader import open_store
-    from blockcap.search import nearest
+    from blockcap.analysis.reader import open_store
+    from blockcap.analysis.search import nearest
 
     s = open_store(store)
     arr = s.site(site, block)

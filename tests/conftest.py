@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from blockcap.checkpoint import save_checkpoint
-from blockcap.model import GPT, GPTConfig
-from blockcap.tokens import CharTokenizer
+from blockcap.capture.chargpt.checkpoint import save_checkpoint
+from blockcap.capture.chargpt.model import GPT, GPTConfig
+from blockcap.data.tokenizers import CharTokenizer
 
 REAL_DATASET_ENV = "BLOCKCAP_TEST_DATASET"
 TINY = GPTConfig(vocab_size=1, n_embed=32, n_head=4, n_layer=3, block_size=32, dropout=0.0)
@@ -102,7 +102,7 @@ def small_store(ckpt, dataset, out, **kw):
     import warnings
 
     import blockcap
-    from blockcap.reader import IncompleteStoreWarning
+    from blockcap.analysis.reader import IncompleteStoreWarning
 
     args = dict(weights=ckpt and str(ckpt), dataset=str(dataset), out=str(out), sample_len=8, stride=5,
                 batch_size=16, chunk_windows=4, progress=False)  # fmt: skip

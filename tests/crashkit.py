@@ -2,7 +2,7 @@
 
 Children are forked from a fork server that has already imported blockcap (and torch), so one
 run of a tiny capture costs a fraction of a second and a crash test can kill at *every* write.
-Writes are counted at blockcap's one choke point, ``blockcap.location.WRITE_HOOKS``: each object
+Writes are counted at blockcap's one choke point, ``blockcap.storage.location.WRITE_HOOKS``: each object
 put, delete, rename, lock and unlock; with ``partial`` also each file written to its temporary
 name and not yet renamed into place.
 """
@@ -28,8 +28,8 @@ def _child(
 
     import torch
 
-    from blockcap import location
     from blockcap.cli import main
+    from blockcap.storage import location
 
     torch.set_num_threads(1)
     calls = 0

@@ -16,8 +16,8 @@ import threading
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from blockcap import location  # noqa: E402
 from blockcap.cli import main  # noqa: E402
+from blockcap.storage import location  # noqa: E402
 
 kill_at = int(sys.argv[1])
 partial = sys.argv[2] == "--partial"

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import blockcap
-from blockcap.checkpoint import save_checkpoint
+from blockcap.capture.chargpt.checkpoint import save_checkpoint
+from blockcap.capture.chargpt.model import GPT
 from blockcap.cli import EXIT_ERROR, main
-from blockcap.model import GPT
 
 NO_GPU = not torch.cuda.is_available()
 
@@ -261,7 +261,7 @@ def test_the_list_is_long_enough():
 
 
 def test_a_batch_that_cannot_fit_is_refused(world, capsys, monkeypatch):
-    from blockcap import pipeline
+    from blockcap.run import job as pipeline
 
     monkeypatch.setattr(pipeline, "free_memory", lambda device: 50 << 20)
     before = snapshot(world["dir"])
@@ -274,7 +274,7 @@ def test_a_batch_that_cannot_fit_is_refused(world, capsys, monkeypatch):
 
 
 def test_any_batch_size_is_planned_at_once():
-    from blockcap.layout import choose_chunk_windows
+    from blockcap.core.layout import choose_chunk_windows
 
     assert choose_chunk_windows(10**15, 1000, 500) == 500  # one batch: the run, chunked by size only
     assert choose_chunk_windows(2**40, 10**6, 10**9) == 4  # the divisors of a huge batch, not a scan

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from blockcap.model import GPT, GPTConfig
-from blockcap.models.chargpt import FUSED_TOLERANCE, CaptureModule
-from blockcap.sites import SITES
+from blockcap.capture.chargpt.capture import FUSED_TOLERANCE, CaptureModule
+from blockcap.capture.chargpt.model import GPT, GPTConfig
+from blockcap.core.sites import SITES
 from tests.reference import GPTLanguageModel
 
 CFG = GPTConfig(vocab_size=30, n_embed=48, n_head=6, n_layer=3, block_size=16, dropout=0.2)

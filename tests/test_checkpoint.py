@@ -6,9 +6,9 @@ import pickle
 import pytest
 import torch
 
-from blockcap.checkpoint import bundled_path, load_checkpoint, save_checkpoint
-from blockcap.errors import BlockcapError
-from blockcap.model import GPT, GPTConfig
+from blockcap.capture.chargpt.checkpoint import bundled_path, load_checkpoint, save_checkpoint
+from blockcap.capture.chargpt.model import GPT, GPTConfig
+from blockcap.core.errors import BlockcapError
 from tests.reference import GPTLanguageModel
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import blockcap
-from blockcap.errors import BlockcapError
+from blockcap.core.errors import BlockcapError
 from tests import crashkit
 
 pytestmark = pytest.mark.slow
@@ -45,7 +45,7 @@ def readable_or_one_line(out: Path) -> None:
     """What a user sees after a crash: a store, or a one-line error, never a traceback."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", blockcap.reader.IncompleteStoreWarning)
+            warnings.simplefilter("ignore", blockcap.IncompleteStoreWarning)
             blockcap.open_store(out)
     except BlockcapError as e:
         assert "\n" not in str(e)
@@ -60,7 +60,7 @@ def complete_params(path: Path) -> dict | None:
     """The params of a complete, verified store at ``path``, else None."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", blockcap.reader.IncompleteStoreWarning)
+            warnings.simplefilter("ignore", blockcap.IncompleteStoreWarning)
             s = blockcap.open_store(path)
     except BlockcapError:
         return None

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from blockcap import data
-from blockcap.data import Windows, resolve_dataset, split_tokens, window_count
-from blockcap.errors import BlockcapError
-from blockcap.tokens import CharTokenizer
+from blockcap.core.errors import BlockcapError
+from blockcap.data import sources as data
+from blockcap.data.sources import resolve_dataset
+from blockcap.data.tokenizers import CharTokenizer
+from blockcap.data.windows import Windows, split_tokens, window_count
 
 
 def test_tokenizer_round_trip_and_order():

@@ -8,8 +8,8 @@ import torch
 import zarr
 
 import blockcap
-from blockcap.data import Windows
-from blockcap.schedule import DedupSchedule
+from blockcap.data.windows import Windows
+from blockcap.run.schedule import DedupSchedule
 from tests import crashkit
 
 # Dedup runs distinct windows in other batches than a plain run; on this CPU the char GPT's values

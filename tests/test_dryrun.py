@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 import blockcap
-from blockcap.errors import BlockcapError
-from blockcap.location import Location
+from blockcap.core.errors import BlockcapError
+from blockcap.storage.location import Location
 
 
 def test_dry_run_creates_nothing_and_predicts_the_store(run_args, capsys):

@@ -2,7 +2,7 @@
 
 The reference is the ``*ForCausalLM`` model itself (eager attention, float32, CPU,
 ``use_cache=False``), read with forward hooks and pre-hooks; the capture runs on the base model
-``blockcap.models.hf.load`` returns for the same directory.
+``blockcap.capture.hf.load.load`` returns for the same directory.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import importlib
 import pytest
 import torch
 
-from blockcap.models import hf
-from blockcap.sites import SITES
-from blockcap.spec import CaptureSpec
+from blockcap.capture.hf import load as hf
+from blockcap.core.sites import SITES
+from blockcap.core.spec import CaptureSpec
 from tests.hf_models import (
     NEEDS_TRANSFORMERS,
     VARIANTS,
@@ -84,7 +84,7 @@ def test_exact_capture_is_bitwise_the_hooks(loaded, variant, T):
 
 def test_sliding_windows_are_active(loaded):
     """Mistral masks every layer and Qwen2 the layers after max_window_layers, at T beyond the window."""
-    from blockcap.models.llama import sliding_windows
+    from blockcap.capture.hf.llama import sliding_windows
 
     assert sliding_windows(loaded("mistral")[1].model) == [5, 5]
     assert sliding_windows(loaded("qwen2")[1].model) == [None, 6, 6]
@@ -99,7 +99,7 @@ def test_sliding_windows_are_active(loaded):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_fused_capture_within_stated_tolerance(loaded, variant):
     ref, adapter = loaded(variant)
-    tolerance = importlib.import_module(f"blockcap.models.{adapter.family}").FUSED_TOLERANCE
+    tolerance = importlib.import_module(f"blockcap.capture.hf.{adapter.family}").FUSED_TOLERANCE
     ids = random_ids(adapter, 32, seed=5)
     want, _ = hooked(ref, ids)
     got = captured(adapter.capture_module(range(adapter.dims.n_layer), sites_of(adapter), True), ids)
@@ -169,7 +169,7 @@ def test_bfloat16_capture_is_bitwise_the_bfloat16_model(hf_zoo, variant):
 
 
 def test_resid_mid_of_a_parallel_residual_is_refused(loaded):
-    from blockcap.errors import BlockcapError
+    from blockcap.core.errors import BlockcapError
 
     _, adapter = loaded("neox_parallel")
     with pytest.raises(BlockcapError, match="parallel residual"):

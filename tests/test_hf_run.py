@@ -16,11 +16,11 @@ import torch
 import zarr
 
 import blockcap
-from blockcap import location
+from blockcap.capture.hf import load as hf
 from blockcap.cli import EXIT_ERROR, main
-from blockcap.data import split_tokens
-from blockcap.models import hf
-from blockcap.spec import CaptureSpec
+from blockcap.core.spec import CaptureSpec
+from blockcap.data.windows import split_tokens
+from blockcap.storage import location
 from tests.hf_models import (
     EOS,
     NEEDS_TRANSFORMERS,
@@ -77,7 +77,7 @@ def test_run_stores_what_hooks_see(hf_zoo, hf_text, tmp_path, variant, sites):
 
 
 def test_fused_run_within_stated_tolerance(hf_zoo, hf_text, tmp_path):
-    from blockcap.models.llama import FUSED_TOLERANCE
+    from blockcap.capture.hf.llama import FUSED_TOLERANCE
 
     common = dict(
         model=str(hf_zoo("qwen2")), dataset=str(hf_text), block_idx="all", sites="all,attention",

@@ -15,9 +15,9 @@ import torch
 import zarr
 
 import blockcap
-from blockcap.errors import BlockcapError
-from blockcap.integrity import DamagedError, encode_record, store_tag
-from blockcap.reader import IncompleteStoreWarning
+from blockcap.analysis.reader import IncompleteStoreWarning
+from blockcap.core.errors import BlockcapError
+from blockcap.storage.integrity import DamagedError, encode_record, store_tag
 from tests import crashkit
 
 CHUNK = 8
@@ -159,7 +159,7 @@ def test_a_damaged_or_forged_commit_record_is_reported_and_redone(made, how):
     args, pristine = made
     record = Path(args["out"], "committed", "c", "1", "0")
     other = Path(args["out"], "committed", "c", "0", "0").read_bytes()
-    from blockcap.codecs import ChunkEncoder
+    from blockcap.storage.codecs import ChunkEncoder
 
     n_fields = zarr.open_group(args["out"], mode="r")["committed"].shape[1]
     data = record.read_bytes()

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from blockcap.errors import BlockcapError
-from blockcap.interop import tl_lookup, to_xarray
-from blockcap.reader import LazyArray
+from blockcap.analysis.interop import tl_lookup, to_xarray
+from blockcap.analysis.reader import LazyArray
+from blockcap.core.errors import BlockcapError
 from tests.conftest import small_store
 
 xr = pytest.importorskip("xarray")

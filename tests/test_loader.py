@@ -7,10 +7,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from blockcap.errors import BlockcapError
+from blockcap.core.errors import BlockcapError
 from tests.conftest import small_store
 
-L = importlib.import_module("blockcap.loader")  # the module, whatever ``blockcap.loader`` is bound to
+L = importlib.import_module(
+    "blockcap.analysis.loader"
+)  # the module, whatever ``blockcap.analysis.loader`` is bound to
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from blockcap.checkpoint import infer_config
-from blockcap.model import GPT, PRESETS, GPTConfig
+from blockcap.capture.chargpt.checkpoint import infer_config
+from blockcap.capture.chargpt.model import GPT, PRESETS, GPTConfig
 from tests.reference import GPTLanguageModel
 
 

@@ -8,8 +8,8 @@ import pytest
 
 import blockcap
 import blockcap.cli
-from blockcap.errors import BlockcapError
-from blockcap.plot import plot_command, report_data
+from blockcap.analysis.plot import plot_command, report_data
+from blockcap.core.errors import BlockcapError
 from tests.conftest import small_store
 
 pytest.importorskip("matplotlib")
@@ -97,11 +97,9 @@ def test_needs_statistics_and_matplotlib(ckpt, text_file, tmp_path, monkeypatch)
         plot_command(str(tmp_path / "n.zarr"), out=out)
 
 
-# --- the CLI (once `plot` is registered in blockcap.cli.COMMANDS) ------------------------------------------
+# --- the CLI ---------------------------------------------------------------------------------------
 @pytest.fixture
 def cli():
-    if "plot" not in blockcap.cli.COMMANDS:
-        pytest.skip("the plot command is not registered in blockcap.cli.COMMANDS yet")
     return blockcap.cli.main
 
 

@@ -15,8 +15,8 @@ import pytest
 import zarr
 
 import blockcap
-from blockcap.errors import BlockcapError
-from blockcap.reader import IncompleteStoreWarning
+from blockcap.analysis.reader import IncompleteStoreWarning
+from blockcap.core.errors import BlockcapError
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT_WRITES = 9  # tokens, offsets, three sites, three statistics partials, one commit record
@@ -322,7 +322,7 @@ def test_raw_state_dict_vocab_must_fit_dataset(tiny_model, run_args, tmp_path):
 
 def test_replaced_store_survives_a_failed_overwrite(run_args, monkeypatch):
     blockcap.run(**run_args)
-    from blockcap.location import Location
+    from blockcap.storage.location import Location
 
     put = Location.put
 

@@ -8,12 +8,12 @@ import torch
 import zarr
 
 import blockcap
-from blockcap.checkpoint import load_checkpoint
-from blockcap.data import split_tokens
-from blockcap.errors import BlockcapError
-from blockcap.models.chargpt import CaptureModule
-from blockcap.sites import DEFAULT_SITES
-from blockcap.tokens import CharTokenizer
+from blockcap.capture.chargpt.capture import CaptureModule
+from blockcap.capture.chargpt.checkpoint import load_checkpoint
+from blockcap.core.errors import BlockcapError
+from blockcap.core.sites import DEFAULT_SITES
+from blockcap.data.tokenizers import CharTokenizer
+from blockcap.data.windows import split_tokens
 
 
 def expected(run_args, blocks, sites, split="val"):
@@ -157,7 +157,7 @@ def test_other_parameters_refused_then_overwritten(run_args):
 
 
 def test_fused_run_within_tolerance(run_args):
-    from blockcap.models.chargpt import FUSED_TOLERANCE
+    from blockcap.capture.chargpt.capture import FUSED_TOLERANCE
 
     blockcap.run(**{**run_args, "fused": True})
     _, outs, _ = expected(run_args, (0,), DEFAULT_SITES)
@@ -189,7 +189,7 @@ def test_parts_fill_one_store_like_a_single_run(run_args, tmp_path):
     blockcap.run(**{**run_args, "chunk_windows": 16, "out": str(tmp_path / "one.zarr")})
     first = blockcap.run(**{**run_args, "chunk_windows": 16, "part": "0/2"})
     assert first.status.startswith("part 0/2 done")
-    with pytest.warns(blockcap.reader.IncompleteStoreWarning):
+    with pytest.warns(blockcap.IncompleteStoreWarning):
         half = blockcap.open_store(run_args["out"]).committed_windows()
     assert 0 < half.sum() < len(half)
     assert blockcap.run(**{**run_args, "chunk_windows": 16, "part": "1/2"}).status == "resumed and completed"
@@ -211,7 +211,7 @@ def test_compiled_run_within_tolerance(run_args):
 def test_sharded_store_equals_unsharded_and_resumes(run_args, tmp_path, monkeypatch):
     plain = blockcap.run(**{**run_args, "chunk_windows": 16, "out": str(tmp_path / "plain.zarr")})
     sharded = {**run_args, "chunk_windows": 16, "shard_chunks": 3}
-    from blockcap.location import Location
+    from blockcap.storage.location import Location
 
     calls, put = [], Location.put
 

@@ -14,7 +14,7 @@ import zarr
 
 import blockcap
 from blockcap.cli import main
-from blockcap.errors import BlockcapError
+from blockcap.core.errors import BlockcapError
 from tests import crashkit
 from tests.s3server import bucket, objects, s3_server  # noqa: F401  (fixtures)
 
@@ -70,7 +70,7 @@ def test_run_read_verify(args, local, s3_server, bucket):  # noqa: F811
 def test_sigkill_then_resume_is_bitwise_equal(args, local, s3_server, bucket):  # noqa: F811
     killed = subprocess.run([sys.executable, "tests/killer.py", "40", *args], cwd=ROOT, capture_output=True)
     assert killed.returncode == -9
-    with pytest.warns(blockcap.reader.IncompleteStoreWarning):
+    with pytest.warns(blockcap.IncompleteStoreWarning):
         assert not blockcap.open_store(f"s3://{bucket}/s.zarr", storage_options=s3_server["options"]).complete
     assert cli(args).returncode == 0
     assert objects(s3_server["fs"], f"{bucket}/s.zarr") == local

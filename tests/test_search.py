@@ -5,7 +5,7 @@ import torch
 
 import blockcap
 from blockcap.cli import main
-from blockcap.errors import BlockcapError
+from blockcap.core.errors import BlockcapError
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from blockcap.stats import merge, partial
+from blockcap.storage.stats import merge, partial
 
 T = 5
 

@@ -8,11 +8,11 @@ import torch
 
 import blockcap
 import blockcap.cli
-from blockcap import search
-from blockcap.checkpoint import save_checkpoint
-from blockcap.errors import BlockcapError
-from blockcap.model import GPT
-from blockcap.search import topk
+from blockcap.analysis import search
+from blockcap.analysis.search import topk
+from blockcap.capture.chargpt.checkpoint import save_checkpoint
+from blockcap.capture.chargpt.model import GPT
+from blockcap.core.errors import BlockcapError
 from tests.conftest import small_store
 from tests.hf_models import NEEDS_TRANSFORMERS
 
@@ -254,11 +254,9 @@ def test_visible():
     assert search.visible("a b\n\tc\x00") == "a␣b⏎⇥c\\x00"
 
 
-# --- the CLI (once `similar` is registered in blockcap.cli.COMMANDS) ---------------------------------------
+# --- the CLI ---------------------------------------------------------------------------------------
 @pytest.fixture
 def cli():
-    if "similar" not in blockcap.cli.COMMANDS:
-        pytest.skip("the similar command is not registered in blockcap.cli.COMMANDS yet")
     return blockcap.cli.main
 
 

@@ -1,0 +1,70 @@
+"""Human-readable description of a store, for ``python -m blockcap info``."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+
+import numpy as np
+
+from blockcap.analysis.reader import CaptureStore
+from blockcap.core.errors import BlockcapError
+from blockcap.storage.integrity import COMMITTED
+
+
+def describe(store: CaptureStore) -> str:
+    """Layout, shapes, dtypes, codecs, stored vs raw bytes, state, statistics and provenance."""
+    m, layout = store.meta, store.layout
+    records = store.opened.index.load_all()
+    done = sum(r.status == COMMITTED for r in records.values())
+    lines = [
+        f"store {store.location}",
+        f"  state: {m.get('state')} ({done}/{layout.n_units} units committed), "
+        f"format {m.get('format_version')}",
+        f"  windows {layout.n_windows:,} x {layout.sample_len} tokens"
+        + (f", {layout.n_rows:,} distinct prefix rows (dedup)" if layout.dedup else ""),
+    ]
+    sizes: dict[str, int] = defaultdict(int)
+    for key, size in store.location.sizes().items():
+        path, sep, _ = key.rpartition("/c/")
+        if sep:
+            sizes[path] += size
+    raw_total = stored_total = 0
+    lines.append("  arrays:")
+    for path in _array_paths(store):
+        try:
+            arr = store.opened.array(path)
+        except BlockcapError as e:
+            lines.append(f"    {path:34} {e}")
+            continue
+        nbytes, stored = arr.nbytes, sizes.get(path, 0)
+        raw_total, stored_total = raw_total + nbytes, stored_total + stored
+        codecs = "+".join(c.to_dict()["name"] for c in arr.compressors) or "none"
+        dims = ",".join(arr.metadata.dimension_names or ())
+        kind = arr.attrs.get("blockcap_dtype", str(arr.dtype))
+        lines.append(
+            f"    {path:34} {str(tuple(arr.shape)):22} {kind:9} ({dims}) chunks {tuple(arr.chunks)} "
+            f"{codecs} {nbytes / 1e6:,.1f} MB -> {stored / 1e6:,.1f} MB"
+        )
+    lines.append(
+        f"  bytes: raw {raw_total / 1e6:,.1f} MB, stored {stored_total / 1e6:,.1f} MB, "
+        f"ratio {raw_total / max(1, stored_total):.2f}x"
+    )
+    if layout.stats and store.complete:
+        lines.append("  statistics (over every token; mean/std over channels):")
+        for b, site in layout.stat_outputs():
+            st = store.stats(site, b)
+            lines.append(
+                f"    block{b}/{site:24} mean {np.mean(st.mean):+.4g}, std {np.mean(st.std):.4g}, "
+                f"min {st.min.min():+.4g}, max {st.max.max():+.4g}, mean norm {np.nanmean(st.norm_mean):.4g}"
+            )
+    prov = {k: v for k, v in m.items() if k not in ("tokenizer",)}
+    lines.append("  provenance:")
+    lines += ["    " + line for line in json.dumps(prov, indent=2, sort_keys=True).splitlines()]
+    return "\n".join(lines)
+
+
+def _array_paths(store: CaptureStore) -> list[str]:
+    if store.opened.index.version >= 2:
+        return [a.path for a in store.layout.arrays()]
+    return ["tokens", "offsets", "committed", *(f"block{b}/{s}" for b, s in store.layout.outputs())]

@@ -1,0 +1,110 @@
+"""GPT-NeoX / Pythia (``model_type`` gpt_neox): its capture module and adapter.
+
+Exact mode re-executes ``GPTNeoXModel`` with the model's own submodules, ``rotary_emb`` and
+``modeling_gpt_neox``'s ``apply_rotary_pos_emb`` / ``eager_attention_forward``, in the library's
+order, including the parallel residual's ``(mlp + attn) + x``; on CPU in float32 that is bitwise
+what hooks on the model see. ``fused`` computes attention with SDPA: within ``FUSED_TOLERANCE``.
+
+With ``use_parallel_residual`` (Pythia's default) the MLP reads the block input, so there is no
+residual stream between attention and MLP: such a model has no ``resid_mid``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from transformers.models.gpt_neox import modeling_gpt_neox
+
+from blockcap.capture.base import BlockCapture
+from blockcap.capture.hf.load import HFAdapter, additive_mask, causal_allowed, fused_attention
+from blockcap.core.dims import ModelDims
+from blockcap.core.errors import BlockcapError
+
+# Max abs difference between fused and exact captures, relative to the largest magnitude of the
+# site (float32, CPU, tested in tests/test_hf_capture.py).
+FUSED_TOLERANCE = 1e-5
+
+
+def check_sites(model: nn.Module, sites: Sequence[str]) -> None:
+    """A BlockcapError for ``resid_mid`` of a parallel-residual model (it has no such tensor)."""
+    if "resid_mid" in sites and model.config.use_parallel_residual:
+        raise BlockcapError(
+            "sites has resid_mid, but this GPT-NeoX model uses a parallel residual (attention and MLP "
+            "both read the block input), so there is no residual stream between them; drop resid_mid"
+        )
+
+
+class CaptureModule(BlockCapture):
+    """Embeddings and layers ``0..max(blocks)`` of a ``GPTNeoXModel``, returning the requested sites."""
+
+    def __init__(
+        self, model: modeling_gpt_neox.GPTNeoXModel, blocks: Sequence[int], sites: Sequence[str],
+        fused: bool = False,
+    ) -> None:  # fmt: skip
+        super().__init__(blocks, sites)
+        check_sites(model, self.sites)
+        self.embed_in, self.emb_dropout, self.rotary_emb = model.embed_in, model.emb_dropout, model.rotary_emb
+        self.layers = nn.ModuleList(model.layers[: self.depth])
+        self.fused = fused
+        self.eval()
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        T = ids.shape[1]
+        embeds = self.embed_in(ids)
+        allowed = causal_allowed(T, None, ids.device)
+        mask = None if self.fused else additive_mask(allowed, embeds.dtype)  # the eager functions' mask
+        x = self.emb_dropout(embeds)
+        cos, sin = self.rotary_emb(x, position_ids=torch.arange(T, device=ids.device).unsqueeze(0))
+        captured: list[torch.Tensor] = []
+        for i, layer in enumerate(self.layers):
+            attn, mlp = layer.attention, layer.mlp
+            h = layer.input_layernorm(x)
+            shape = h.shape[:-1]
+            qkv = attn.query_key_value(h).view(*shape, -1, 3 * attn.head_size).transpose(1, 2)
+            q, k, v = qkv.chunk(3, dim=-1)
+            q, k = modeling_gpt_neox.apply_rotary_pos_emb(q, k, cos, sin)
+            if self.fused:
+                out, pattern = fused_attention(
+                    q, k, v, attn.scaling, allowed, None, self.want_pattern and self.capture_at[i]
+                )
+            else:
+                out, pattern = modeling_gpt_neox.eager_attention_forward(
+                    attn, q, k, v, mask, scaling=attn.scaling, dropout=0.0
+                )
+            heads = out.reshape(*shape, -1).contiguous()  # (B, T, n_head * head_size)
+            proj = attn.dense(heads)
+            attn_out = layer.post_attention_dropout(proj)  # dropouts are the identity in eval mode
+            if layer.use_parallel_residual:
+                mid = None
+                hidden = mlp.act(mlp.dense_h_to_4h(layer.post_attention_layernorm(x)))
+                ffwd = mlp.dense_4h_to_h(hidden)
+                out = layer.post_mlp_dropout(ffwd) + attn_out + x
+            else:
+                mid = attn_out + x
+                hidden = mlp.act(mlp.dense_h_to_4h(layer.post_attention_layernorm(mid)))
+                ffwd = mlp.dense_4h_to_h(hidden)
+                out = layer.post_mlp_dropout(ffwd) + mid
+            captured += self.pick(i, block_input=x, heads_output=heads, proj_output=proj, resid_mid=mid,
+                                  mlp_hidden=hidden, ffwd_output=ffwd, block_output=out,
+                                  attention=pattern)  # fmt: skip
+            x = out
+        return tuple(captured)
+
+
+class NeoX(HFAdapter):
+    family = "neox"
+    capture_class = CaptureModule
+
+    @staticmethod
+    def dims_of(model: nn.Module) -> ModelDims:
+        layer, cfg = model.layers[0], model.config
+        return ModelDims(
+            n_layer=len(model.layers), d_model=cfg.hidden_size, n_head=cfg.num_attention_heads,
+            head_dim=layer.attention.head_size, d_mlp=layer.mlp.dense_h_to_4h.out_features,
+            vocab_size=model.embed_in.num_embeddings, context=cfg.max_position_embeddings,
+        )  # fmt: skip
+
+    def check_sites(self, sites: Sequence[str]) -> None:
+        check_sites(self.model, sites)

@@ -1,0 +1,246 @@
+"""The store layout, a public contract: array names, shapes, chunking, attributes, when written.
+
+::
+
+    <out>/                      Zarr v3 group, attribute "blockcap" = spec, provenance, state
+      tokens                    uint8/16/32 (window, position)
+      offsets                   int64       (window,)
+      committed                 uint32      (unit, 2 + objects)   commit record of each write unit
+      tokenizer                 uint8       (byte,)   tokenizer.json of a Hugging Face tokenizer
+      block{b}/{site}           float       (window, position, width)
+      block{b}/attention        float       (window, head, query, key)   only when asked
+      block{b}/stats/{site}/    float64     partial (unit, ...); mean, var, min, max (width,);
+                                            norm_mean (position,)   with stats
+    dedup stores: block{b}/{site} is (row, width), one row per distinct prefix, and
+      prefix_rows               uint32      (window, position) -> row
+
+A *write unit* is a chunk of windows (a shard of chunks when sharded; a chunk of rows with dedup).
+Every per-unit array has exactly one object per unit, so a unit is written as whole objects and
+then committed by one record holding a digest of each; see ``blockcap.integrity``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from blockcap.core.dims import ModelDims
+from blockcap.core.encoding import StorageDtype, storage_dtype, token_dtype
+from blockcap.core.sites import ATTENTION, TRANSFORMER_LENS, VECTOR_SITES, WIDTH_DIM, is_vector
+from blockcap.core.spec import CaptureSpec
+
+FORMAT = "blockcap-store"
+FORMAT_VERSION = 2
+TARGET_CHUNK_BYTES = 4 << 20
+CREATE, UNIT, COMMIT, FINISH = "create", "unit", "commit", "finish"  # when an array's objects are written
+STATS_FINAL = ("mean", "var", "min", "max", "norm_mean")
+SMALL_CODEC = "zstd"  # index, token and statistics arrays: small, compress well
+
+
+def site_path(block: int, site: str) -> str:
+    return f"block{block}/{site}"
+
+
+def stats_path(block: int, site: str, name: str) -> str:
+    return f"block{block}/stats/{site}/{name}"
+
+
+def choose_chunk_windows(
+    batch_size: int, bytes_per_window: int, n_windows: int, target: int = TARGET_CHUNK_BYTES
+) -> int:
+    """Windows per chunk: about ``target`` bytes, and a multiple or a divisor of the batch size.
+
+    Either way every batch fills whole chunks (or a chunk is filled by whole batches), so writes
+    are chunk-aligned and a chunk is always computed from the same batches, which makes resumed
+    runs bitwise identical to uninterrupted ones. Never longer than the whole run needs, so a
+    small store is not padded to a large chunk. Constant time in ``batch_size``.
+    """
+    want = max(1, target // max(1, bytes_per_window))
+    if batch_size >= n_windows:  # one batch covers the run: every chunk lies inside it
+        return min(want, n_windows)
+    if want >= batch_size:
+        return min(want // batch_size, -(-n_windows // batch_size)) * batch_size
+    small = [d for d in range(1, math.isqrt(batch_size) + 1) if batch_size % d == 0]
+    return max(d for d in small + [batch_size // d for d in small] if d <= want)
+
+
+@dataclass(frozen=True)
+class ArrayDef:
+    """One array of the store."""
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+    chunks: tuple[int, ...]
+    dims: tuple[str, ...]
+    codec: str
+    when: str  # CREATE, UNIT, COMMIT or FINISH
+    shards: tuple[int, ...] | None = None
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Everything that fixes the store's arrays."""
+
+    n_windows: int
+    sample_len: int
+    blocks: tuple[int, ...]
+    sites: tuple[str, ...]
+    dims: ModelDims
+    dtype_name: str
+    codec: str
+    chunk_windows: int  # items (windows, or rows with dedup) per chunk
+    shard_chunks: int = 1
+    stats: bool = False
+    n_rows: int | None = None  # distinct prefixes of a dedup store
+    tokenizer_bytes: int = 0
+
+    @property
+    def dtype(self) -> StorageDtype:
+        return storage_dtype(self.dtype_name)
+
+    @property
+    def dedup(self) -> bool:
+        return self.n_rows is not None
+
+    @property
+    def n_items(self) -> int:
+        """Length of the unit axis: windows, or rows of a dedup store."""
+        return self.n_rows if self.n_rows is not None else self.n_windows
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.n_items // self.chunk_windows)
+
+    @property
+    def unit_windows(self) -> int:
+        """Items written and committed together: a chunk, or a whole shard."""
+        return self.chunk_windows * self.shard_chunks
+
+    @property
+    def n_units(self) -> int:
+        return -(-self.n_items // self.unit_windows)
+
+    def unit_range(self, unit: int) -> tuple[int, int]:
+        return unit * self.unit_windows, min((unit + 1) * self.unit_windows, self.n_items)
+
+    def outputs(self) -> list[tuple[int, str]]:
+        """(block, site) of every captured array, in capture order."""
+        return [(b, s) for b in self.blocks for s in self.sites]
+
+    def stat_outputs(self) -> list[tuple[int, str]]:
+        return [(b, s) for b, s in self.outputs() if self.stats and is_vector(s)]
+
+    def site_shape(self, site: str) -> tuple[int, ...]:
+        T = self.sample_len
+        if site == ATTENTION:
+            return (self.n_windows, self.dims.n_head, T, T)
+        if self.dedup:
+            return (self.n_rows, self.dims.width(site))
+        return (self.n_windows, T, self.dims.width(site))
+
+    def partial_width(self, site: str) -> int:
+        """Per-unit statistics row: count, mean, m2, min, max (width each), norm sum and count (T each)."""
+        return 1 + 4 * self.dims.width(site) + 2 * self.sample_len
+
+    def _unit_grid(self, shape: tuple[int, ...]) -> dict[str, Any]:
+        chunks = (self.chunk_windows, *shape[1:])
+        shards = (self.unit_windows, *shape[1:]) if self.shard_chunks > 1 else None
+        return {"chunks": chunks, "shards": shards}
+
+    def arrays(self) -> list[ArrayDef]:
+        """Every array, in creation order; the per-unit ones in the order of the commit record."""
+        n, T = self.n_windows, self.sample_len
+        per_window = CREATE if self.dedup else UNIT  # a dedup store's window index is written up front
+        # a dedup store's window index is chunked like its rows: a window range reads a few row chunks
+        window_grid = {"chunks": (min(n, self.chunk_windows), T)} if self.dedup else self._unit_grid((n, T))
+        tok = str(token_dtype(self.dims.vocab_size))
+        out = [
+            ArrayDef("tokens", (n, T), tok, dims=("window", "position"), codec=SMALL_CODEC,
+                     when=per_window, **window_grid),
+            ArrayDef("offsets", (n,), "int64", dims=("window",), codec=SMALL_CODEC, when=per_window,
+                     **{k: v[:1] if v else v for k, v in window_grid.items()}),
+        ]  # fmt: skip
+        if self.dedup:
+            out.append(
+                ArrayDef("prefix_rows", (n, T), "uint32", dims=("window", "position"), codec=SMALL_CODEC,
+                         when=CREATE, attrs={"description": "row of block{b}/{site} holding this token"},
+                         **window_grid)
+            )  # fmt: skip
+        if self.tokenizer_bytes:
+            b = self.tokenizer_bytes
+            out.append(ArrayDef("tokenizer", (b,), "uint8", (b,), ("byte",), SMALL_CODEC, CREATE))
+        for b, site in self.outputs():
+            shape = self.site_shape(site)
+            dims = (
+                ("window", "head", "query", "key")
+                if site == ATTENTION
+                else (("row",) if self.dedup else ("window", "position")) + (WIDTH_DIM[VECTOR_SITES[site]],)
+            )
+            attrs = {
+                "blockcap_dtype": self.dtype_name,
+                "site": site,
+                "block": b,
+                "transformer_lens": TRANSFORMER_LENS[site].format(b=b),
+            }
+            grid = self._unit_grid(shape)
+            zdtype = str(self.dtype.zarr_dtype)
+            out.append(ArrayDef(site_path(b, site), shape, zdtype, dims=dims, codec=self.codec, when=UNIT,
+                                attrs=attrs, **grid))  # fmt: skip
+        for b, site in self.stat_outputs():
+            w = self.partial_width(site)
+            out.append(ArrayDef(stats_path(b, site, "partial"), (self.n_units, w), "float64", (1, w),
+                                ("unit", "value"), SMALL_CODEC, UNIT))  # fmt: skip
+        out.append(
+            ArrayDef("committed", (self.n_units, 3 + len(out_units(out))), "uint32",
+                     (1, 3 + len(out_units(out))), ("unit", "field"), "none", COMMIT,
+                     attrs={"description": "per unit: magic, unit, store tag, digest of each unit object",
+                            "objects": [a.path for a in out_units(out)],
+                            "unit_items": self.unit_windows})
+        )  # fmt: skip
+        for b, site in self.stat_outputs():
+            width = self.dims.width(site)
+            for name in STATS_FINAL:
+                size, dim = (T, "position") if name == "norm_mean" else (width, WIDTH_DIM[VECTOR_SITES[site]])
+                out.append(ArrayDef(stats_path(b, site, name), (size,), "float64", (size,), (dim,),
+                                    SMALL_CODEC, FINISH))  # fmt: skip
+        return out
+
+    def unit_arrays(self) -> list[ArrayDef]:
+        """The arrays with one object per write unit, in commit-record order."""
+        return out_units(self.arrays())
+
+    @classmethod
+    def build(
+        cls, spec: CaptureSpec, dims: ModelDims, n_windows: int, n_rows: int | None = None,
+        tokenizer_bytes: int = 0,
+    ) -> Layout:  # fmt: skip
+        """The layout of a resolved spec (blocks and chunking concrete) on a model of ``dims``."""
+        return cls(
+            n_windows=n_windows, sample_len=spec.sample_len, blocks=spec.blocks, sites=spec.sites,
+            dims=dims, dtype_name=spec.dtype, codec=spec.codec, chunk_windows=spec.chunk_windows,
+            shard_chunks=spec.shard_chunks, stats=spec.stats, n_rows=n_rows,
+            tokenizer_bytes=tokenizer_bytes,
+        )  # fmt: skip
+
+
+def out_units(arrays: list[ArrayDef]) -> list[ArrayDef]:
+    return [a for a in arrays if a.when == UNIT]
+
+
+def object_key(array: ArrayDef, chunk: int) -> str:
+    """The store key of chunk (or shard) ``chunk`` along axis 0 of ``array``."""
+    return "/".join([array.path, "c", str(chunk), *["0"] * (len(array.shape) - 1)])
+
+
+def pad_rows(data: np.ndarray, rows: int) -> np.ndarray:
+    """``data`` padded with zeros along axis 0 to ``rows`` (zarr stores edge chunks whole)."""
+    if data.shape[0] == rows:
+        return data
+    out = np.zeros((rows, *data.shape[1:]), dtype=data.dtype)
+    out[: data.shape[0]] = data
+    return out

@@ -1,0 +1,326 @@
+"""What a capture is (``CaptureSpec``) and how one run of it behaves (``RunOptions``).
+
+``CaptureSpec`` holds every choice that fixes a store's contents; ``RunOptions`` holds the rest
+(where to write, threads, progress). Both are frozen and validated on construction: every check
+that needs no file happens in ``__post_init__``, so a typo fails before anything is loaded.
+``run(**kw)`` splits its keywords between the two; the store records ``asdict`` of the resolved
+spec as its ``params``, and resume compares specs field by field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from blockcap.core.encoding import DEFAULT_CODEC, DEFAULT_DTYPE, parse_codec, storage_dtype
+from blockcap.core.errors import BlockcapError
+from blockcap.core.sites import ATTENTION, DEFAULT_SITES, SITES, VECTOR_SITES
+
+SPLITS = ("train", "val", "all")
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+ALL = "all"
+
+
+def _help(text: str, default: Any = dataclasses.MISSING) -> Any:
+    return field(default=default, metadata={"help": text})
+
+
+def parse_blocks(value: Any) -> tuple[int, ...] | str:
+    """``block_idx`` as sorted unique non-negative ints, or ``"all"`` (resolved once the model is known)."""
+    if isinstance(value, str):
+        if value.strip() == ALL:
+            return ALL
+        parts: list[Any] = [p.strip() for p in value.split(",")]
+    elif isinstance(value, (list, tuple)):
+        parts = list(value)
+    else:
+        parts = [value]
+    blocks = []
+    for p in parts:
+        v = p
+        if isinstance(p, str):
+            try:
+                v = int(p)
+            except ValueError:
+                v = p
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise BlockcapError(
+                f"block_idx={p!r} is not a block number; use an integer 0 or more, a list like 0,2, or all"
+            )
+        blocks.append(v)
+    if not blocks:
+        raise BlockcapError(f"block_idx={value!r} names no block; use an integer, a list like 0,2, or all")
+    return tuple(sorted(set(blocks)))
+
+
+def resolve_blocks(blocks: tuple[int, ...] | str, n_layer: int) -> tuple[int, ...]:
+    """``blocks`` checked against a model with ``n_layer`` blocks (``"all"`` becomes every block)."""
+    if blocks == ALL:
+        return tuple(range(n_layer))
+    bad = [b for b in blocks if b >= n_layer]
+    if bad:
+        raise BlockcapError(
+            f"block_idx={bad[0]} is not a block of this model; use an integer in 0..{n_layer - 1}, "
+            f"a list, or all"
+        )
+    return tuple(blocks)
+
+
+def parse_sites(value: Any) -> tuple[str, ...]:
+    """Site names in canonical order; ``all`` is every vector site (attention is opt-in)."""
+    if isinstance(value, str):
+        names = [s.strip() for s in value.split(",")]
+    elif isinstance(value, (list, tuple)):
+        names = [str(s).strip() for s in value]
+    else:
+        names = []
+    names = [n for n in names if n]
+    if ALL in names:
+        names = [n for n in names if n != ALL] + list(VECTOR_SITES)
+    bad = [n for n in names if n not in SITES]
+    if bad or not names:
+        problem = f"has unknown {bad[0]!r}" if bad else "is empty"
+        raise BlockcapError(f"sites={value!r} {problem}; use a comma list of {', '.join(SITES)}, or all")
+    return tuple(s for s in SITES if s in names)
+
+
+MAX_COUNT = 1 << 40  # windows, strides and chunks beyond this are typos, not runs
+
+
+def positive(name: str, value: Any, upper: int | None = None) -> int:
+    """``value`` if it is an int in 1..upper, else a BlockcapError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (upper and value > upper):
+        hi = (
+            " or more" if not upper else f"..2^{upper.bit_length() - 1}" if upper >= 1 << 30 else f"..{upper}"
+        )
+        raise BlockcapError(f"{name}={value!r} is out of range; use an integer 1{hi}")
+    return value
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise BlockcapError(f"{name}={value!r} is not True or False")
+    return value
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise BlockcapError(f"{name}={value!r} is unknown; use one of {', '.join(allowed)}")
+    return value
+
+
+def _optional_text(name: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)  # fire reads an all-digit path or hash as a number
+    if not isinstance(value, str) or not value.strip():
+        raise BlockcapError(f"{name}={value!r} is not a non-empty string")
+    return value
+
+
+def _sha256(name: str, value: Any) -> str | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = f"{value:064d}"  # fire reads an all-digit hash as a number
+    value = _optional_text(name, value)
+    if value is not None and (len(value) != 64 or any(c not in "0123456789abcdef" for c in value.lower())):
+        raise BlockcapError(f"{name}={value!r} is not a sha256 (64 hex digits)")
+    return value.lower() if value else None
+
+
+@dataclass(frozen=True)
+class CaptureSpec:
+    """Everything that fixes the contents of a store. Validated on construction.
+
+    Fields named in ``LOCATORS`` say where things are, not what they are; the resolved spec
+    replaces them by content hashes for identity (a moved dataset or model still resumes).
+    """
+
+    block_idx: Any = _help("block to capture: an int, a list (0,2) or all", 0)
+    sites: Any = _help(
+        "comma list of block_input, heads_output, proj_output, resid_mid, mlp_hidden, ffwd_output, "
+        "block_output, attention; or all (every site but attention)",
+        DEFAULT_SITES,
+    )
+    model: str | None = _help(
+        "Hugging Face model: a save_pretrained directory or a hub id (default: the bundled char GPT)", None
+    )
+    revision: str | None = _help("hub revision (branch, tag or commit) of model", None)
+    model_dtype: str = _help("dtype the model computes in: float32, bfloat16 or float16", "float32")
+    weights: str | None = _help(
+        "char GPT checkpoint or original state dict (default: the bundled model)", None
+    )
+    model_sha256: str | None = _help("refuse model weights whose sha256 differs", None)
+    dataset: str | None = _help(
+        "text file, directory of .txt files, .jsonl or .parquet "
+        "(default: $BLOCKCAP_DATASET, else TinyShakespeare, downloaded once)",
+        None,
+    )
+    dataset_sha256: str | None = _help("refuse a dataset whose sha256 differs", None)
+    text_column: str | None = _help("column holding the text in a .jsonl or .parquet dataset", None)
+    split: str = _help("val (last 10% of the token stream), train or all", "val")
+    sample_len: int = _help("tokens per window (1..the model's context)", 3)
+    stride: int = _help("tokens between window starts", 96)
+    batch_size: int = _help("windows per forward pass", 64)
+    dtype: str = _help("storage dtype: float32 (exact), float16 or bfloat16", DEFAULT_DTYPE)
+    codec: str = _help("blosc-lz4, blosc-zstd, zstd or none, optionally name:level", DEFAULT_CODEC)
+    device: str | None = _help("cpu, cuda or cuda:N (default: cuda when available)", None)
+    compile: bool = _help("torch.compile(fullgraph=True) the capture module", False)
+    fused: bool = _help(
+        "fused attention (one q/k/v matmul and SDPA): faster, within a tested tolerance", False
+    )
+    dedup: bool = _help(
+        "compute and store each distinct window prefix once (short, repetitive windows)", False
+    )
+    stats: bool = _help("keep per-channel statistics of every site (mean, variance, min, max, norms)", True)
+    chunk_windows: int | None = _help(
+        "windows per chunk, a multiple or divisor of batch_size (default: ~4 MB chunks)", None
+    )
+    shard_chunks: int = _help("chunks per file (Zarr v3 sharding), for object storage or huge runs", 1)
+
+    LOCATORS = ("model", "revision", "weights", "dataset")
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # normalise in place, as a frozen dataclass allows
+        set_(self, "block_idx", parse_blocks(self.block_idx))
+        set_(self, "sites", parse_sites(self.sites))
+        for name in ("model", "revision", "weights", "dataset", "text_column", "device"):
+            set_(self, name, _optional_text(name, getattr(self, name)))
+        for name in ("model_sha256", "dataset_sha256"):
+            set_(self, name, _sha256(name, getattr(self, name)))
+        if self.model is not None and self.weights is not None:
+            raise BlockcapError(
+                f"model={self.model!r} and weights={self.weights!r} both given; weights is for the "
+                f"char GPT, model for a Hugging Face model: pass one"
+            )
+        if self.revision is not None and self.model is None:
+            raise BlockcapError(f"revision={self.revision!r} needs model= (a Hugging Face model)")
+        _choice("model_dtype", self.model_dtype, MODEL_DTYPES)
+        _choice("split", self.split, SPLITS)
+        if isinstance(self.sample_len, bool) or not isinstance(self.sample_len, int):
+            raise BlockcapError(
+                f"sample_len={self.sample_len!r} is not an integer; use 1..the model's context"
+            )
+        positive("sample_len", self.sample_len, MAX_COUNT)
+        positive("stride", self.stride, MAX_COUNT)
+        positive("batch_size", self.batch_size, 1 << 62)
+        storage_dtype(self.dtype)
+        parse_codec(self.codec)
+        for name in ("compile", "fused", "dedup", "stats"):
+            _flag(name, getattr(self, name))
+        if self.chunk_windows is not None:  # its fit with batch_size needs the window count: see plan
+            positive("chunk_windows", self.chunk_windows, MAX_COUNT)
+        positive("shard_chunks", self.shard_chunks, 1 << 20)
+        if self.dedup and ATTENTION in self.sites:
+            raise BlockcapError("sites with attention cannot be deduplicated; drop attention or dedup")
+
+    @property
+    def blocks(self) -> tuple[int, ...]:
+        """The resolved block list (only valid once ``block_idx`` is not ``"all"``)."""
+        if self.block_idx == ALL:
+            raise ValueError("blocks are not resolved yet")
+        return self.block_idx
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that decide the contents (locators left out: hashes stand in for them)."""
+        return {k: v for k, v in self.to_params().items() if k not in self.LOCATORS}
+
+    def to_params(self) -> dict[str, Any]:
+        """JSON-ready ``asdict``: what a store records as ``params``."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> CaptureSpec:
+        """The spec a store recorded (unknown keys, from a newer blockcap, are an error)."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(params.keys() - names)
+        if unknown:
+            raise BlockcapError(f"the store's params have fields this blockcap does not know: {unknown}")
+        return cls(**params)
+
+    def differences(self, other: CaptureSpec) -> list[str]:
+        """``"name old -> new"`` for each identity field that differs from ``other``."""
+        a, b = other.identity(), self.identity()
+        return [f"{k} {a.get(k)!r} -> {v!r}" for k, v in b.items() if a.get(k) != v]
+
+
+def parse_part(part: Any) -> tuple[int, int]:
+    """``"k/n"`` as (k, n) with 0 <= k < n: this process's share of a multi-process capture."""
+    try:
+        k, n = (int(x) for x in str(part).split("/"))
+        if 0 <= k < n:
+            return k, n
+    except ValueError:
+        pass
+    raise BlockcapError(f"part={part!r} is not k/n with 0 <= k < n; use e.g. part=0/2 and part=1/2")
+
+
+def parse_storage_options(value: Any) -> dict[str, Any]:
+    """``storage_options`` as a dict: a dict, a JSON object string, or None."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise BlockcapError(f"storage_options={value!r} is not JSON ({e.msg})") from None
+    if not isinstance(value, dict):
+        raise BlockcapError(f'storage_options={value!r} is not a JSON object like {{"anon": true}}')
+    return value
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How one run behaves; none of it changes what the store holds."""
+
+    out: str | None = _help("store path or URL (s3://bucket/x.zarr; default: block{b}_internals.zarr)", None)
+    overwrite: bool = _help(
+        "replace a store captured with other parameters (the old one is kept until the new one completes)",
+        False,
+    )
+    writers: int = _help("background compression/writer threads", 2)
+    part: Any = _help(
+        "k/n: capture the k-th of n interleaved shares of the chunks (independent processes, e.g. a "
+        "job array); finish with `blockcap finalize`",
+        "0/1",
+    )
+    storage_options: Any = _help("JSON object for the storage backend (endpoint_url, anon, ...)", None)
+    dry_run: bool = _help("print what the run would produce and its estimated time; create nothing", False)
+    force: bool = _help("start even when the target seems to lack the free space the run needs", False)
+    progress: bool = _help("show a progress bar", True)
+    verbose: bool = _help("per-rank progress lines in a distributed run", False)
+    command: str | None = _help("the command line to show in the resume hint", None)
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "out", _optional_text("out", self.out))
+        for name in ("overwrite", "dry_run", "force", "progress", "verbose"):
+            _flag(name, getattr(self, name))
+        positive("writers", self.writers, 64)
+        parse_part(self.part)
+        set_(self, "storage_options", parse_storage_options(self.storage_options))
+
+    @property
+    def parts(self) -> tuple[int, int]:
+        return parse_part(self.part)
+
+
+def split_kwargs(kw: dict[str, Any]) -> tuple[CaptureSpec, RunOptions]:
+    """``run``'s keywords as a spec and options; an unknown keyword is a BlockcapError."""
+    spec_names = {f.name for f in fields(CaptureSpec)}
+    opt_names = {f.name for f in fields(RunOptions)}
+    unknown = sorted(kw.keys() - spec_names - opt_names)
+    if unknown:
+        raise BlockcapError(
+            f"unknown option {unknown[0]!r}; the options are {', '.join(sorted(spec_names | opt_names))}"
+        )
+    spec = CaptureSpec(**{k: v for k, v in kw.items() if k in spec_names})
+    opts = RunOptions(**{k: v for k, v in kw.items() if k in opt_names})
+    return spec, opts
+
+
+def option_help() -> list[tuple[str, Any, str]]:
+    """(name, default, help) of every run option, spec first: the CLI's signature and docstring."""
+    return [(f.name, f.default, f.metadata["help"]) for cls in (CaptureSpec, RunOptions) for f in fields(cls)]

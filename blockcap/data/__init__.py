@@ -1,0 +1,3 @@
+"""Inputs and tokens: datasets, tokenizers, the split and the windows.
+Imports only blockcap.core.
+"""

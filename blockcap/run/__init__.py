@@ -1,0 +1,3 @@
+"""The job: planning, scheduling batches into units, distributed ranks, dry runs, devices.
+Imports blockcap.core, blockcap.data, blockcap.capture and blockcap.storage.
+"""

@@ -1,0 +1,190 @@
+"""Commit records, and reads that never mistake missing or wrong data for zeros.
+
+A write unit is committed by one record object written after every object of the unit: a row of
+``committed`` holding a magic number, the unit's index, the store's tag (a digest of its spec)
+and the digest of each of the unit's objects, in the order ``committed.attrs["objects"]`` lists.
+Objects written at creation and at finish (tokenizer, a dedup store's index, final statistics)
+have their digests in the root document. Hence:
+
+* a unit without a record was never finished: its windows read as the fill value (zeros), unless
+  the store is complete, where every record must exist;
+* a record that fails its checksum, has the wrong magic or names another unit or store is damage;
+* an object that is missing, or whose bytes differ from its digest, is damage.
+
+``CommitIndex.check`` applies these rules to every object a read fetches (zarr alone reads an
+absent chunk as zeros); ``CheckedStore`` makes zarr's own reads go through it too. Format-1
+stores have one uint8 flag per chunk and no digests: their chunks are checked for presence only.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import google_crc32c
+import numpy as np
+from zarr.storage import WrapperStore
+
+from blockcap.core.errors import BlockcapError
+from blockcap.core.layout import Layout
+from blockcap.storage.codecs import digest
+from blockcap.storage.location import Location
+
+MAGIC = 0x424C4B43  # "BLKC"
+COMMITTED, ABSENT, DAMAGED = "committed", "absent", "damaged"
+
+
+class DamagedError(BlockcapError):
+    """Stored data is missing or differs from what was committed."""
+
+
+def store_tag(identity: dict[str, Any]) -> int:
+    """A store's tag in its commit records: a digest of what it holds (its spec's identity)."""
+    return int(google_crc32c.value(json.dumps(identity, sort_keys=True).encode()))
+
+
+def encode_record(unit: int, tag: int, digests: list[int]) -> np.ndarray:
+    """The commit record row of ``unit`` in the store tagged ``tag``."""
+    return np.asarray([MAGIC, unit, tag, *digests], dtype="<u4")
+
+
+@dataclass(frozen=True)
+class Record:
+    status: str  # COMMITTED, ABSENT or DAMAGED
+    digests: tuple[int, ...] = ()
+    reason: str = ""
+
+
+CHECKSUM_FAILS = "its checksum fails"  # damage that proves nothing about whose record it was
+
+
+def _decode_record(raw: bytes | None, unit: int, n_fields: int, version: int, tag: int) -> Record:
+    if raw is None:
+        return Record(ABSENT)
+    body, tail = raw[:-4], raw[-4:]
+    if len(raw) < 5 or np.frombuffer(tail, "<u4")[0] != google_crc32c.value(body):
+        return Record(DAMAGED, reason=CHECKSUM_FAILS)
+    if version == 1:  # one uint8 flag per chunk
+        return Record(COMMITTED) if body == b"\x01" else Record(DAMAGED, reason=f"flag {body!r} is not 1")
+    row = np.frombuffer(body, "<u4") if len(body) % 4 == 0 else np.zeros(0, "<u4")
+    if row.size != n_fields or row[0] != MAGIC or row[1] != unit:
+        return Record(DAMAGED, reason="it is not a commit record of this unit (forged or misplaced)")
+    if row[2] != tag:
+        return Record(DAMAGED, reason="it is a commit record of another store")
+    return Record(COMMITTED, tuple(int(x) for x in row[3:]))
+
+
+class CommitIndex:
+    """The commit records of one store, loaded on demand and cached once committed."""
+
+    def __init__(
+        self, location: Location, layout: Layout, version: int, objects: list[str], tag: int = 0,
+        digests: dict[str, int] | None = None, complete: bool = False,
+    ) -> None:  # fmt: skip
+        self.location = location
+        self.layout = layout
+        self.version = version
+        self.objects = {path: i for i, path in enumerate(objects)}
+        self.n_fields = 3 + len(objects)
+        self.tag = tag
+        self.digests = dict(digests or {})  # objects outside the unit protocol that must be as recorded
+        self.complete = complete  # then every unit must have its record
+        self.records: dict[int, Record] = {}
+        self.lock = threading.Lock()
+
+    def record_keys(self, unit: int) -> list[str]:
+        """The record objects of ``unit``: one row (format 2), or one flag per chunk (format 1)."""
+        if self.version == 1:
+            k = self.layout.shard_chunks
+            return [f"committed/c/{c}" for c in range(unit * k, min((unit + 1) * k, self.layout.n_chunks))]
+        return [f"committed/c/{unit}/0"]
+
+    def record(self, unit: int, cached: bool = True) -> Record:
+        if cached and unit in self.records:
+            return self.records[unit]
+        parts = [
+            _decode_record(self.location.get(k), unit, self.n_fields, self.version, self.tag)
+            for k in self.record_keys(unit)
+        ]
+        rec = next((p for p in parts if p.status == DAMAGED), None) or next(
+            (p for p in parts if p.status == ABSENT), parts[0]
+        )
+        if rec.status != ABSENT:  # absent records may still appear while a run goes on
+            with self.lock:
+                self.records[unit] = rec
+        return rec
+
+    def load_all(self, threads: int = 16) -> dict[int, Record]:
+        """Every unit's record: cached ones as they are, the others read concurrently (object stores
+        have high latency); records that are absent are read again each time (a run may add them)."""
+        units = range(self.layout.n_units)
+        if len(self.records) == self.layout.n_units:
+            return dict(self.records)
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            return dict(zip(units, pool.map(self.record, units), strict=True))
+
+    def committed_mask(self) -> np.ndarray:
+        recs = self.load_all()
+        return np.asarray([recs[u].status == COMMITTED for u in range(self.layout.n_units)], dtype=bool)
+
+    def describe(self, path: str, unit: int) -> str:
+        """``"block0/x: chunk 3 (windows 48..63)"`` (or a unit of several chunks, when sharded)."""
+        lo, hi = self.layout.unit_range(unit)
+        what = "rows" if self.layout.dedup and path not in ("tokens", "offsets") else "windows"
+        k = self.layout.shard_chunks
+        where = f"chunk {unit}" if k == 1 else f"shard {unit} (chunks {unit * k}..{unit * k + k - 1})"
+        return f"{path}: {where} ({what} {lo}..{hi - 1})"
+
+    def check(self, key: str, data: Any, whole: bool) -> Any:
+        """``data`` read for ``key`` (None: absent), as a read should see it; DamagedError if damaged.
+
+        Objects outside the unit protocol must match the root document's digests where it has
+        them. Objects of a unit never committed read as absent (the fill value), never as
+        half-written data; in a complete store every unit must be committed.
+        """
+        path, sep, coords = key.rpartition("/c/")
+        if not sep or path not in self.objects:
+            if key in self.digests:
+                if data is None:
+                    raise DamagedError(f"{path}: its data object {key} is missing")
+                if whole and digest(data) != self.digests[key]:
+                    raise DamagedError(f"{path}: object {key} differs from what was written")
+            return data
+        unit = int(coords.split("/", 1)[0])
+        rec = self.record(unit)
+        if rec.status == DAMAGED:
+            raise DamagedError(f"{self.describe(path, unit)}: its commit record is damaged ({rec.reason})")
+        if rec.status == ABSENT:
+            if self.complete:
+                raise DamagedError(
+                    f"{self.describe(path, unit)}: its commit record is missing from a complete store"
+                )
+            return None
+        if data is None:
+            raise DamagedError(
+                f"{self.describe(path, unit)} is committed but its data object {key} is missing"
+            )
+        if whole and rec.digests and digest(data) != rec.digests[self.objects[path]]:
+            raise DamagedError(f"{self.describe(path, unit)}: object {key} differs from what was committed")
+        return data
+
+
+class CheckedStore(WrapperStore):
+    """zarr store wrapper applying ``CommitIndex.check`` to every chunk read."""
+
+    def __init__(self, store: Any, index: CommitIndex) -> None:
+        super().__init__(store)
+        self.index = index
+
+    def _with_store(self, store: Any) -> CheckedStore:
+        return type(self)(store, self.index)
+
+    async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+        buf = await self._store.get(key, prototype, byte_range)
+        if "/c/" not in key:
+            return buf
+        raw = None if buf is None else buf.as_numpy_array()
+        return None if self.index.check(key, raw, byte_range is None) is None else buf

@@ -1,0 +1,272 @@
+"""Background unit writer: encodes and writes finished units while the next batches compute.
+
+A *slab* holds one write unit (a chunk of windows, a shard of chunks, or a chunk of rows of a
+dedup store) of every per-unit array: views of a batch's outputs when the unit lies in one batch
+on the CPU, else a buffer (pinned on CUDA) that batches copy their rows into. Worker threads
+encode each array's object (``ChunkEncoder``), write it, and only then write the unit's commit
+record with the digest of every object, so a crash never counts a unit whose bytes are missing
+(``blockcap.integrity``). A semaphore bounds the slabs in flight, and with them memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from blockcap.core.layout import ArrayDef, Layout, object_key, pad_rows, site_path, stats_path
+from blockcap.storage.codecs import ChunkEncoder, digest
+from blockcap.storage.integrity import encode_record
+from blockcap.storage.location import Location
+from blockcap.storage.stats import partial
+
+
+@dataclass
+class Slab:
+    """One write unit (items ``lo:hi``) of tokens and of every captured array."""
+
+    unit: int
+    lo: int
+    hi: int
+    tokens: torch.Tensor | None = None  # (n, T), windows only
+    sites: list[torch.Tensor] = field(default_factory=list)  # per layout.outputs(), storage dtype
+    event: torch.cuda.Event | None = None  # recorded after the device-to-host copies
+    filled: int = 0
+
+    @property
+    def full(self) -> bool:
+        return self.filled == self.hi - self.lo
+
+    def put(self, row: int, tokens: torch.Tensor | None, outs: list[torch.Tensor], whole_batch: bool) -> None:
+        """Add items ``row:row+n`` of the unit from a batch (``outs`` already in storage dtype).
+
+        Views are kept only when the unit is a whole batch; a unit that is part of a batch is
+        copied out, so the batch's outputs are freed once routed (memory: the slabs in flight,
+        not the batches they came from).
+        """
+        n = outs[0].shape[0]
+        if whole_batch and n == self.hi - self.lo and not outs[0].is_cuda:
+            self.tokens, self.sites = tokens, outs
+        else:
+            size = self.hi - self.lo
+            if not self.sites:
+                if tokens is not None:
+                    self.tokens = torch.empty((size, *tokens.shape[1:]), dtype=tokens.dtype)
+                self.sites = [
+                    torch.empty((size, *o.shape[1:]), dtype=o.dtype, pin_memory=o.is_cuda) for o in outs
+                ]
+            if tokens is not None:
+                self.tokens[row : row + n] = tokens
+            for buf, o in zip(self.sites, outs, strict=True):
+                buf[row : row + n].copy_(o, non_blocking=True)
+        self.filled += n
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+TRIM_EVERY = 8  # units between returns of freed heap pages to the system (see _release_memory)
+
+
+def _release_memory() -> None:
+    """Hand freed heap pages back to the system every ``TRIM_EVERY`` units (glibc keeps them).
+
+    glibc raises its mmap threshold after large frees, so later multi-megabyte buffers come from
+    the heap and their pages stay resident: measured, peak memory grew with the run's length.
+    Not after every unit: the pages handed back fault in again on the next unit's buffers, which
+    cost 15 % of the writer's throughput when trimming every unit.
+    """
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
+
+
+def _set_policy(tids: set[int], policy: int) -> None:
+    for tid in tids:
+        with contextlib.suppress(AttributeError, OSError):
+            os.sched_setscheduler(tid, policy, os.sched_param(0))
+
+
+class _Background:
+    """The writer threads at idle CPU priority while a run computes.
+
+    On a machine whose cores torch keeps busy, encoding then runs in the gaps instead of
+    preempting torch's worker threads, whose barriers stall whenever one of them is descheduled.
+    With spare cores (a GPU run) idle priority costs nothing. Restored when the run ends.
+    """
+
+    def __init__(self) -> None:
+        self.tids: set[int] = set()
+        self.lock = threading.Lock()
+
+    def claim(self) -> None:
+        with self.lock:
+            tid = threading.get_native_id()
+            if tid not in self.tids:
+                _set_policy({tid}, getattr(os, "SCHED_IDLE", 0))
+                self.tids.add(tid)
+
+    def release(self) -> None:
+        with self.lock:
+            _set_policy(self.tids, getattr(os, "SCHED_OTHER", 0))
+            self.tids.clear()
+
+
+def as_float32(data: np.ndarray, dtype_name: str) -> np.ndarray:
+    """Stored values as float32 (bfloat16 bit patterns widened), for statistics."""
+    if dtype_name == "bfloat16":
+        return (data.astype(np.uint32) << 16).view(np.float32)
+    return data.astype(np.float32, copy=False)
+
+
+@dataclass
+class UnitSource:
+    """What the writer needs besides the slab: window offsets, and a dedup store's row facts."""
+
+    offsets: Callable[[int, int], np.ndarray]  # windows lo:hi -> start offsets
+    tag: int  # the store's tag for its commit records (``integrity.store_tag``)
+    row_positions: np.ndarray | None = None  # dedup: position of each row's token
+    row_weights: np.ndarray | None = None  # dedup: how many (window, position) pairs use each row
+
+
+class SlabWriter:
+    """Threads that write slabs into the store, at most ``max_pending`` slabs queued or in flight.
+
+    Use as a context manager; ``add_batch`` routes a computed batch into the slabs of ``units``.
+    """
+
+    def __init__(
+        self, location: Location, layout: Layout, source: UnitSource, units: list[int], workers: int,
+        max_pending: int,
+    ) -> None:  # fmt: skip
+        self.location = location
+        self.layout = layout
+        self.source = source
+        self.pending = set(units)
+        self.open: dict[int, Slab] = {}
+        self.arrays = layout.unit_arrays()
+        self.encoders = {a.path: ChunkEncoder(a.codec) for a in self.arrays}
+        self.record_encoder = ChunkEncoder("none")
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="blockcap-writer")
+        self.background = _Background()
+        self.slots = threading.BoundedSemaphore(max_pending)
+        self.error: BaseException | None = None
+        self.lock = threading.Lock()
+        self.stored = 0  # bytes written
+        self.units_written = 0
+
+    def __enter__(self) -> SlabWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _slab(self, unit: int) -> Slab:
+        """The open slab of ``unit``; a new one waits while too many are pending (or a writer failed)."""
+        if unit not in self.open:
+            while not self.slots.acquire(timeout=0.1):
+                self.raise_error()
+            self.raise_error()
+            self.open[unit] = Slab(unit, *self.layout.unit_range(unit))
+        return self.open[unit]
+
+    def add_batch(self, lo: int, hi: int, tokens: torch.Tensor | None, outs: list[torch.Tensor]) -> int:
+        """Route items ``lo:hi`` of a batch into the slabs of pending units; returns the items taken.
+
+        Items of units that are not pending (already committed) are dropped: a batch keeps its
+        fixed composition even when only some of its units are redone.
+        """
+        uw, taken, slabs = self.layout.unit_windows, 0, []
+        for u in range(lo // uw, (hi - 1) // uw + 1):
+            if u not in self.pending:
+                continue
+            slab = self._slab(u)
+            a, z = max(lo, slab.lo) - lo, min(hi, slab.hi) - lo
+            part = None if tokens is None else tokens[a:z]
+            slab.put(a + lo - slab.lo, part, [o[a:z] for o in outs], whole_batch=z - a == hi - lo)
+            slabs.append(slab)
+            taken += z - a
+        if outs and outs[0].is_cuda:  # the writer waits for the copies into pinned memory
+            event = torch.cuda.Event()
+            event.record()
+            for slab in slabs:
+                slab.event = event
+        for slab in slabs:
+            if slab.full:
+                self.pool.submit(self._write, self.open.pop(slab.unit))
+        return taken
+
+    def _arrays_of(self, slab: Slab) -> dict[str, np.ndarray]:
+        layout, data = self.layout, {}
+        if not layout.dedup:
+            data["tokens"] = slab.tokens.numpy().astype(self._dtype("tokens"), copy=False)
+            data["offsets"] = self.source.offsets(slab.lo, slab.hi)
+        for (b, s), buf in zip(layout.outputs(), slab.sites, strict=True):
+            data[site_path(b, s)] = layout.dtype.to_numpy(buf)
+        T = layout.sample_len
+        for b, s in layout.stat_outputs():
+            x = as_float32(data[site_path(b, s)], layout.dtype_name)
+            if layout.dedup:
+                rows = slice(slab.lo, slab.hi)
+                row = partial(x, self.source.row_positions[rows], T, self.source.row_weights[rows])
+            else:
+                row = partial(x.reshape(-1, x.shape[-1]), np.tile(np.arange(T), x.shape[0]), T)
+            data[stats_path(b, s, "partial")] = row[None]
+        return data
+
+    def _dtype(self, path: str) -> str:
+        return next(a.dtype for a in self.arrays if a.path == path)
+
+    def _encode(self, a: ArrayDef, data: np.ndarray, slab: Slab) -> bytes:
+        enc = self.encoders[a.path]
+        if a.shards is not None:
+            return enc.shard(pad_rows(data, a.shards[0]), a.chunks[0], slab.hi - slab.lo)
+        return enc.chunk(pad_rows(data, a.chunks[0]))
+
+    def _write(self, slab: Slab) -> None:
+        try:
+            self.background.claim()
+            if slab.event is not None:
+                slab.event.synchronize()
+            data = self._arrays_of(slab)
+            digests = []
+            for a in self.arrays:
+                blob = self._encode(a, data[a.path], slab)
+                self.location.put(object_key(a, slab.unit), blob)
+                digests.append(digest(blob))
+                with self.lock:
+                    self.stored += len(blob)
+            record = self.record_encoder.chunk(encode_record(slab.unit, self.source.tag, digests)[None])
+            self.location.put(f"committed/c/{slab.unit}/0", record)
+            del slab, data
+            with self.lock:
+                self.units_written += 1
+                trim = self.units_written % TRIM_EVERY == 0
+            if trim:
+                _release_memory()
+        except BaseException as e:
+            with self.lock:
+                self.error = self.error or e
+        finally:
+            self.slots.release()
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        """Wait for every submitted slab to be written (or to fail), then stop the threads."""
+        self.pool.shutdown(wait=True)
+        self.background.release()

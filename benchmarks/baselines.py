@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from blockcap.capture.chargpt.capture import CaptureModule
+from blockcap.capture.chargpt.capture import CharGPTCapture
 from blockcap.capture.chargpt.checkpoint import load_checkpoint
 from blockcap.capture.chargpt.model import GPT, Block
 from blockcap.data.tokenizers import CharTokenizer
@@ -26,7 +26,7 @@ def bare_forward(model: GPT, windows: torch.Tensor, block: int, batch_size: int,
     ``fused``: the same SDPA path blockcap's ``fused`` capture takes, so fused runs compare with
     a fused floor.
     """
-    fused_module = CaptureModule(model, (block,), ("block_output",), fused=True) if fused else None
+    fused_module = CharGPTCapture(model, (block,), ("block_output",), fused=True) if fused else None
     with torch.inference_mode():
         for i in range(0, len(windows), batch_size):
             idx = windows[i : i + batch_size]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import blockcap
-from blockcap.capture.chargpt.capture import FUSED_TOLERANCE, CaptureModule
+from blockcap.capture.chargpt.capture import FUSED_TOLERANCE, CharGPTCapture
 from tests.conftest import make_text
 
 pytestmark = [
@@ -34,7 +34,7 @@ def test_cuda_store_equals_cpu_capture(ckpt, tmp_path, dtype, fused):
                  device="cuda", progress=False)  # fmt: skip
     s = blockcap.open_store(out)
     assert s.meta["device"].startswith("cuda") and blockcap.verify(out) == []
-    module = CaptureModule(blockcap.load_checkpoint(str(ckpt)).model, (0, 2), sites)  # CPU, exact
+    module = CharGPTCapture(blockcap.load_checkpoint(str(ckpt)).model, (0, 2), sites)  # CPU, exact
     with torch.inference_mode():
         ids = s.tokens[:].long()
         want = dict(zip(module.outputs, module(ids), strict=True))

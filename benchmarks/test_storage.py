@@ -22,7 +22,7 @@ import torch
 import blockcap
 from benchmarks.conftest import ROUNDS, WORKLOADS, make_setup
 from blockcap.analysis.reader import CaptureStore
-from blockcap.capture.chargpt.capture import CaptureModule
+from blockcap.capture.chargpt.capture import CharGPTCapture
 from blockcap.core.dims import ModelDims
 from blockcap.core.encoding import DTYPES
 from blockcap.core.layout import Layout, choose_chunk_windows
@@ -42,7 +42,7 @@ SITES = ("heads_output", "proj_output", "ffwd_output")
 def activations(request, text, models, enabled, tmp_path_factory) -> dict:
     """heads/proj/ffwd of block 0 of the bundled model, float32, (windows, T, C) each."""
     s = make_setup(text, "bundled", models, request.param, enabled, tmp_path_factory.mktemp("act"))
-    module = CaptureModule(s.model, (0,), SITES)
+    module = CharGPTCapture(s.model, (0,), SITES)
     with torch.inference_mode():
         parts = [module(s.windows[i : i + 64]) for i in range(0, len(s.windows), 64)]
     outs = [torch.cat([p[i] for p in parts]) for i in range(len(SITES))]

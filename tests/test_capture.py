@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from blockcap.capture.chargpt.capture import FUSED_TOLERANCE, CaptureModule
+from blockcap.capture.chargpt.capture import FUSED_TOLERANCE, CharGPTCapture
 from blockcap.capture.chargpt.model import GPT, GPTConfig
 from blockcap.core.sites import SITES
 from tests.reference import GPTLanguageModel
@@ -52,7 +52,7 @@ def hooked(ref: GPTLanguageModel, idx: torch.Tensor) -> dict[tuple[int, str], to
     return seen
 
 
-def captured(module: CaptureModule, idx: torch.Tensor) -> dict[tuple[int, str], torch.Tensor]:
+def captured(module: CharGPTCapture, idx: torch.Tensor) -> dict[tuple[int, str], torch.Tensor]:
     with torch.inference_mode():
         return dict(zip(module.outputs, module(idx), strict=True))
 
@@ -63,7 +63,7 @@ def test_exact_capture_is_bitwise_the_hooks(models, blocks, T):
     ref, ours = models
     idx = torch.randint(0, CFG.vocab_size, (5, T), generator=torch.Generator().manual_seed(T))
     want = hooked(ref, idx)
-    got = captured(CaptureModule(ours, blocks, SITES), idx)
+    got = captured(CharGPTCapture(ours, blocks, SITES), idx)
     assert set(got) == {(b, s) for b in blocks for s in SITES}
     for key, value in got.items():
         assert value.dtype == torch.float32
@@ -72,14 +72,14 @@ def test_exact_capture_is_bitwise_the_hooks(models, blocks, T):
 
 def test_capture_stops_after_the_deepest_block(models):
     _, ours = models
-    module = CaptureModule(ours, (1,), ("ffwd_output",))
+    module = CharGPTCapture(ours, (1,), ("ffwd_output",))
     assert len(module.blocks) == 2
     assert not any(name.startswith(("ln_f", "lm_head")) for name, _ in module.named_parameters())
 
 
 def test_requested_order_and_default_sites(models):
     _, ours = models
-    module = CaptureModule(ours, (0, 2), ("heads_output", "proj_output", "ffwd_output"))
+    module = CharGPTCapture(ours, (0, 2), ("heads_output", "proj_output", "ffwd_output"))
     assert module.outputs == [
         (0, "heads_output"),
         (0, "proj_output"),
@@ -94,7 +94,7 @@ def test_fused_capture_within_stated_tolerance(models):
     ref, ours = models
     idx = torch.randint(0, CFG.vocab_size, (8, 16), generator=torch.Generator().manual_seed(0))
     want = hooked(ref, idx)
-    got = captured(CaptureModule(ours, (0, 1, 2), SITES, fused=True), idx)
+    got = captured(CharGPTCapture(ours, (0, 1, 2), SITES, fused=True), idx)
     worst = 0.0
     for key, value in got.items():
         scale = want[key].abs().max().clamp_min(1e-12)
@@ -106,7 +106,7 @@ def test_fused_capture_within_stated_tolerance(models):
 
 def test_compiles_with_fullgraph(models):
     _, ours = models
-    module = CaptureModule(ours, (0, 1), ("heads_output", "ffwd_output", "attention"))
+    module = CharGPTCapture(ours, (0, 1), ("heads_output", "ffwd_output", "attention"))
     compiled = torch.compile(module, fullgraph=True, backend="eager")  # graph capture, no C compiler
     idx = torch.randint(0, CFG.vocab_size, (4, 7))
     with torch.inference_mode():
@@ -117,7 +117,7 @@ def test_compiles_with_fullgraph(models):
 @pytest.mark.slow
 def test_compiles_with_inductor(models):
     _, ours = models
-    module = CaptureModule(ours, (1,), ("heads_output", "proj_output", "ffwd_output"))
+    module = CharGPTCapture(ours, (1,), ("heads_output", "proj_output", "ffwd_output"))
     compiled = torch.compile(module, fullgraph=True)
     idx = torch.randint(0, CFG.vocab_size, (4, 7))
     with torch.inference_mode():
@@ -128,7 +128,7 @@ def test_compiles_with_inductor(models):
 @pytest.mark.parametrize("fused", [False, True])
 def test_exports(models, fused):
     _, ours = models
-    module = CaptureModule(ours, (0, 2), SITES, fused=fused)
+    module = CharGPTCapture(ours, (0, 2), SITES, fused=fused)
     idx = torch.randint(0, CFG.vocab_size, (4, 7))
     exported = torch.export.export(module, (idx,))
     with torch.inference_mode():
@@ -139,6 +139,6 @@ def test_exports(models, fused):
 def test_bad_module_arguments(models):
     _, ours = models
     with pytest.raises(ValueError, match="unknown sites"):
-        CaptureModule(ours, (0,), ("nope",))
+        CharGPTCapture(ours, (0,), ("nope",))
     with pytest.raises(ValueError, match="at least one"):
-        CaptureModule(ours, (), ("ffwd_output",))
+        CharGPTCapture(ours, (), ("ffwd_output",))

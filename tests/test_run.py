@@ -8,7 +8,7 @@ import torch
 import zarr
 
 import blockcap
-from blockcap.capture.chargpt.capture import CaptureModule
+from blockcap.capture.chargpt.capture import CharGPTCapture
 from blockcap.capture.chargpt.checkpoint import load_checkpoint
 from blockcap.core.errors import BlockcapError
 from blockcap.core.sites import DEFAULT_SITES
@@ -23,7 +23,7 @@ def expected(run_args, blocks, sites, split="val"):
     text = Path(run_args["dataset"]).read_text()
     stream = split_tokens(torch.tensor(tok.encode(text)), split)
     direct = stream.unfold(0, run_args["sample_len"], run_args["stride"])
-    module = CaptureModule(loaded.model, blocks, sites)
+    module = CharGPTCapture(loaded.model, blocks, sites)
     bs = run_args["batch_size"]
     with torch.inference_mode():
         parts = [module(direct[i : i + bs]) for i in range(0, len(direct), bs)]

@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from blockcap.capture.adapter import Adapter
-from blockcap.capture.base import BlockCapture
+from blockcap.capture.base import CaptureModule
 from blockcap.core.spec import CaptureSpec
 
-__all__ = ["Adapter", "BlockCapture", "load_model"]
+__all__ = ["Adapter", "CaptureModule", "load_model"]
 
 
 def load_model(spec: CaptureSpec, vocab_text: Callable[[], str] = str) -> Adapter:

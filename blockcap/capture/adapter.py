@@ -1,7 +1,7 @@
 """What every model family provides to a capture: dimensions, tokenizer, identity, capture module.
 
 A family module (``chargpt``, ``gpt2``, ``neox``, ``llama``) turns a loaded model into an
-``Adapter``, whose capture modules are ``blockcap.capture.BlockCapture`` subclasses.
+``Adapter``, whose capture modules are ``blockcap.capture.CaptureModule`` subclasses.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from blockcap.capture.base import BlockCapture
+from blockcap.capture.base import CaptureModule
 from blockcap.core.dims import ModelDims
 from blockcap.data.tokenizers import Tokenizer
 
@@ -37,9 +37,9 @@ class Adapter(ABC):
         self.model_sha256 = model_sha256
         self.provenance = provenance
 
-    capture_class: type[BlockCapture]  # the family's capture module
+    capture_class: type[CaptureModule]  # the family's capture module
 
-    def capture_module(self, blocks: Sequence[int], sites: Sequence[str], fused: bool) -> BlockCapture:
+    def capture_module(self, blocks: Sequence[int], sites: Sequence[str], fused: bool) -> CaptureModule:
         """The hook-free module returning ``sites`` of ``blocks``."""
         return self.capture_class(self.model, blocks, sites, fused=fused)
 

@@ -4,7 +4,7 @@ A capture module is an explicit re-execution of a model's embeddings and blocks
 ``0..max(blocks)`` that returns the requested sites as a flat tuple. No hooks and no Python side
 effects in ``forward``, so ``torch.compile(fullgraph=True)`` and ``torch.export`` accept it, and
 it stops after the deepest requested block. Each model family (``blockcap.models``) subclasses
-``BlockCapture``; the site names come from ``blockcap.sites``, never from the store.
+``CaptureModule``; the site names come from ``blockcap.sites``, never from the store.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import nn
 from blockcap.core.sites import ATTENTION, SITES
 
 
-class BlockCapture(nn.Module):
+class CaptureModule(nn.Module):
     """Base of the capture modules: which (block, site) pairs to return, in which order.
 
     ``forward(ids)`` takes token ids (B, T) and returns one tensor per ``self.outputs`` entry:

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from blockcap.capture.adapter import Adapter
-from blockcap.capture.base import BlockCapture
+from blockcap.capture.base import CaptureModule
 from blockcap.capture.chargpt.checkpoint import BUNDLED, load_checkpoint
 from blockcap.capture.chargpt.model import GPT, Block
 from blockcap.core.dims import ModelDims
@@ -67,7 +67,7 @@ def _exact_attention(
     return torch.cat(outs, dim=-1), (torch.stack(patterns, dim=1) if want_pattern else None)
 
 
-class CaptureModule(BlockCapture):
+class CharGPTCapture(CaptureModule):
     """Embeddings and blocks ``0..max(blocks)`` of a char ``GPT``, returning the requested sites."""
 
     def __init__(self, model: GPT, blocks: Sequence[int], sites: Sequence[str], fused: bool = False) -> None:
@@ -107,7 +107,7 @@ class CaptureModule(BlockCapture):
 
 class CharGPT(Adapter):
     family = "chargpt"
-    capture_class = CaptureModule
+    capture_class = CharGPTCapture
 
 
 def load(weights: str | None, dataset_text: Callable[[], str]) -> CharGPT:

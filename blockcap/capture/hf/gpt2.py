@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers.models.gpt2 import modeling_gpt2
 
-from blockcap.capture.base import BlockCapture
+from blockcap.capture.base import CaptureModule
 from blockcap.capture.hf.load import HFAdapter, additive_mask, causal_allowed, fused_attention
 from blockcap.core.dims import ModelDims
 
@@ -23,7 +23,7 @@ from blockcap.core.dims import ModelDims
 FUSED_TOLERANCE = 1e-5
 
 
-class CaptureModule(BlockCapture):
+class GPT2Capture(CaptureModule):
     """Embeddings and blocks ``0..max(blocks)`` of a ``GPT2Model``, returning the requested sites."""
 
     def __init__(
@@ -73,7 +73,7 @@ class CaptureModule(BlockCapture):
 
 class GPT2(HFAdapter):
     family = "gpt2"
-    capture_class = CaptureModule
+    capture_class = GPT2Capture
 
     @staticmethod
     def dims_of(model: nn.Module) -> ModelDims:

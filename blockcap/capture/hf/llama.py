@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from blockcap.capture.base import BlockCapture
+from blockcap.capture.base import CaptureModule
 from blockcap.capture.hf.load import HFAdapter, additive_mask, causal_allowed, fused_attention
 from blockcap.core.dims import ModelDims
 
@@ -35,7 +35,7 @@ def sliding_windows(model: nn.Module) -> list[int | None]:
     return [None] * n
 
 
-class CaptureModule(BlockCapture):
+class LlamaCapture(CaptureModule):
     """Embeddings and layers ``0..max(blocks)`` of a Llama/Mistral/Qwen2 model, returning the sites."""
 
     def __init__(
@@ -91,7 +91,7 @@ class CaptureModule(BlockCapture):
 
 class Llama(HFAdapter):
     family = "llama"
-    capture_class = CaptureModule
+    capture_class = LlamaCapture
 
     @staticmethod
     def dims_of(model: nn.Module) -> ModelDims:

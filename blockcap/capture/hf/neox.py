@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers.models.gpt_neox import modeling_gpt_neox
 
-from blockcap.capture.base import BlockCapture
+from blockcap.capture.base import CaptureModule
 from blockcap.capture.hf.load import HFAdapter, additive_mask, causal_allowed, fused_attention
 from blockcap.core.dims import ModelDims
 from blockcap.core.errors import BlockcapError
@@ -36,7 +36,7 @@ def check_sites(model: nn.Module, sites: Sequence[str]) -> None:
         )
 
 
-class CaptureModule(BlockCapture):
+class NeoXCapture(CaptureModule):
     """Embeddings and layers ``0..max(blocks)`` of a ``GPTNeoXModel``, returning the requested sites."""
 
     def __init__(
@@ -95,7 +95,7 @@ class CaptureModule(BlockCapture):
 
 class NeoX(HFAdapter):
     family = "neox"
-    capture_class = CaptureModule
+    capture_class = NeoXCapture
 
     @staticmethod
     def dims_of(model: nn.Module) -> ModelDims:

@@ -71,7 +71,7 @@ def info(store: str, *, storage_options: str | None = None) -> None:
     from blockcap.analysis.reader import CaptureStore
     from blockcap.core.spec import parse_storage_options
     from blockcap.storage.location import Location
-    from blockcap.storage.store import open_location
+    from blockcap.storage.metadata import open_location
 
     location = Location(_store_arg(store), parse_storage_options(storage_options))
     print(describe(CaptureStore(open_location(location))))
@@ -115,7 +115,8 @@ def finalize(store: str, *, storage_options: str | None = None) -> None:
     """Mark a store complete once every unit is committed (idempotent; safe from every job-array task)."""
     from blockcap.core.spec import parse_storage_options
     from blockcap.storage.location import Location
-    from blockcap.storage.store import finish, read_meta
+    from blockcap.storage.metadata import read_meta
+    from blockcap.storage.lifecycle import finish
 
     location = Location(_store_arg(store), parse_storage_options(storage_options))
     meta = finish(location, read_meta(location))

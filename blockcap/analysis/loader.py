@@ -22,7 +22,7 @@ from blockcap.core.errors import BlockcapError
 from blockcap.core.sites import is_vector
 from blockcap.core.spec import positive
 from blockcap.storage.location import Location
-from blockcap.storage.store import open_location
+from blockcap.storage.metadata import open_location
 
 READ_BYTES = 4 << 20  # float32 bytes a unit holds, at least one chunk
 NORMALIZE = (None, "stats")

@@ -30,8 +30,8 @@ from blockcap.data.tokenizers import Tokenizer, from_record
 from blockcap.storage.codecs import ChunkDecoder
 from blockcap.storage.integrity import DamagedError
 from blockcap.storage.location import Location
+from blockcap.storage.metadata import COMPLETE, Opened, open_location, spec_of
 from blockcap.storage.stats import Stats
-from blockcap.storage.store import COMPLETE, Opened, open_location, spec_of
 
 
 class IncompleteStoreWarning(UserWarning):

@@ -16,7 +16,7 @@ import torch
 from blockcap.core.errors import BlockcapError
 from blockcap.core.layout import COMMIT, UNIT, site_path
 from blockcap.storage.codecs import ChunkEncoder
-from blockcap.storage.store import render_metadata
+from blockcap.storage.metadata import render_metadata
 
 
 @dataclass(frozen=True)

@@ -39,16 +39,9 @@ from blockcap.run.dryrun import DryRun, check_free_space, dry_run
 from blockcap.run.schedule import DedupSchedule, WindowSchedule
 from blockcap.storage.integrity import store_tag
 from blockcap.storage.location import Location
-from blockcap.storage.store import (
-    Prepared,
-    create_time_objects,
-    exclusive,
-    finish,
-    open_location,
-    pending_units,
-    prepare,
-    spec_of,
-)
+from blockcap.storage.lock import exclusive
+from blockcap.storage.metadata import open_location, spec_of
+from blockcap.storage.lifecycle import Prepared, create_time_objects, finish, pending_units, prepare
 from blockcap.storage.writer import SlabWriter, UnitSource
 
 PROGRESS_EVERY = 8  # batches between progress reductions across ranks

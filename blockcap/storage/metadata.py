@@ -1,0 +1,195 @@
+"""A store's documents: the root ``blockcap`` attribute (spec, state, provenance) and every array's
+``zarr.json``, rendered by zarr itself; and opening a store for reading with its commit records.
+
+States (the ``state`` field of the root attribute): ``creating -> incomplete -> complete``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import zarr
+from zarr.storage import MemoryStore
+
+from blockcap.core.dims import ModelDims
+from blockcap.core.errors import BlockcapError
+from blockcap.core.layout import FORMAT, FORMAT_VERSION, Layout
+from blockcap.core.spec import CaptureSpec
+from blockcap.storage.codecs import compressors
+from blockcap.storage.integrity import CheckedStore, CommitIndex, DamagedError, store_tag
+from blockcap.storage.location import PARTIAL, Location
+
+ATTR = "blockcap"
+
+
+CREATING, INCOMPLETE, COMPLETE = "creating", "incomplete", "complete"
+
+
+ROOT = "zarr.json"
+
+
+_WRITE_CONFIG = {"write_empty_chunks": True}
+
+
+def now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+# --- metadata documents ---------------------------------------------------------------------------
+def render_metadata(layout: Layout | None, meta: dict[str, Any]) -> dict[str, bytes]:
+    """Every ``zarr.json`` of a store (root and arrays), as zarr itself writes them.
+
+    Rendered into memory and written by the caller through ``Location.put``, in an order of its
+    choosing; ``layout`` None renders the root document alone.
+    """
+    docs: dict[str, Any] = {}
+    group = zarr.open_group(MemoryStore(docs), mode="w", zarr_format=3, attributes={ATTR: meta})
+    for a in layout.arrays() if layout is not None else []:
+        group.create_array(
+            a.path, shape=a.shape, chunks=a.chunks, shards=a.shards, dtype=a.dtype,
+            compressors=compressors(a.codec), fill_value=0, dimension_names=a.dims,
+            attributes=a.attrs, config=_WRITE_CONFIG,
+        )  # fmt: skip
+    return {k: v.to_bytes() for k, v in docs.items() if k.endswith(ROOT)}
+
+
+def read_meta(location: Location) -> dict[str, Any]:
+    """The root ``blockcap`` attribute, with one-line errors for everything that is not a store."""
+    if location.is_file():
+        raise BlockcapError(f"store {location} is a file, not a Zarr store directory")
+    raw = location.get(ROOT)
+    if raw is None:
+        files = location.keys() + [str(p) for p in location.partial_files()]
+        raw = location.get(ROOT)  # it may have been renamed into place while we listed
+    if raw is None:
+        if location.local and location.root.is_dir() and not files:
+            raise BlockcapError(f"{location} is an empty directory, not a blockcap store")
+        if not files:
+            raise BlockcapError(f"store {location} does not exist; capture one with blockcap's run")
+        if all(f.endswith(PARTIAL) for f in files):
+            raise BlockcapError(f"store {location} is being created; try again in a moment")
+        raise BlockcapError(f"{location} is not a Zarr v3 store (no zarr.json); pass a blockcap store")
+    try:
+        doc = json.loads(raw)
+        meta = doc["attributes"][ATTR] if isinstance(doc, dict) else None
+    except (ValueError, KeyError, TypeError) as e:
+        if isinstance(e, KeyError) and isinstance(doc, dict):
+            raise BlockcapError(
+                f"{location} is a Zarr group but not a blockcap store (no '{ATTR}' attribute)"
+            ) from None
+        raise BlockcapError(f"{location}: its metadata document zarr.json is damaged ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise BlockcapError(f"{location} is a Zarr group but not a blockcap store (no '{ATTR}' attribute)")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version < 1:
+        raise BlockcapError(
+            f"{location}: its metadata document zarr.json is damaged (format_version {version!r})"
+        )
+    if version > FORMAT_VERSION:
+        raise BlockcapError(
+            f"{location} has store format {version}, newer than this blockcap's {FORMAT_VERSION}; "
+            f"upgrade blockcap"
+        )
+    return meta
+
+
+def put_root(location: Location, meta: dict[str, Any]) -> None:
+    location.put(ROOT, render_metadata(None, meta)[ROOT])
+
+
+def layout_of(meta: dict[str, Any]) -> Layout:
+    """The layout a store's metadata describes."""
+    try:
+        if meta["format_version"] == 1:
+            return _layout_v1(meta)
+        spec = CaptureSpec.from_params(meta["params"])
+        return Layout.build(spec, ModelDims(**meta["dims"]), meta["n_windows"], meta.get("n_rows"),
+                            meta.get("tokenizer_bytes", 0))  # fmt: skip
+    except (KeyError, TypeError, ValueError) as e:
+        raise BlockcapError(
+            f"the store's metadata is incomplete or damaged ({type(e).__name__}: {e})"
+        ) from None
+
+
+def _layout_v1(meta: dict[str, Any]) -> Layout:
+    """Format 1 (blockcap 0.1): char GPT, uint8 flags per chunk, no statistics."""
+    p, cfg = meta["params"], meta["model_config"]
+    dims = ModelDims(
+        n_layer=cfg["n_layer"], d_model=cfg["n_embed"], n_head=cfg["n_head"],
+        head_dim=cfg["n_embed"] // cfg["n_head"], d_mlp=4 * cfg["n_embed"], vocab_size=cfg["vocab_size"],
+        context=cfg["block_size"],
+    )  # fmt: skip
+    return Layout(
+        n_windows=p["n_windows"], sample_len=p["sample_len"], blocks=tuple(p["blocks"]),
+        sites=tuple(p["sites"]), dims=dims, dtype_name=p["dtype"], codec=p["codec"],
+        chunk_windows=p["chunk_windows"], shard_chunks=p.get("shard_chunks", 1),
+    )  # fmt: skip
+
+
+def spec_of(meta: dict[str, Any]) -> CaptureSpec | None:
+    """The spec a format-2 store recorded (None for format 1, which predates specs)."""
+    return CaptureSpec.from_params(meta["params"]) if meta["format_version"] >= 2 else None
+
+
+# --- opening for reading ----------------------------------------------------------------------------
+@dataclass
+class Opened:
+    """A store opened for reading: metadata, layout, commit records and zarr access checked by them."""
+
+    location: Location
+    meta: dict[str, Any]
+    layout: Layout
+    index: CommitIndex
+    group: zarr.Group
+    arrays: dict[str, zarr.Array] = field(default_factory=dict)
+
+    @property
+    def state(self) -> str:
+        return self.meta.get("state", "")
+
+    def array(self, path: str) -> zarr.Array:
+        """An array by path (opened once), with a one-line error when its metadata is missing or damaged."""
+        if path in self.arrays:
+            return self.arrays[path]
+        try:
+            arr = self.group[path]
+        except Exception as e:  # zarr raises KeyError, FileNotFoundError or JSON errors here
+            raise DamagedError(
+                f"array {path}: its metadata document is missing or damaged ({type(e).__name__})"
+            ) from None
+        if not isinstance(arr, zarr.Array):
+            raise DamagedError(f"array {path}: its metadata document is missing or damaged (found a group)")
+        self.arrays[path] = arr
+        return arr
+
+
+def unit_objects(layout: Layout, version: int) -> list[str]:
+    """The arrays whose objects a commit record of this format covers, in its order."""
+    if version == 1:
+        return ["tokens", "offsets", *(f"block{b}/{s}" for b, s in layout.outputs())]
+    return [a.path for a in layout.unit_arrays()]
+
+
+def open_location(location: Location, allow_creating: bool = False) -> Opened:
+    """Open a store for reading; "being created" is an error unless ``allow_creating``."""
+    meta = read_meta(location)
+    if meta.get("state") == CREATING and not allow_creating:
+        raise BlockcapError(f"store {location} is being created; try again in a moment")
+    layout = layout_of(meta)
+    spec = spec_of(meta)
+    index = CommitIndex(
+        location, layout, meta["format_version"], unit_objects(layout, meta["format_version"]),
+        tag=store_tag(spec.identity()) if spec else 0,
+        digests=meta.get("digests", {}) if meta.get("state") != CREATING else {},
+        complete=meta.get("state") == COMPLETE,
+    )  # fmt: skip
+    try:
+        group = zarr.open_group(
+            CheckedStore(location.zarr_store(read_only=True), index), mode="r", zarr_format=3
+        )
+    except Exception as e:
+        raise BlockcapError(f"{location} is not a readable Zarr v3 group ({type(e).__name__}: {e})") from None
+    return Opened(location, meta, layout, index, group)

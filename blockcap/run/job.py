@@ -1,4 +1,4 @@
-"""The main job: resolve the spec, open or create the store, capture every pending unit, finish.
+"""The main job: plan, open or create the store, capture every pending unit, finish.
 
 ``run(**kw)`` is the library entry point; ``python -m blockcap run`` is a thin shell over it.
 The order is: spec (checks needing no file) -> plan (dataset, model, windows, layout: checks
@@ -7,41 +7,28 @@ needing files) -> store (create or resume, under the store's lock) -> capture ->
 
 from __future__ import annotations
 
-import datetime as dt
 import signal
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
-import numcodecs
 import numpy as np
 import torch
-import zarr
 from tqdm import tqdm
 
-from blockcap.capture import Adapter, load_model
-from blockcap.core.dims import ModelDims
-from blockcap.core.encoding import storage_dtype
 from blockcap.core.errors import BlockcapError, Interrupted
-from blockcap.core.layout import Layout, choose_chunk_windows
-from blockcap.core.sites import ATTENTION
-from blockcap.core.spec import CaptureSpec, RunOptions, resolve_blocks, split_kwargs
-from blockcap.core.version import __version__
-from blockcap.data.sources import dataset_sha256, read_text, resolve_dataset, token_stream
-from blockcap.data.windows import Windows, split_tokens
-from blockcap.run.device import free_memory, pick_device
+from blockcap.core.layout import Layout
+from blockcap.core.spec import split_kwargs
 from blockcap.run.dist import Group, from_env
 from blockcap.run.dryrun import DryRun, check_free_space, dry_run
-from blockcap.run.schedule import DedupSchedule, WindowSchedule
+from blockcap.run.plan import Plan, forward_bytes, make_plan
 from blockcap.storage.integrity import store_tag
-from blockcap.storage.location import Location
+from blockcap.storage.lifecycle import Prepared, finish, pending_units, prepare
 from blockcap.storage.lock import exclusive
 from blockcap.storage.metadata import open_location, spec_of
-from blockcap.storage.lifecycle import Prepared, create_time_objects, finish, pending_units, prepare
 from blockcap.storage.writer import SlabWriter, UnitSource
 
 PROGRESS_EVERY = 8  # batches between progress reductions across ranks
@@ -72,158 +59,6 @@ class Summary:
             f"ratio {ratio:.2f}x",
             f"  time {self.seconds:.1f} s, {rate:,.0f} {'distinct-prefix ' if self.dedup else ''}tokens/s",
         ]
-
-
-@dataclass
-class Plan:
-    """Everything a run needs, checked: the resolved spec, model, schedule, layout and target."""
-
-    spec: CaptureSpec  # resolved: blocks, chunking, hashes and device type concrete
-    opts: RunOptions
-    adapter: Adapter
-    module: torch.nn.Module
-    schedule: WindowSchedule | DedupSchedule
-    windows: Windows
-    layout: Layout
-    location: Location
-    meta: dict[str, Any]  # a new store's metadata
-    objects: dict[str, bytes]  # written when the store is created
-    device: torch.device
-
-    @property
-    def raw_bytes(self) -> int:
-        """Bytes of every captured array as float32, for the compression ratio."""
-        return sum(int(np.prod(self.layout.site_shape(s))) * 4 for _, s in self.layout.outputs())
-
-
-def _bytes_per_item(spec: CaptureSpec, adapter: Adapter, itemsize: int) -> int:
-    """Bytes of one item (a window, or a row of a dedup store) of the largest captured array."""
-    T, dims = spec.sample_len, adapter.dims
-    sizes = [
-        dims.n_head * T * T if s == ATTENTION else dims.width(s) * (1 if spec.dedup else T)
-        for s in spec.sites
-    ]
-    return max(sizes) * itemsize
-
-
-def forward_bytes(spec: CaptureSpec, dims: ModelDims, windows: int = 1) -> int:
-    """A rough upper bound of one forward pass's tensors for ``windows`` windows (float32)."""
-    T, itemsize = spec.sample_len, 4
-    per_window = itemsize * T * (12 * dims.d_model + 2 * dims.d_mlp + 3 * dims.n_head * T)
-    per_window += itemsize * T * sum(dims.n_head * T if s == ATTENTION else dims.width(s) for s in spec.sites)
-    return per_window * windows
-
-
-def _check_batch_memory(spec: CaptureSpec, dims: ModelDims, n_windows: int, device: torch.device) -> None:
-    """Refuse a batch that cannot fit in memory."""
-    per_window = forward_bytes(spec, dims)
-    windows = min(spec.batch_size, n_windows)
-    free = free_memory(device)
-    if windows * per_window > free:
-        raise BlockcapError(
-            f"batch_size={spec.batch_size} needs about {windows * per_window / 1e9:,.1f} GB for one forward "
-            f"pass, more than the {free / 1e9:,.1f} GB free on {device}; "
-            f"use batch_size={max(1, free // per_window)} or less"
-        )
-
-
-def make_plan(spec: CaptureSpec, opts: RunOptions, group: Group) -> Plan:
-    """Load what the spec names and check it all; raises BlockcapError before any store is touched."""
-    device = pick_device(spec.device)
-    if device.type == "cuda" and group.active and spec.device in (None, "cuda"):
-        device = torch.device("cuda", group.local_rank)
-    data_path = resolve_dataset(spec.dataset, spec.dataset_sha256)
-    adapter = load_model(spec, lambda: read_text(data_path, spec.text_column))
-    if spec.model_sha256 and spec.model_sha256 != adapter.model_sha256:
-        raise BlockcapError(
-            f"model_sha256={spec.model_sha256} does not match the model's weights ({adapter.model_sha256})"
-        )
-    dims = adapter.dims
-    blocks = resolve_blocks(spec.block_idx, dims.n_layer)
-    adapter.check_sites(spec.sites)
-    if spec.sample_len > dims.context:
-        raise BlockcapError(
-            f"sample_len={spec.sample_len} is longer than the model's context of {dims.context} tokens; "
-            f"use 1..{dims.context}"
-        )
-    stream = token_stream(data_path, adapter.tokenizer, spec.text_column)
-    if int(stream.max()) >= dims.vocab_size:
-        raise BlockcapError(
-            f"the tokenizer gives ids up to {int(stream.max())} but the model's embedding has "
-            f"{dims.vocab_size} rows; the tokenizer does not belong to this model"
-        )
-    windows = Windows(split_tokens(stream, spec.split), spec.sample_len, spec.stride)
-    if len(windows) == 0:
-        raise BlockcapError(
-            f"the {spec.split} split of {data_path} has {len(windows.tokens)} tokens, fewer than one "
-            f"window (sample_len={spec.sample_len}); use a smaller sample_len or a longer dataset"
-        )
-    _check_batch_memory(spec, dims, len(windows), device)
-    schedule = (
-        DedupSchedule(windows, spec.batch_size) if spec.dedup else WindowSchedule(windows, spec.batch_size)
-    )
-    cw, bs = spec.chunk_windows, spec.batch_size
-    if cw and not spec.dedup and bs < len(windows) and cw % bs and bs % cw:
-        raise BlockcapError(  # else a chunk would straddle batches and a resume could change bits
-            f"chunk_windows={cw} must be a multiple or a divisor of batch_size={bs}"
-        )
-    itemsize = storage_dtype(spec.dtype).zarr_dtype.itemsize
-    chunk = spec.chunk_windows or (
-        choose_chunk_windows(1, _bytes_per_item(spec, adapter, itemsize), schedule.n_items)
-        if spec.dedup
-        else choose_chunk_windows(spec.batch_size, _bytes_per_item(spec, adapter, itemsize), schedule.n_items)
-    )
-    n_chunks = -(-schedule.n_items // chunk)
-    if spec.shard_chunks > n_chunks:
-        raise BlockcapError(
-            f"shard_chunks={spec.shard_chunks} is more chunks than the run has ({n_chunks}); "
-            f"use 1..{n_chunks}"
-        )
-    resolved = replace(
-        spec, block_idx=blocks, chunk_windows=chunk, dataset_sha256=dataset_sha256(data_path),
-        model_sha256=adapter.model_sha256, device=device.type,
-    )  # fmt: skip
-    tok_record, tok_blob = adapter.tokenizer.record()
-    layout = Layout.build(
-        resolved, dims, len(windows), schedule.n_items if spec.dedup else None, len(tok_blob or b"")
-    )
-    location = Location(opts.out or f"block{'_'.join(map(str, blocks))}_internals.zarr", opts.storage_options)
-    location.check_parent()
-    create_arrays: dict[str, np.ndarray] = {}
-    if tok_blob:
-        create_arrays["tokenizer"] = np.frombuffer(tok_blob, np.uint8)
-    if spec.dedup:
-        create_arrays["tokens"] = windows.get(0, len(windows)).numpy()
-        create_arrays["offsets"] = windows.offsets(0, len(windows))
-        create_arrays["prefix_rows"] = schedule.prefix_rows
-    meta = {
-        "run_id": uuid.uuid4().hex[:12],
-        "params": resolved.to_params(),
-        "dims": dims.to_dict(),
-        "n_windows": len(windows),
-        **({"n_rows": schedule.n_items} if spec.dedup else {}),
-        "tokenizer_bytes": layout.tokenizer_bytes,
-        "tokenizer": tok_record,
-        "model": adapter.provenance,
-        "dataset": {"name": data_path.name, "path": str(data_path.absolute()), "tokens": int(stream.size)},
-        "versions": {
-            "blockcap": __version__,
-            "torch": str(torch.__version__),
-            "zarr": zarr.__version__,
-            "numcodecs": numcodecs.__version__,
-        },  # fmt: skip
-        "device": str(device),
-        "command": opts.command or "",
-        "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-    }
-    adapter.to(device, getattr(torch, spec.model_dtype))
-    module = adapter.capture_module(blocks, spec.sites, spec.fused).to(device)
-    if spec.compile:
-        module = torch.compile(module, fullgraph=True)
-    return Plan(
-        resolved, opts, adapter, module, schedule, windows, layout, location, meta,
-        create_time_objects(layout, create_arrays), device,
-    )  # fmt: skip
 
 
 @contextmanager

@@ -28,9 +28,9 @@ from blockcap.core.encoding import DTYPES
 from blockcap.core.layout import Layout, choose_chunk_windows
 from blockcap.core.spec import CaptureSpec
 from blockcap.storage.integrity import store_tag
+from blockcap.storage.lifecycle import create
 from blockcap.storage.location import Location
 from blockcap.storage.metadata import open_location
-from blockcap.storage.lifecycle import create
 from blockcap.storage.writer import SlabWriter, UnitSource
 
 CODECS = ["none", "blosc-lz4", "blosc-zstd", "zstd:1", "zstd:3"]

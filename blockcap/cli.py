@@ -114,9 +114,9 @@ def _verify_hint(problems: list[str], repaired: bool) -> str:
 def finalize(store: str, *, storage_options: str | None = None) -> None:
     """Mark a store complete once every unit is committed (idempotent; safe from every job-array task)."""
     from blockcap.core.spec import parse_storage_options
+    from blockcap.storage.lifecycle import finish
     from blockcap.storage.location import Location
     from blockcap.storage.metadata import read_meta
-    from blockcap.storage.lifecycle import finish
 
     location = Location(_store_arg(store), parse_storage_options(storage_options))
     meta = finish(location, read_meta(location))

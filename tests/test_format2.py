@@ -28,7 +28,9 @@ def capture_args(store: Path) -> dict:
         p.pop(hashed)
     p["block_idx"] = ",".join(map(str, p["block_idx"]))
     p["sites"] = ",".join(p["sites"])
-    return dict(p, weights=str(DATA / "store-v1.weights.pt"), dataset=str(DATA / "store-v1.txt"), progress=False)
+    return dict(
+        p, weights=str(DATA / "store-v1.weights.pt"), dataset=str(DATA / "store-v1.txt"), progress=False
+    )
 
 
 def test_reads_what_a_capture_of_today_computes(old, tmp_path):
@@ -41,12 +43,16 @@ def test_reads_what_a_capture_of_today_computes(old, tmp_path):
         for site in s.sites:
             assert torch.equal(s.site(site, b)[:], new.site(site, b)[:]), (b, site)
         for site in (x for x in s.sites if x != "attention"):
-            assert torch.equal(torch.from_numpy(s.stats(site, b).mean), torch.from_numpy(new.stats(site, b).mean))
+            assert torch.equal(
+                torch.from_numpy(s.stats(site, b).mean), torch.from_numpy(new.stats(site, b).mean)
+            )
     assert s.text(3) == new.text(3)
 
 
 def test_damage_is_reported(old):
-    victim = next(p for p in sorted(old.rglob("*")) if p.is_file() and "/block1/" in str(p) and "/c/" in str(p))
+    victim = next(
+        p for p in sorted(old.rglob("*")) if p.is_file() and "/block1/" in str(p) and "/c/" in str(p)
+    )
     victim.write_bytes(victim.read_bytes()[:-7])
     problems = blockcap.verify(old)
     assert problems and any("block1/" in p for p in problems), problems

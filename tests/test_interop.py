@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from blockcap.analysis.arrays import LazyArray
 from blockcap.analysis.interop import tl_lookup, to_xarray
-from blockcap.analysis.reader import LazyArray
 from blockcap.core.errors import BlockcapError
 from tests.conftest import small_store
 

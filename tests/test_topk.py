@@ -8,7 +8,7 @@ import torch
 
 import blockcap
 import blockcap.cli
-from blockcap.analysis import search
+from blockcap.analysis import scan, search
 from blockcap.analysis.search import topk
 from blockcap.capture.chargpt.checkpoint import save_checkpoint
 from blockcap.capture.chargpt.model import GPT
@@ -115,11 +115,11 @@ def test_spans_of_one_chunk_and_one_multiply_per_span(store, monkeypatch):
     q = queries(store, block=0)
     whole = topk(store, q, block=0, k=9)
     calls = []
-    real = search._Scorer.estimate
+    real = scan.Scorer.estimate
     monkeypatch.setattr(
-        search._Scorer, "estimate", lambda self, x: calls.append(len(self.qmat)) or real(self, x)
+        scan.Scorer, "estimate", lambda self, x: calls.append(len(self.qmat)) or real(self, x)
     )
-    monkeypatch.setattr(search, "SPAN_BYTES", 1)
+    monkeypatch.setattr(scan, "SPAN_BYTES", 1)
     assert topk(store, q, block=0, k=9) == whole
     spans = len(calls)
     assert spans == -(-store.n_windows // 4) and set(calls) == {len(q)}
@@ -321,11 +321,11 @@ def test_float32_rounding_never_reorders(metric):
     common = rng.normal(size=64) * 2e4
     x = torch.from_numpy((common + rng.normal(size=(400, 64))).astype(np.float32))
     q = torch.from_numpy((common * 1.001 + rng.normal(size=(3, 64))).astype(np.float32))
-    scorer, best = search._Scorer(q, metric, True), search._Best(3, 12, False, search._no_hits(1, True))
+    scorer, best = scan.Scorer(q, metric, True), scan.Best(3, 12, False, scan.no_hits(1, True))
     for lo in range(0, len(x), 50):
         rows, valid = np.arange(lo, lo + 50), torch.ones(50, dtype=torch.bool)
-        span = search._Span(x[lo : lo + 50], rows, np.zeros(50, np.int64), valid, None, None, lo, rows)
-        best.merge(search._candidates(span, scorer, 12, best.threshold))
+        span = scan.Span(x[lo : lo + 50], rows, np.zeros(50, np.int64), valid, None, None, lo, rows)
+        best.merge(scan.candidates(span, scorer, 12, best.threshold))
     x64, q64 = x.double().numpy(), q.double().numpy()
     for j in range(3):
         s = x64 @ q64[j]

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from blockcap.analysis.reader import CaptureStore, LazyArray
+from blockcap.analysis.arrays import LazyArray
 from blockcap.core.errors import BlockcapError
 from blockcap.core.layout import TARGET_CHUNK_BYTES
 from blockcap.core.sites import ATTENTION, HEADS, MLP, TRANSFORMER_LENS, VECTOR_SITES
@@ -54,7 +54,7 @@ class _Dask:
 
 
 def _dask_array(
-    store: CaptureStore, lazy: LazyArray, name: str, windows: int, split: tuple[int, int] | None = None
+    store: Any, lazy: LazyArray, name: str, windows: int, split: tuple[int, int] | None = None
 ) -> Any:
     """``lazy`` as a dask array of ``windows``-window blocks, named uniquely for this store's run."""
     import dask.array as da
@@ -66,7 +66,7 @@ def _dask_array(
                          fancy=False, meta=np.empty((0,) * src.ndim, src.dtype))  # fmt: skip
 
 
-def _block_windows(store: CaptureStore, lazy: LazyArray) -> int:
+def _block_windows(store: Any, lazy: LazyArray) -> int:
     """Windows per dask block: one store chunk, so a selection reads only the chunks it touches
     (dask reads whole blocks); a dedup store's windows map to scattered rows, so about as many
     windows as a chunk holds bytes."""
@@ -75,7 +75,7 @@ def _block_windows(store: CaptureStore, lazy: LazyArray) -> int:
     return lazy.chunk_windows
 
 
-def _site_variable(store: CaptureStore, block: int, site: str, key: str) -> tuple[tuple[str, ...], Any]:
+def _site_variable(store: Any, block: int, site: str, key: str) -> tuple[tuple[str, ...], Any]:
     lazy = store.site(site, block)
     if site == ATTENTION:
         dims, split = ("window", "head", "query", "key"), None
@@ -86,7 +86,7 @@ def _site_variable(store: CaptureStore, block: int, site: str, key: str) -> tupl
     return dims, _dask_array(store, lazy, key, _block_windows(store, lazy), split)
 
 
-def to_xarray(store: CaptureStore) -> Any:
+def to_xarray(store: Any) -> Any:
     """The store as a lazy ``xarray.Dataset`` (see the module docstring for names and dims)."""
     try:
         import dask.array  # noqa: F401
@@ -140,7 +140,7 @@ def _parse(key: Any) -> tuple[str, int] | None:
     return None
 
 
-def tl_lookup(store: CaptureStore, key: Any) -> LazyArray:
+def tl_lookup(store: Any, key: Any) -> LazyArray:
     """The lazy array a TransformerLens name stands for: ``"blocks.0.hook_mlp_out"`` or ``("mlp_out", 0)``.
 
     The same arrays as ``store.site``; ``hook_z`` is the per-head view (``store.heads``).
@@ -155,3 +155,15 @@ def tl_lookup(store: CaptureStore, key: Any) -> LazyArray:
         )
     site, block = parsed
     return store.heads(block) if site == "heads_output" else store.site(site, block)
+
+
+class Interop:
+    """What ``CaptureStore`` offers other tools: TransformerLens names as keys, and ``to_xarray``."""
+
+    def __getitem__(self, key: Any) -> LazyArray:
+        """A site by TransformerLens name: ``store["blocks.0.hook_mlp_out"]`` or ``store["mlp_out", 0]``."""
+        return tl_lookup(self, key)
+
+    def to_xarray(self) -> Any:
+        """The store as a lazy xarray Dataset (needs the ``xarray`` extra); see this module's docstring."""
+        return to_xarray(self)

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from blockcap.analysis.reader import CaptureStore, LazyArray, open_store
+from blockcap.analysis.arrays import LazyArray
+from blockcap.analysis.reader import CaptureStore, open_store
 from blockcap.core.errors import BlockcapError
 from blockcap.core.sites import is_vector
 from blockcap.core.spec import positive

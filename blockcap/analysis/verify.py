@@ -22,10 +22,10 @@ from blockcap.data.sources import dataset_sha256, token_stream
 from blockcap.data.windows import Windows, split_tokens
 from blockcap.storage.codecs import digest
 from blockcap.storage.integrity import ABSENT, COMMITTED, DAMAGED
+from blockcap.storage.lifecycle import damaged_metadata, repair_metadata
 from blockcap.storage.location import Location
 from blockcap.storage.lock import exclusive
 from blockcap.storage.metadata import COMPLETE, CREATING, Opened, open_location, read_meta
-from blockcap.storage.lifecycle import damaged_metadata, repair_metadata
 from blockcap.storage.writer import as_float32
 
 STATS_RTOL = 1e-5  # stored statistics against a float64 recomputation (see blockcap.stats)

@@ -1,0 +1,282 @@
+"""Lazy arrays over a store's objects: numpy-style indexing that reads only the chunks it touches,
+each checked against the store's commit records before it is decoded."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from blockcap.core.errors import BlockcapError
+from blockcap.storage.codecs import ChunkDecoder
+from blockcap.storage.integrity import DamagedError
+from blockcap.storage.metadata import Opened
+
+
+def _plain(k: Any) -> Any:
+    """A torch tensor (or 0-d one) as numpy; everything else unchanged."""
+    if isinstance(k, torch.Tensor):
+        return k.item() if k.ndim == 0 and not k.dtype.is_floating_point else k.cpu().numpy()
+    return k
+
+
+def _normalize(key: Any, ndim: int, name: str) -> tuple[Any, ...]:
+    key = tuple(_plain(k) for k in (key if isinstance(key, tuple) else (key,)))
+    if any(k is None for k in key):
+        raise IndexError(f"{name}: new axes (None) are not supported; index the result instead")
+    if sum(k is Ellipsis for k in key) > 1:
+        raise IndexError(f"{name}: an index can only have a single ellipsis")
+    if any(k is Ellipsis for k in key):
+        i = next(j for j, k in enumerate(key) if k is Ellipsis)
+        used = sum(
+            np.ndim(k) if isinstance(k, np.ndarray) and k.dtype == bool else 1
+            for k in key
+            if k is not Ellipsis
+        )
+        key = key[:i] + (slice(None),) * max(0, ndim - used) + key[i + 1 :]
+    return key or (slice(None),)
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool() -> ThreadPoolExecutor:
+    """This process's reader threads (a forked child, e.g. a DataLoader worker, gets its own)."""
+    pid = os.getpid()
+    if pid not in _POOLS:
+        _POOLS.clear()
+        _POOLS[pid] = ThreadPoolExecutor(max_workers=2, thread_name_prefix="blockcap-reader")
+    return _POOLS[pid]
+
+
+class ChunkReader:
+    """Whole objects of an array straight from the store: read, commit check, decode.
+
+    Shapes, dtype and codec come from the store's layout, not from the array's metadata document,
+    so an altered ``zarr.json`` cannot change what blockcap reads (``verify`` reports it). Every
+    object is read whole and checked against its digest, a shard included (a read of one window
+    of a sharded store fetches its shard). zarr's own read path costs about a millisecond a chunk
+    here (its event loop, copies); objects are fetched and decoded two at a time (decoding
+    releases the GIL).
+    """
+
+    def __init__(self, opened: Opened, array: zarr.Array, path: str) -> None:
+        self.opened = opened
+        self.path = path
+        spec = next((a for a in opened.layout.arrays() if a.path == path), None)
+        if opened.index.version >= 2 and spec is not None:
+            self.shape, chunks = spec.shape, spec.chunks
+            per = (spec.shards[0] // spec.chunks[0]) if spec.shards else 1
+            self.decoder = ChunkDecoder(spec.codec, np.dtype(spec.dtype), chunks, per)
+        else:  # format 1: its own metadata, unsharded arrays only
+            self.shape, chunks = tuple(array.shape), tuple(array.chunks)
+            self.decoder = ChunkDecoder.for_array(array)
+        self.rows = int(chunks[0])
+        self.fill = np.zeros(chunks, array.dtype if self.decoder is None else self.decoder.dtype)
+
+    def _object(self, unit: int, chunks: list[int]) -> list[np.ndarray]:
+        """Chunks ``chunks`` of object ``unit`` (a chunk, or a shard of ``shard_chunks`` chunks)."""
+        key = "/".join([self.path, "c", str(unit), *["0"] * (len(self.shape) - 1)])
+        data = self.opened.index.check(key, self.opened.location.get(key), whole=True)
+        if data is None:
+            return [self.fill] * len(chunks)  # never committed: the fill value
+        k = self.decoder.shard_chunks
+        try:
+            if k == 1:
+                return [self.decoder.decode(data)]
+            inner = self.decoder.decode_shard(data, [c - unit * k for c in chunks])
+            return [self.fill if x is None else x for x in inner]
+        except ValueError as e:
+            lo, hi = chunks[0] * self.rows, min((chunks[-1] + 1) * self.rows, self.shape[0])
+            raise DamagedError(
+                f"{self.path}: object {key} (windows {lo}..{hi - 1}) is damaged ({e})"
+            ) from None
+
+    def read(self, lo: int, hi: int, rows: np.ndarray | None) -> np.ndarray:
+        """Rows ``lo:hi``, or only ``rows`` (sorted, unique), as zarr would return them."""
+        want = np.arange(lo, hi) if rows is None else rows
+        chunks = np.unique(want // self.rows).tolist()
+        k = self.decoder.shard_chunks
+        units = sorted({c // k for c in chunks})
+        groups = [[c for c in chunks if c // k == u] for u in units]
+        out = np.empty((len(want), *self.shape[1:]), self.fill.dtype)
+        for group, datas in zip(groups, _pool().map(self._object, units, groups), strict=True):
+            for c, data in zip(group, datas, strict=True):
+                start, stop = np.searchsorted(want, [c * self.rows, (c + 1) * self.rows])
+                out[start:stop] = data[want[start:stop] - c * self.rows]
+        return out
+
+
+class LazyArray:
+    """A store array that reads on indexing: ``a[k]`` is a torch tensor, ``a.np[k]`` a numpy array.
+
+    Indexing follows numpy (ints, negative ints, slices with any step, integer lists, arrays and
+    tensors, boolean masks, ``...``) or raises IndexError; only the windows it selects are read.
+    """
+
+    def __init__(
+        self, array: zarr.Array, name: str, bfloat16: bool = False, split_last: tuple[int, int] | None = None,
+        chunks: ChunkReader | None = None,
+    ) -> None:  # fmt: skip
+        self.zarr = array
+        self.name = name
+        self.bfloat16 = bfloat16
+        self.split_last = split_last  # view the last axis as (a, b): per-head views
+        self.chunks = chunks if chunks is not None and chunks.decoder is not None else None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        shape = tuple(self.zarr.shape)
+        return (*shape[:-1], *self.split_last) if self.split_last else shape
+
+    @property
+    def chunk_windows(self) -> int:
+        return int(self.zarr.chunks[0])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.bfloat16 else torch.from_numpy(np.empty(0, self.zarr.dtype)).dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _read(self, lo: int, hi: int, rows: np.ndarray | None) -> np.ndarray:
+        """Rows ``lo:hi`` of the zarr array, or only ``rows`` (sorted, unique) when given."""
+        if self.chunks is not None:
+            return self.chunks.read(lo, hi, rows)
+        try:
+            if rows is None:
+                return np.asarray(self.zarr[lo:hi])
+            return np.asarray(self.zarr.oindex[rows])
+        except BlockcapError:
+            raise
+        except Exception as e:  # a chunk that fails to decode (e.g. inside a shard): name it
+            raise DamagedError(f"{self.name}: {self._locate(lo, hi, rows)} is damaged ({e})") from None
+
+    def _locate(self, lo: int, hi: int, rows: np.ndarray | None) -> str:
+        cw = self.chunk_windows
+        for c in sorted({int(r) // cw for r in (range(lo, hi) if rows is None else rows)}):
+            try:
+                self.zarr[c * cw : (c + 1) * cw]
+            except Exception:
+                return f"chunk {c} (windows {c * cw}..{min((c + 1) * cw, self.zarr.shape[0]) - 1})"
+        return "a chunk"
+
+    def _rows(self, lo: int, hi: int, rows: np.ndarray | None = None) -> np.ndarray:
+        """Axis-0 items ``lo:hi`` (or ``rows`` among them), in this view's shape."""
+        data = self._read(lo, hi, rows)
+        return data.reshape(*data.shape[:-1], *self.split_last) if self.split_last else data
+
+    def _select(self, key: Any) -> np.ndarray:
+        key = _normalize(key, len(self.shape), self.name)
+        n, k0, rest = self.shape[0], key[0], key[1:]
+        if isinstance(k0, (int, np.integer)) and not isinstance(k0, (bool, np.bool_)):
+            i = int(k0)
+            if not -n <= i < n:
+                raise IndexError(f"{self.name}: index {i} is out of bounds for axis 0 with size {n}")
+            i %= n
+            return self._rows(i, i + 1)[(0, *rest)]
+        if isinstance(k0, slice):
+            picked = np.arange(n)[k0]
+            if picked.size == 0:
+                return np.empty((0, *self.shape[1:]), self.zarr.dtype)[(slice(None), *rest)]
+            lo, hi = int(picked.min()), int(picked.max()) + 1
+            first, last, step = picked[0] - lo, picked[-1] - lo, k0.step or 1
+            local = (
+                slice(first, last + 1, step)
+                if step > 0
+                else slice(first, last - 1 if last > 0 else None, step)
+            )
+            return self._rows(lo, hi)[(local, *rest)]
+        arr = np.asarray(k0)
+        if arr.dtype == bool:
+            if arr.shape[0] != n or arr.ndim > len(self.shape):
+                raise IndexError(
+                    f"{self.name}: boolean index of shape {arr.shape} does not match {self.shape}"
+                )
+            picked = np.flatnonzero(arr.reshape(n, -1).any(axis=1))
+            local_mask = arr[picked]
+            return self._gather(picked)[(local_mask, *rest)]
+        if arr.dtype.kind not in "iu" or (arr.size == 0 and arr.dtype == object):
+            raise IndexError(
+                f"{self.name}: only integers, slices, ..., integer or boolean arrays are valid indices"
+            )
+        flat = arr.reshape(-1).astype(np.int64)
+        if flat.size and (flat.min() < -n or flat.max() >= n):
+            bad = int(flat[(flat < -n) | (flat >= n)][0])
+            raise IndexError(f"{self.name}: index {bad} is out of bounds for axis 0 with size {n}")
+        picked, inverse = np.unique(flat % n if flat.size else flat, return_inverse=True)
+        return self._gather(picked)[(inverse.reshape(arr.shape), *rest)]
+
+    def _gather(self, picked: np.ndarray) -> np.ndarray:
+        """Items ``picked`` (sorted, unique): one contiguous read when they are dense, else only those."""
+        if picked.size == 0:
+            return np.empty((0, *self.shape[1:]), self.zarr.dtype)
+        lo, hi = int(picked[0]), int(picked[-1]) + 1
+        if hi - lo <= 2 * picked.size or hi - lo <= self.chunk_windows:
+            return self._rows(lo, hi)[picked - lo]
+        return self._rows(lo, hi, picked)
+
+    def __getitem__(self, key: Any) -> torch.Tensor:
+        data = np.asarray(self._select(key))  # 0-d stays 0-d, as in numpy
+        t = torch.from_numpy(
+            data.copy()
+            if any(s < 0 for s in data.strides)
+            else np.ascontiguousarray(data)
+            if data.ndim
+            else data
+        )
+        return t.view(torch.bfloat16) if self.bfloat16 else t
+
+    @property
+    def np(self) -> _NumpyView:
+        """Numpy indexing: bfloat16 comes back widened to float32 (numpy has no bfloat16)."""
+        return _NumpyView(self)
+
+    def __repr__(self) -> str:
+        return f"LazyArray({self.name!r}, shape={self.shape}, dtype={self.dtype})"
+
+
+class DedupArray(LazyArray):
+    """A dedup store's site, read as (window, position, width): each token's row looked up."""
+
+    def __init__(
+        self, rows: LazyArray, prefix_rows: LazyArray, split_last: tuple[int, int] | None = None
+    ) -> None:
+        super().__init__(rows.zarr, rows.name, rows.bfloat16, split_last, rows.chunks)
+        self.prefix_rows = prefix_rows
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        width = self.split_last or (self.zarr.shape[-1],)
+        return (*self.prefix_rows.shape, *width)
+
+    @property
+    def chunk_windows(self) -> int:
+        return self.prefix_rows.chunk_windows
+
+    def _rows(self, lo: int, hi: int, rows: np.ndarray | None = None) -> np.ndarray:
+        which = self.prefix_rows._rows(lo, hi, rows)  # (n, T) row ids
+        need, inverse = np.unique(which, return_inverse=True)
+        if need.size == 0:
+            return np.empty((*which.shape, *self.shape[2:]), self.zarr.dtype)
+        data = self._read(
+            int(need[0]), int(need[-1]) + 1, need if need.size < (need[-1] - need[0] + 1) // 2 else None
+        )
+        if data.shape[0] != need.size:
+            data = data[need - need[0]]
+        data = data[inverse.reshape(which.shape)]
+        return data.reshape(*data.shape[:-1], *self.split_last) if self.split_last else data
+
+
+class _NumpyView:
+    def __init__(self, lazy: LazyArray) -> None:
+        self.lazy = lazy
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        t = self.lazy[key]
+        return (t.float() if t.dtype == torch.bfloat16 else t).numpy()

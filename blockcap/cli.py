@@ -6,16 +6,17 @@ status 2; the library names options as ``name=value``, which the CLI words as ``
 
 from __future__ import annotations
 
+import ast
 import functools
 import inspect
+import json as jsonlib
 import os
 import re
 import sys
+from typing import Any
 
 import fire
 
-from blockcap.analysis.plot import plot_command
-from blockcap.analysis.search import similar_command
 from blockcap.capture.chargpt.train import train as train_model
 from blockcap.core.errors import BlockcapError, Interrupted
 from blockcap.core.spec import option_help
@@ -172,9 +173,71 @@ def search(
         print(f"  {m.score:9.4f}  window {m.window:>7} position {m.position:>3}  {m.substring!r}")
 
 
+def _query_argument(raw: str) -> str | list[str]:
+    """``--query`` as typed (spaces kept, digits stay text); a list literal of strings gives several."""
+    if raw.lstrip().startswith("["):
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            return raw
+        if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            return value
+    return raw
+
+
+@fire.decorators.SetParseFn(_query_argument, "query")
+def similar(
+    store: str, query: Any = None, site: str = "ffwd_output", block: int | None = None, k: int = 10,
+    metric: str = "cosine", position: int | None = None, unique: bool = False, largest: bool = True,
+    json: bool = False, model: str | None = None, weights: str | None = None,
+    storage_options: str | None = None,
+) -> None:  # fmt: skip
+    """Print the k tokens whose vectors are nearest to those of some text, for each query.
+
+    --query="the " (verbatim), or several at once as a list: --query='["the ", "and"]'.
+    Substrings show newlines as ⏎ and spaces as ␣; --json prints every match in full.
+    """
+    from blockcap.analysis.reader import open_store
+    from blockcap.analysis.search import SHOWN_CHARS, topk, visible
+
+    if isinstance(query, str):
+        query = [query]
+    if not isinstance(query, list) or not query or not all(isinstance(q, str) for q in query):
+        raise BlockcapError(f'query={query!r} is not text; pass --query=TEXT or --query=\'["a", "b"]\'')
+    if not isinstance(json, bool):
+        raise BlockcapError(f"json={json!r} is not True or False")
+    s = open_store(str(store), storage_options)
+    found = topk(s, query, site, block, k, metric, position, largest, unique, model, weights)
+    name = s.site(site, block).name
+    if json:
+        doc = {"store": str(s.location), "site": name, "metric": metric, "queries": [
+            {"query": q, "matches": [{"rank": r + 1, **vars(m)} for r, m in enumerate(ms)]}
+            for q, ms in zip(query, found, strict=True)
+        ]}  # fmt: skip
+        print(jsonlib.dumps(doc, ensure_ascii=False))
+        return
+    for q, ms in zip(query, found, strict=True):
+        print(f"query {visible(q)} ({name}, {metric}, {len(ms)} {'best' if largest else 'worst'})")
+        print(f"  {'rank':>4} {'score':>10} {'window':>7} {'position':>8}  substring")
+        for r, m in enumerate(ms, 1):
+            text = m.substring if len(m.substring) <= SHOWN_CHARS else "…" + m.substring[-SHOWN_CHARS:]
+            print(f"  {r:>4} {m.score:>10.4f} {m.window:>7} {m.position:>8}  {visible(text)}")
+
+
+def plot(
+    store: str, site: str = "ffwd_output", block: int | None = None, out: str = "report.png",
+    sample: int = 2000, seed: int = 0, storage_options: str | None = None,
+) -> None:  # fmt: skip
+    """Write a one-page PNG overview of a site: norms, values, channels and a PCA by token."""
+    from blockcap.analysis.plot import plot as plot_store
+
+    path = plot_store(_store_arg(store), site, block, out, sample, seed, storage_options)
+    print(f"wrote {path} ({path.stat().st_size / 1e3:,.0f} kB)")
+
+
 COMMANDS = {
     "run": run, "info": info, "verify": verify, "finalize": finalize, "search": search,
-    "similar": similar_command, "plot": plot_command, "train": train, "generate": generate,
+    "similar": similar, "plot": plot, "train": train, "generate": generate,
 }  # fmt: skip
 
 
@@ -183,6 +246,22 @@ def cli_words(message: str) -> str:
     options = {name for fn in COMMANDS.values() for name in inspect.signature(fn).parameters}
     names = "|".join(map(re.escape, sorted(options, key=len, reverse=True)))
     return re.sub(rf"(?<![\w\-.])({names})=", r"--\1=", message)
+
+
+# (command, old option) -> new option; the old spelling works, with a note, for one minor version
+RENAMED = {("similar", "block_idx"): "block", ("plot", "block_idx"): "block"}
+
+
+def renamed_options(argv: list[str]) -> list[str]:
+    """``argv`` with renamed options spelt the new way (a one-line note on stderr for each)."""
+    out = list(argv)
+    for i, tok in enumerate(out[1:], 1):
+        name, eq, value = tok[2:].partition("=")
+        new = RENAMED.get((out[0], name)) if tok.startswith("--") else None
+        if new:
+            print(f"blockcap: note: --{name} is renamed --{new} for {out[0]}", file=sys.stderr)
+            out[i] = f"--{new}{eq}{value}"
+    return out
 
 
 def check_args(argv: list[str]) -> None:
@@ -237,8 +316,9 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of ``blockcap`` and ``python -m blockcap``."""
     quiet = os.environ.get("RANK", "0") != "0"  # under torchrun, rank 0 speaks for the job
     try:
-        check_args(sys.argv[1:] if argv is None else list(argv))
-        fire.Fire(COMMANDS, command=argv, name="blockcap")
+        args = renamed_options(sys.argv[1:] if argv is None else list(argv))
+        check_args(args)
+        fire.Fire(COMMANDS, command=args, name="blockcap")
     except Interrupted as e:
         if not quiet:
             print(f"blockcap: {cli_words(str(e))}", file=sys.stderr)

@@ -8,7 +8,7 @@ import pytest
 
 import blockcap
 import blockcap.cli
-from blockcap.analysis.plot import plot_command, report_data
+from blockcap.analysis.plot import plot, report_data
 from blockcap.core.errors import BlockcapError
 from tests.conftest import small_store
 
@@ -29,10 +29,10 @@ def png_size(path):
 
 def test_writes_a_sane_png(store, tmp_path, capsys):
     out = tmp_path / "r.png"
-    plot_command(store, "mlp_hidden", 1, out=str(out), sample=500)
+    assert plot(store, "mlp_hidden", 1, out=str(out), sample=500) == out
     nbytes, (width, height) = png_size(out)
     assert 20_000 < nbytes < 2_000_000 and (width, height) == (1200, 900)
-    assert capsys.readouterr().out == f"wrote {out} ({nbytes / 1e3:,.0f} kB)\n"
+    assert capsys.readouterr().out == ""  # the library prints nothing; the CLI says what it wrote
 
 
 def test_numbers_match_the_store(store):
@@ -65,8 +65,8 @@ def test_sample_is_reproducible_and_capped(store):
 BAD = [
     (dict(site="attention"), "site 'attention' was not captured"),
     (dict(site="nope"), "site 'nope' was not captured"),
-    (dict(block_idx=None), r"holds blocks \[0, 1\]; pass block="),
-    (dict(block_idx=4), "block 4 was not captured"),
+    (dict(block=None), r"holds blocks \[0, 1\]; pass block="),
+    (dict(block=4), "block 4 was not captured"),
     (dict(sample=1), "sample=1 is out of range; use an integer 2 or more"),
     (dict(sample=True), "sample=True is out of range"),
     (dict(out="r.jpg"), "out='r.jpg' is not a .png file in an existing directory"),
@@ -77,9 +77,9 @@ BAD = [
 
 @pytest.mark.parametrize(("change", "message"), BAD, ids=[m[:30] for _, m in BAD])
 def test_bad_input_is_one_line(store, tmp_path, capsys, change, message):
-    kw = {"site": "ffwd_output", "block_idx": 0, "out": str(tmp_path / "r.png"), **change}
+    kw = {"site": "ffwd_output", "block": 0, "out": str(tmp_path / "r.png"), **change}
     with pytest.raises(BlockcapError, match=message) as e:
-        plot_command(store, **kw)
+        plot(store, **kw)
     assert "\n" not in str(e.value) and capsys.readouterr().out == ""
     assert not (tmp_path / "r.png").exists()
 
@@ -87,14 +87,14 @@ def test_bad_input_is_one_line(store, tmp_path, capsys, change, message):
 def test_needs_statistics_and_matplotlib(ckpt, text_file, tmp_path, monkeypatch):
     out = str(tmp_path / "r.png")
     with pytest.raises(BlockcapError, match="has no statistics for block0/ffwd_output"):
-        plot_command(small_store(ckpt, text_file, tmp_path / "n.zarr", stats=False), out=out)
+        plot(small_store(ckpt, text_file, tmp_path / "n.zarr", stats=False), out=out)
     with pytest.raises(BlockcapError, match="is incomplete: its statistics are written when it completes"):
-        plot_command(small_store(ckpt, text_file, tmp_path / "i.zarr", part="0/2"), out=out)
+        plot(small_store(ckpt, text_file, tmp_path / "i.zarr", part="0/2"), out=out)
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(
         BlockcapError, match=r"^plot needs matplotlib; install it with pip install 'blockcap\[plot\]'$"
     ):
-        plot_command(str(tmp_path / "n.zarr"), out=out)
+        plot(str(tmp_path / "n.zarr"), out=out)
 
 
 # --- the CLI ---------------------------------------------------------------------------------------
@@ -105,14 +105,22 @@ def cli():
 
 def test_cli(store, cli, tmp_path, capsys):
     out = tmp_path / "cli.png"
-    cli(["plot", str(store.path), "--site=block_output", "--block_idx=0", f"--out={out}", "--sample=200"])
+    cli(["plot", str(store.path), "--site=block_output", "--block=0", f"--out={out}", "--sample=200"])
     assert capsys.readouterr().out.startswith(f"wrote {out}")
     assert png_size(out)[1] == (1200, 900)
 
 
 def test_cli_bad_input(store, cli, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        cli(["plot", str(store.path), "--block_idx=0", "--sample=1", f"--out={tmp_path / 'x.png'}"])
+        cli(["plot", str(store.path), "--block=0", "--sample=1", f"--out={tmp_path / 'x.png'}"])
     assert e.value.code == blockcap.cli.EXIT_ERROR
     out, err = capsys.readouterr()
     assert out == "" and "sample=1 is out of range" in err and err.count("\n") == 1
+
+
+def test_cli_old_option_name_still_works(store, cli, tmp_path, capsys):
+    out = tmp_path / "old.png"
+    cli(["plot", str(store.path), "--block_idx=0", f"--out={out}", "--sample=200"])
+    captured = capsys.readouterr()
+    assert captured.err == "blockcap: note: --block_idx is renamed --block for plot\n"
+    assert captured.out.startswith(f"wrote {out}")

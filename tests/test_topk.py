@@ -261,7 +261,7 @@ def cli():
 
 
 def test_cli_table(store, cli, capsys):
-    cli(["similar", str(store.path), "--query=the ", "--block_idx=1", "--k=3", "--site=resid_mid"])
+    cli(["similar", str(store.path), "--query=the ", "--block=1", "--k=3", "--site=resid_mid"])
     out = capsys.readouterr().out.splitlines()
     want = topk(store, "the ", "resid_mid", 1, k=3)[0]
     assert out[0] == "query the␣ (block1/resid_mid, cosine, 3 best)"
@@ -280,7 +280,7 @@ def test_cli_json_several_queries(store, cli, capsys):
             "similar",
             str(store.path),
             """--query=["the ", "king\\n"]""",
-            "--block_idx=0",
+            "--block=0",
             "--k=4",
             "--metric=l2",
             "--json",
@@ -301,13 +301,13 @@ def test_cli_json_several_queries(store, cli, capsys):
         (["--k=0"], "--k=0 is out of range"),
         (["--metric=x"], "--metric='x' is unknown"),
         (["--query=Zed"], "has characters not in the model's vocabulary"),
-        (["--block_idx=7"], "block 7 was not captured"),
+        (["--block=7"], "block 7 was not captured"),
         (["--position=99"], "--position=99 is out of range"),
     ],
 )
 def test_cli_bad_input(store, cli, capsys, args, message):
     with pytest.raises(SystemExit) as e:
-        cli(["similar", str(store.path), "--query=the", "--block_idx=0", *args])
+        cli(["similar", str(store.path), "--query=the", "--block=0", *args])
     assert e.value.code == blockcap.cli.EXIT_ERROR
     out, err = capsys.readouterr()
     assert out == "" and message in err and err.count("\n") == 1

@@ -122,11 +122,14 @@ def _draw_pca(ax: Any, report: Report) -> None:
     ax.legend(loc="best", fontsize="small", markerscale=2, ncols=2)
 
 
-def plot_command(
-    store: Any, site: str = "ffwd_output", block_idx: int | None = None, out: str = "report.png",
+def plot(
+    store: Any, site: str = "ffwd_output", block: int | None = None, out: str = "report.png",
     sample: int = 2000, seed: int = 0, storage_options: str | None = None,
-) -> None:  # fmt: skip
-    """Write a one-page PNG overview of a site: norms, values, channels and a PCA by token."""
+) -> Path:  # fmt: skip
+    """Write a one-page PNG overview of a site (norms, values, channels, a PCA by token); returns its path.
+
+    ``store`` is a ``CaptureStore`` or a path or URL (opened with ``storage_options``).
+    """
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -139,5 +142,5 @@ def plot_command(
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise BlockcapError(f"seed={seed!r} is not an integer 0 or more")
     s = store if isinstance(store, CaptureStore) else open_store(str(store), storage_options)
-    render(report_data(s, site, block_idx, sample, seed), path)
-    print(f"wrote {path} ({path.stat().st_size / 1e3:,.0f} kB)")
+    render(report_data(s, site, block, sample, seed), path)
+    return path

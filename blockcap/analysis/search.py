@@ -15,18 +15,15 @@ time, and the result equals a float64 brute force over the same data.
 
 from __future__ import annotations
 
-import ast
-import json as jsonlib
 from dataclasses import dataclass
 from typing import Any
 
-import fire
 import numpy as np
 import torch
 
 from blockcap.analysis.arrays import LazyArray
 from blockcap.analysis.queries import query_matrix, query_texts, text_vectors
-from blockcap.analysis.reader import CaptureStore, open_store
+from blockcap.analysis.reader import CaptureStore
 from blockcap.analysis.scan import (
     Best,
     DedupSource,
@@ -162,51 +159,3 @@ SHOWN_CHARS = 60  # the tail of a long substring that the table shows
 def visible(text: str) -> str:
     """``text`` with newlines, spaces and tabs drawn (⏎ ␣ ⇥) and other control characters escaped."""
     return "".join(VISIBLE.get(c) or (c if c.isprintable() else repr(c)[1:-1]) for c in text)
-
-
-def _query_argument(raw: str) -> str | list[str]:
-    """``--query`` as typed (spaces kept, digits stay text); a list literal of strings gives several."""
-    if raw.lstrip().startswith("["):
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            return raw
-        if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
-            return value
-    return raw
-
-
-@fire.decorators.SetParseFn(_query_argument, "query")
-def similar_command(
-    store: str, query: Any = None, site: str = "ffwd_output", block_idx: int | None = None, k: int = 10,
-    metric: str = "cosine", position: int | None = None, unique: bool = False, largest: bool = True,
-    json: bool = False, model: str | None = None, weights: str | None = None,
-    storage_options: str | None = None,
-) -> None:  # fmt: skip
-    """Print the k tokens whose vectors are nearest to those of some text, for each query.
-
-    --query="the " (verbatim), or several at once as a list: --query='["the ", "and"]'.
-    Substrings show newlines as ⏎ and spaces as ␣; --json prints every match in full.
-    """
-    if isinstance(query, str):
-        query = [query]
-    if not isinstance(query, list) or not query or not all(isinstance(q, str) for q in query):
-        raise BlockcapError(f'query={query!r} is not text; pass --query=TEXT or --query=\'["a", "b"]\'')
-    if not isinstance(json, bool):
-        raise BlockcapError(f"json={json!r} is not True or False")
-    s = open_store(str(store), storage_options)
-    found = topk(s, query, site, block_idx, k, metric, position, largest, unique, model, weights)
-    name = s.site(site, block_idx).name
-    if json:
-        doc = {"store": str(s.location), "site": name, "metric": metric, "queries": [
-            {"query": q, "matches": [{"rank": r + 1, **vars(m)} for r, m in enumerate(ms)]}
-            for q, ms in zip(query, found, strict=True)
-        ]}  # fmt: skip
-        print(jsonlib.dumps(doc, ensure_ascii=False))
-        return
-    for q, ms in zip(query, found, strict=True):
-        print(f"query {visible(q)} ({name}, {metric}, {len(ms)} {'best' if largest else 'worst'})")
-        print(f"  {'rank':>4} {'score':>10} {'window':>7} {'position':>8}  substring")
-        for r, m in enumerate(ms, 1):
-            text = m.substring if len(m.substring) <= SHOWN_CHARS else "…" + m.substring[-SHOWN_CHARS:]
-            print(f"  {r:>4} {m.score:>10.4f} {m.window:>7} {m.position:>8}  {visible(text)}")

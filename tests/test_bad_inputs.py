@@ -261,9 +261,9 @@ def test_the_list_is_long_enough():
 
 
 def test_a_batch_that_cannot_fit_is_refused(world, capsys, monkeypatch):
-    from blockcap.run import job as pipeline
+    from blockcap.run import plan
 
-    monkeypatch.setattr(pipeline, "free_memory", lambda device: 50 << 20)
+    monkeypatch.setattr(plan, "free_memory", lambda device: 50 << 20)
     before = snapshot(world["dir"])
     with pytest.raises(SystemExit) as exc:
         main([str(a) for a in run_args(world, batch_size=10**15, sample_len=32, stride=1, split="all")])

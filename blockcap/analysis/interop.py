@@ -100,7 +100,7 @@ def to_xarray(store: Any) -> Any:
         key = f"block{block}.{site}"
         dims, data = _site_variable(store, block, site, key)
         attrs = {"site": site, "block": block, "transformer_lens": TRANSFORMER_LENS[site].format(b=block),
-                 "stored_dtype": store.layout.dtype_name}  # fmt: skip
+                 "blockcap_dtype": store.layout.dtype_name}  # fmt: skip
         data_vars[key] = xr.Variable(dims, data, attrs)
     window_blocks = store.tokens.chunk_windows
     coords = {

@@ -89,7 +89,7 @@ class ActivationLoader(IterableDataset):
             self._store = CaptureStore(open_location(Location(*self._where)))
         return self._store
 
-    def _my_units(self) -> tuple[list[int], np.random.Generator]:
+    def _part_units(self) -> tuple[list[int], np.random.Generator]:
         """This worker's units in visiting order, and its generator for mixing."""
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
@@ -126,7 +126,7 @@ class ActivationLoader(IterableDataset):
         return x, ids, where
 
     def __iter__(self) -> Iterator[Any]:
-        units, rng = self._my_units()
+        units, rng = self._part_units()
         out = _Batches(self.batch_size)
         rows = sum(int(self.committed[lo : lo + self.unit].sum()) for lo in units) * self.positions.size
         mixer = _Mixer(min(self.buffer_rows, rows), rng, out) if self.shuffle else None

@@ -125,7 +125,7 @@ def _units(opened: Opened, altered: list[str]) -> list[str]:
     """Commit records, presence of every object of committed units, and their digests."""
     index, location, layout = opened.index, opened.location, opened.layout
     records = index.load_all()
-    problems = [f"{index.describe('committed', u)}: commit record is damaged ({r.reason})"
+    problems = [f"{index.where('committed', u)}: commit record is damaged ({r.reason})"
                 for u, r in records.items() if r.status == DAMAGED]  # fmt: skip
     altered += [k for u, r in records.items() if r.status == DAMAGED for k in index.record_keys(u)]
     absent = [u for u, r in records.items() if r.status == ABSENT]
@@ -139,7 +139,7 @@ def _units(opened: Opened, altered: list[str]) -> list[str]:
         for u in committed:
             if keys[u] not in present:
                 problems.append(
-                    f"{index.describe(path, u)} is committed but its data object {keys[u]} is missing"
+                    f"{index.where(path, u)} is committed but its data object {keys[u]} is missing"
                 )
         have = [u for u in committed if keys[u] in present]
         if index.version == 1:  # no digests: decoding checks each chunk's own checksum
@@ -148,9 +148,7 @@ def _units(opened: Opened, altered: list[str]) -> list[str]:
             continue
         for u, data in zip(have, location.get_many([keys[u] for u in have]), strict=True):
             if data is None or digest(data) != records[u].digests[i]:
-                problems.append(
-                    f"{index.describe(path, u)}: object {keys[u]} differs from what was committed"
-                )
+                problems.append(f"{index.where(path, u)}: object {keys[u]} differs from what was committed")
                 altered.append(keys[u])
     return problems
 
@@ -160,7 +158,7 @@ def _decodes(opened: Opened, path: str, unit: int) -> list[str]:
     try:
         opened.array(path)[lo:hi]
     except Exception as e:
-        return [f"{opened.index.describe(path, unit)} is unreadable ({e})"]
+        return [f"{opened.index.where(path, unit)} is unreadable ({e})"]
     return []
 
 

@@ -50,7 +50,7 @@ class Group:
         td.all_reduce(t, op=td.ReduceOp.MAX)
         return int(t.item())
 
-    def share(self, value: Any) -> Any:
+    def broadcast(self, value: Any) -> Any:
         """Rank 0's ``value``, on every rank."""
         if not self.active:
             return value

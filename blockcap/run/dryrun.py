@@ -73,7 +73,7 @@ def estimate(p) -> Estimate:
     )  # fmt: skip
 
 
-def describe(p, e: Estimate) -> list[str]:
+def report_lines(p, e: Estimate) -> list[str]:
     layout = p.layout
     lines = [
         f"dry run: {p.location} would hold {e.n_windows:,} windows x {layout.sample_len} tokens "
@@ -125,4 +125,4 @@ class DryRun:
 
 def dry_run(p) -> DryRun:
     e = estimate(p)
-    return DryRun(e, describe(p, e))
+    return DryRun(e, report_lines(p, e))

@@ -79,7 +79,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _my_units(todo: list[int], run_length: int, worker: int, workers: int) -> list[int]:
+def part_units(todo: list[int], run_length: int, worker: int, workers: int) -> list[int]:
     """This worker's share of ``todo``: interleaved runs of ``run_length`` units (units sharing a batch)."""
     return [u for u in todo if (u // run_length) % workers == worker]
 
@@ -158,7 +158,7 @@ class Job:
                     prepared = _prepare(p, sole=n_parts == 1)
             except BlockcapError as e:
                 prepared = e
-        prepared = group.share(prepared)
+        prepared = group.broadcast(prepared)
         if isinstance(prepared, BlockcapError):
             raise prepared
         self.prepared = prepared
@@ -198,9 +198,9 @@ class Job:
         k, n_parts = p.opts.parts
         worker, workers = (group.rank, group.world) if group.active else (k, n_parts)
         run_length = p.schedule.run_length(layout.unit_windows)
-        share = _my_units(list(range(layout.n_units)), run_length, worker, workers)
-        mine = _my_units(prepared.todo, run_length, worker, workers)
-        total = _items(layout, range(layout.n_units)) if group.active else _items(layout, share)
+        part = part_units(list(range(layout.n_units)), run_length, worker, workers)
+        mine = part_units(prepared.todo, run_length, worker, workers)
+        total = _items(layout, range(layout.n_units)) if group.active else _items(layout, part)
         todo_items = group.sum([_items(layout, mine)])[0]
         label = f"capture {location.name}" + (f" part {p.opts.part}" if n_parts > 1 else "")
         bar = tqdm(
@@ -243,7 +243,7 @@ class Job:
                   file=sys.stderr, flush=True)  # fmt: skip
         computed = group.sum([computed])[0]  # also the barrier: every rank has written its units
         status = _finish(p, prepared, n_parts) if group.leader else None
-        return self.summary(group.share(status), computed)
+        return self.summary(group.broadcast(status), computed)
 
 
 def run(**kw: Any) -> Summary | DryRun:

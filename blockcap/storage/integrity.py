@@ -130,7 +130,7 @@ class CommitIndex:
         recs = self.load_all()
         return np.asarray([recs[u].status == COMMITTED for u in range(self.layout.n_units)], dtype=bool)
 
-    def describe(self, path: str, unit: int) -> str:
+    def where(self, path: str, unit: int) -> str:
         """``"block0/x: chunk 3 (windows 48..63)"`` (or a unit of several chunks, when sharded)."""
         lo, hi = self.layout.unit_range(unit)
         what = "rows" if self.layout.dedup and path not in ("tokens", "offsets") else "windows"
@@ -156,19 +156,17 @@ class CommitIndex:
         unit = int(coords.split("/", 1)[0])
         rec = self.record(unit)
         if rec.status == DAMAGED:
-            raise DamagedError(f"{self.describe(path, unit)}: its commit record is damaged ({rec.reason})")
+            raise DamagedError(f"{self.where(path, unit)}: its commit record is damaged ({rec.reason})")
         if rec.status == ABSENT:
             if self.complete:
                 raise DamagedError(
-                    f"{self.describe(path, unit)}: its commit record is missing from a complete store"
+                    f"{self.where(path, unit)}: its commit record is missing from a complete store"
                 )
             return None
         if data is None:
-            raise DamagedError(
-                f"{self.describe(path, unit)} is committed but its data object {key} is missing"
-            )
+            raise DamagedError(f"{self.where(path, unit)} is committed but its data object {key} is missing")
         if whole and rec.digests and digest(data) != rec.digests[self.objects[path]]:
-            raise DamagedError(f"{self.describe(path, unit)}: object {key} differs from what was committed")
+            raise DamagedError(f"{self.where(path, unit)}: object {key} differs from what was committed")
         return data
 
 

@@ -128,7 +128,7 @@ def load(weights: str | None, dataset_text: Callable[[], str]) -> CharGPT:
                 f"expect {cfg.vocab_size}; use the dataset the weights were trained on"
             )
     dims = ModelDims(
-        n_layer=cfg.n_layer, d_model=cfg.n_embed, n_head=cfg.n_head, head_dim=cfg.head_size,
+        n_layer=cfg.n_layer, d_model=cfg.n_embed, n_head=cfg.n_head, head_dim=cfg.head_dim,
         d_mlp=4 * cfg.n_embed, vocab_size=cfg.vocab_size, context=cfg.block_size,
     )  # fmt: skip
     provenance = {

@@ -48,7 +48,7 @@ class GPTConfig:
             raise ValueError(f"n_embed={self.n_embed} is not divisible by n_head={self.n_head}")
 
     @property
-    def head_size(self) -> int:
+    def head_dim(self) -> int:
         return self.n_embed // self.n_head
 
     def to_dict(self) -> dict[str, int | float]:
@@ -63,7 +63,7 @@ PRESETS: dict[str, GPTConfig] = {
 
 def state_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
     """The shape of every ``state_dict`` entry of ``GPT(config)``, without building it."""
-    n, v, hs, T = config.n_embed, config.vocab_size, config.head_size, config.block_size
+    n, v, hs, T = config.n_embed, config.vocab_size, config.head_dim, config.block_size
     shapes = {"token_embedding_table.weight": (v, n), "position_embedding_table.weight": (T, n)}
     for i in range(config.n_layer):
         b = f"blocks.{i}."
@@ -89,7 +89,7 @@ class Head(nn.Module):
 
     def __init__(self, config: GPTConfig, tril: torch.Tensor | None = None) -> None:
         super().__init__()
-        hs = config.head_size
+        hs = config.head_dim
         self.key = nn.Linear(config.n_embed, hs, bias=False)
         self.query = nn.Linear(config.n_embed, hs, bias=False)
         self.value = nn.Linear(config.n_embed, hs, bias=False)

@@ -73,7 +73,7 @@ class NeoXCapture(CaptureModule):
                 out, pattern = modeling_gpt_neox.eager_attention_forward(
                     attn, q, k, v, mask, scaling=attn.scaling, dropout=0.0
                 )
-            heads = out.reshape(*shape, -1).contiguous()  # (B, T, n_head * head_size)
+            heads = out.reshape(*shape, -1).contiguous()  # (B, T, n_head * head_dim)
             proj = attn.dense(heads)
             attn_out = layer.post_attention_dropout(proj)  # dropouts are the identity in eval mode
             if layer.use_parallel_residual:

@@ -56,3 +56,15 @@ def test_damage_is_reported(old):
     victim.write_bytes(victim.read_bytes()[:-7])
     problems = blockcap.verify(old)
     assert problems and any("block1/" in p for p in problems), problems
+
+
+def test_is_not_resumed_into(old, capsys):
+    from blockcap.cli import main
+
+    before = {p: p.read_bytes() for p in old.rglob("*") if p.is_file()}
+    argv = ["run", *(f"--{k}={v}" for k, v in capture_args(old).items()), f"--out={old}"]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and "\n" not in err and "format 2" in err, err
+    assert {p: p.read_bytes() for p in old.rglob("*") if p.is_file()} == before

@@ -68,7 +68,7 @@ def test_layout_readable_with_plain_zarr(run_args):
     for key in ("model_sha256", "dataset_sha256", "split", "sample_len", "stride", "batch_size",
                 "block_idx", "sites", "dtype", "codec", "compile", "chunk_windows", "stats"):  # fmt: skip
         assert key in m["params"], key
-    assert m["state"] == "complete" and m["format_version"] == 2
+    assert m["state"] == "complete" and m["format_version"] == 3
     assert blockcap.CaptureSpec.from_params(m["params"]).sample_len == 8  # params are a CaptureSpec
     attn = np.asarray(g["block0/attention"][:5])
     np.testing.assert_allclose(attn.sum(-1), 1.0, rtol=1e-5)  # softmax rows

@@ -33,7 +33,7 @@ from blockcap.core.sites import ATTENTION, TRANSFORMER_LENS, VECTOR_SITES, WIDTH
 from blockcap.core.spec import CaptureSpec
 
 FORMAT = "blockcap-store"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 1: blockcap 0.1, 2: 0.2; older stores open, read and verify
 TARGET_CHUNK_BYTES = 4 << 20
 CREATE, UNIT, COMMIT, FINISH = "create", "unit", "commit", "finish"  # when an array's objects are written
 STATS_FINAL = ("mean", "var", "min", "max", "norm_mean")
@@ -98,6 +98,7 @@ class Layout:
     stats: bool = False
     n_rows: int | None = None  # distinct prefixes of a dedup store
     tokenizer_bytes: int = 0
+    format_version: int = FORMAT_VERSION  # what an older store's arrays look like is kept here
 
     @property
     def dtype(self) -> StorageDtype:

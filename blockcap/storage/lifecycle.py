@@ -229,12 +229,14 @@ def prepare(
             reason = str(e) if "damaged" in str(e) else f"{location} exists and is not a blockcap store"
             raise BlockcapError(f"{reason}; refusing to touch it; choose another out=PATH") from None
         old_spec = spec_of(old)
-        if old_spec is not None and old_spec.identity() == spec.identity():
+        current = old.get("format_version") == FORMAT_VERSION
+        if current and old_spec is not None and old_spec.identity() == spec.identity():
             return _continue(location, layout, old, meta, objects, sole, overwrite)
         if not overwrite:
-            if old_spec is None:
+            if not current:
+                version = old.get("format_version")
                 raise BlockcapError(
-                    f"store {location} was written by an older blockcap (format 1); "
+                    f"store {location} was written by an older blockcap (format {version}); "
                     f"capture into another out=PATH, or replace it with overwrite=True"
                 )
             raise BlockcapError(

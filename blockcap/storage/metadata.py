@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import zarr
@@ -106,8 +106,9 @@ def layout_of(meta: dict[str, Any]) -> Layout:
         if meta["format_version"] == 1:
             return _layout_v1(meta)
         spec = CaptureSpec.from_params(meta["params"])
-        return Layout.build(spec, ModelDims(**meta["dims"]), meta["n_windows"], meta.get("n_rows"),
-                            meta.get("tokenizer_bytes", 0))  # fmt: skip
+        layout = Layout.build(spec, ModelDims(**meta["dims"]), meta["n_windows"], meta.get("n_rows"),
+                              meta.get("tokenizer_bytes", 0))  # fmt: skip
+        return replace(layout, format_version=meta["format_version"])
     except (KeyError, TypeError, ValueError) as e:
         raise BlockcapError(
             f"the store's metadata is incomplete or damaged ({type(e).__name__}: {e})"
@@ -125,12 +126,12 @@ def _layout_v1(meta: dict[str, Any]) -> Layout:
     return Layout(
         n_windows=p["n_windows"], sample_len=p["sample_len"], blocks=tuple(p["blocks"]),
         sites=tuple(p["sites"]), dims=dims, dtype_name=p["dtype"], codec=p["codec"],
-        chunk_windows=p["chunk_windows"], shard_chunks=p.get("shard_chunks", 1),
+        chunk_windows=p["chunk_windows"], shard_chunks=p.get("shard_chunks", 1), format_version=1,
     )  # fmt: skip
 
 
 def spec_of(meta: dict[str, Any]) -> CaptureSpec | None:
-    """The spec a format-2 store recorded (None for format 1, which predates specs)."""
+    """The spec a store recorded (None for format 1, which predates specs)."""
     return CaptureSpec.from_params(meta["params"]) if meta["format_version"] >= 2 else None
 
 

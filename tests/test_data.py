@@ -8,6 +8,7 @@ import torch
 
 from blockcap.core.errors import BlockcapError
 from blockcap.data import sources as data
+from blockcap.data.digest import sha256_file
 from blockcap.data.sources import resolve_dataset
 from blockcap.data.tokenizers import CharTokenizer
 from blockcap.data.windows import Windows, split_tokens, window_count
@@ -112,4 +113,4 @@ def test_empty_and_binary_datasets(tmp_path):
 
 
 def test_real_text_hash(real_dataset):
-    assert data.sha256_file(real_dataset) == data.TINYSHAKESPEARE_SHA256
+    assert sha256_file(real_dataset) == data.TINYSHAKESPEARE_SHA256

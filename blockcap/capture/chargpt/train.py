@@ -15,7 +15,8 @@ from blockcap.capture.chargpt.checkpoint import save_checkpoint
 from blockcap.capture.chargpt.model import GPT, PRESETS
 from blockcap.core.errors import BlockcapError
 from blockcap.core.spec import positive
-from blockcap.data.sources import read_text, resolve_dataset, sha256_file
+from blockcap.data.digest import sha256_file
+from blockcap.data.sources import read_text, resolve_dataset
 from blockcap.data.tokenizers import CharTokenizer
 from blockcap.data.windows import split_tokens
 from blockcap.run.device import pick_device

@@ -31,7 +31,7 @@ from blockcap.capture.adapter import Adapter
 from blockcap.core.dims import ModelDims
 from blockcap.core.errors import BlockcapError
 from blockcap.core.spec import CaptureSpec
-from blockcap.data.sources import sha256_file
+from blockcap.data.digest import sha256_file
 from blockcap.data.tokenizers import HFTokenizer
 
 # config.model_type -> (family module, adapter class)

@@ -22,7 +22,8 @@ import numpy as np
 
 from blockcap.core.errors import BlockcapError
 from blockcap.data.digest import cache_dir, sha256_file
-from blockcap.data.tokenizers import PIECE_CHARS, Tokenizer
+from blockcap.data.records import PIECE_CHARS
+from blockcap.data.tokenizers import Tokenizer
 
 TINYSHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -171,7 +172,7 @@ def token_stream(path: Path, tokenizer: Tokenizer, text_column: str | None = Non
     parts: list[np.ndarray] = []
     sep = None if tokenizer.eos_id is None else np.asarray([tokenizer.eos_id], np.int64)
     for doc in documents(path, text_column):
-        ids = tokenizer.encode_stream(doc)
+        ids, _ = tokenizer.encode_stream(doc)
         if ids.size == 0:  # an empty document adds no separator either
             continue
         if parts and sep is not None:

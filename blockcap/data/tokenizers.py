@@ -1,8 +1,8 @@
 """Tokenizers: the char GPT's character table and Hugging Face fast tokenizers, behind one interface.
 
-Both encode text streamed in pieces (a text of several GB is never one Python string) and decode
-ids back to text. A store keeps what it needs to decode without the model: the char vocabulary,
-or the fast tokenizer's ``tokenizer.json`` bytes.
+Both encode documents in batches, and a document streamed in pieces (a text of several GB is
+never one Python string) in linear time, and decode ids back to text. A store keeps what it needs
+to decode without the model: the char vocabulary, or the fast tokenizer's ``tokenizer.json`` bytes.
 """
 
 from __future__ import annotations
@@ -16,19 +16,28 @@ import numpy as np
 
 from blockcap.core.errors import BlockcapError
 
-PIECE_CHARS = 1 << 20  # characters encoded per call when streaming
-TAIL_CHARS = 4096  # re-encoded with the next piece, so a cut falls on a word boundary
+TAIL_CHARS = 4096  # a streamed document is cut within this many characters of a buffer's end
+STREAM_CHARS = 2 << 20  # characters buffered before a streamed document is cut
+MAX_CUT_TRIES = 16  # candidate cuts checked per buffer before a hard cut
 
 
 class Tokenizer(Protocol):
     kind: str
     vocab_size: int  # ids are 0..vocab_size-1
     eos_id: int | None
+    bos_id: int | None
+    sha256: str  # identity: of tokenizer.json, or of the char vocabulary
 
     def encode(self, text: str) -> np.ndarray: ...
-    def encode_stream(self, pieces: Iterable[str]) -> np.ndarray: ...
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]: ...
+    def encode_stream(self, pieces: Iterable[str]) -> tuple[np.ndarray, int]: ...
     def decode(self, ids: Sequence[int]) -> str: ...
     def record(self) -> tuple[dict[str, Any], bytes | None]: ...
+
+
+def _clean(offsets: list[tuple[int, int]], j: int) -> bool:
+    """Whether tokens ``j - 1`` and ``j`` meet between two characters (not inside one's bytes)."""
+    return offsets[j - 1][1] <= offsets[j][0] and offsets[j][0] > offsets[j - 1][0]
 
 
 def _concat(parts: list[np.ndarray]) -> np.ndarray:
@@ -40,6 +49,7 @@ class CharTokenizer:
 
     kind = "char"
     eos_id = None
+    bos_id = None
 
     def __init__(self, vocab: str) -> None:
         if len(set(vocab)) != len(vocab):
@@ -49,6 +59,7 @@ class CharTokenizer:
         codes = [ord(c) for c in vocab]
         self._table = np.full(max(codes, default=0) + 1, -1, np.int64)
         self._table[codes] = np.arange(len(vocab))
+        self.sha256 = hashlib.sha256(vocab.encode("utf-8", "surrogatepass")).hexdigest()
 
     @classmethod
     def from_text(cls, text: str) -> CharTokenizer:
@@ -63,7 +74,7 @@ class CharTokenizer:
 
     def encode(self, text: str) -> np.ndarray:
         """Token ids of ``text`` as int64, via a code-point lookup table (fast on megabytes)."""
-        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
         inside = codes < len(self._table)
         ids = np.full(codes.shape, -1, np.int64)
         ids[inside] = self._table[codes[inside]]
@@ -75,8 +86,12 @@ class CharTokenizer:
             )
         return ids
 
-    def encode_stream(self, pieces: Iterable[str]) -> np.ndarray:
-        return _concat([self.encode(p) for p in pieces])
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [self.encode(t) for t in texts]
+
+    def encode_stream(self, pieces: Iterable[str]) -> tuple[np.ndarray, int]:
+        """Ids of the text ``pieces`` make (characters never interact: no cut is ever hard)."""
+        return _concat([self.encode(p) for p in pieces]), 0
 
     def decode(self, ids: Iterable[int]) -> str:
         return "".join(self.vocab[i] for i in ids)
@@ -97,14 +112,20 @@ class CharTokenizer:
 class HFTokenizer:
     """A Hugging Face fast tokenizer (the ``tokenizers`` library), without special tokens added.
 
-    Streaming cuts the text only where a new pre-token (word) starts, then re-encodes from there,
-    so the ids equal one call on the whole text for the usual byte-level BPE tokenizers. Where
-    they would not (a tokenizer that marks the start of every input), the piece is not cut.
+    Documents are encoded whole (``encode_batch``, on every core). A document streamed in pieces
+    (a ``.txt`` file of any size) is buffered up to ``STREAM_CHARS`` characters, encoded, and cut
+    near the buffer's end at a token boundary where encoding from the cut gives the same ids as
+    the whole buffer did (a new pre-token, or a token after whitespace: up to ``MAX_CUT_TRIES``
+    candidates); the rest is kept for the next buffer. That gives the ids of one ``encode`` of the
+    whole document, in linear time. Where no candidate checks out (a stretch of ``STREAM_CHARS``
+    without a word boundary: base64, DNA, one repeated character), the cut is *hard*: at a clean
+    token boundary near the end, each side encoded on its own; ids may then differ from one
+    whole-document call around the cut, and the cut is counted.
     """
 
     kind = "hf"
 
-    def __init__(self, json_text: str, eos_id: int | None = None) -> None:
+    def __init__(self, json_text: str, eos_id: int | None = None, bos_id: int | None = None) -> None:
         from tokenizers import Tokenizer as Backend
 
         try:
@@ -113,48 +134,60 @@ class HFTokenizer:
             raise BlockcapError(f"tokenizer.json is not a readable fast tokenizer ({e})") from None
         self.json_text = json_text
         self.eos_id = eos_id
+        self.bos_id = bos_id
         self.vocab_size = self.backend.get_vocab_size(with_added_tokens=True)
         self.sha256 = hashlib.sha256(json_text.encode()).hexdigest()
-        self.cuttable = True
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self.backend.encode(text, add_special_tokens=False).ids, dtype=np.int64)
 
-    def _head(self, buf: str) -> tuple[np.ndarray, int] | None:
-        """Ids of ``buf`` up to the first word start in its last ``TAIL_CHARS``, and that start.
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        """Each text's ids, encoded in parallel by the tokenizers library (offsets not computed)."""
+        encs = self.backend.encode_batch_fast(texts, add_special_tokens=False)
+        return [np.asarray(e.ids, dtype=np.int64) for e in encs]
 
-        None when there is no word start there, or when encoding from the cut does not give the
-        same ids as encoding the whole buffer (then the caller keeps the text and cuts later).
-        """
+    def _cut(self, buf: str) -> tuple[np.ndarray, int, bool]:
+        """(ids of ``buf`` before a cut near its end, where the cut is, whether it checked out)."""
         enc = self.backend.encode(buf, add_special_tokens=False)
         ids, words, offsets = enc.ids, enc.word_ids, enc.offsets
         first = bisect.bisect_left([o[0] for o in offsets], len(buf) - TAIL_CHARS)
-        for j in range(max(first, 1), len(ids)):
-            if words[j] is not None and words[j] != words[j - 1]:
-                start = offsets[j][0]
-                if self.backend.encode(buf[start:], add_special_tokens=False).ids != ids[j:]:
-                    self.cuttable = False  # a property of the tokenizer: stop trying
-                    return None
-                return np.asarray(ids[:j], dtype=np.int64), start
-        return None
+        clean = [j for j in range(max(first, 1), len(ids)) if _clean(offsets, j)]
+        if not clean:  # no clean token boundary near the end: the last one anywhere
+            clean = [next((j for j in range(first - 1, 0, -1) if _clean(offsets, j)), 0)]
+            if not clean[0]:
+                return np.zeros(0, np.int64), 0, True
+        candidates = [
+            j for j in clean
+            if words[j] != words[j - 1] or buf[offsets[j][0] - 1].isspace() or buf[offsets[j][0]].isspace()
+        ]  # fmt: skip
+        for j in candidates[:MAX_CUT_TRIES]:
+            start = offsets[j][0]
+            if self.backend.encode(buf[start:], add_special_tokens=False).ids == ids[j:]:
+                return np.asarray(ids[:j], dtype=np.int64), start, True
+        j = clean[0]
+        return np.asarray(ids[:j], dtype=np.int64), offsets[j][0], False
 
-    def encode_stream(self, pieces: Iterable[str]) -> np.ndarray:
-        out, buf = [], ""
+    def encode_stream(self, pieces: Iterable[str]) -> tuple[np.ndarray, int]:
+        """Ids of the text ``pieces`` make, and the number of hard cuts (see the class docstring)."""
+        out, buf, hard = [], "", 0
         for piece in pieces:
             buf += piece
-            if self.cuttable and len(buf) >= 2 * PIECE_CHARS:
-                head = self._head(buf)
-                if head is not None:
-                    out.append(head[0])
-                    buf = buf[head[1] :]
+            if len(buf) >= STREAM_CHARS:
+                head, start, exact = self._cut(buf)
+                out.append(head)
+                buf = buf[start:]
+                hard += not exact
         out.append(self.encode(buf))
-        return _concat(out)
+        return _concat(out), hard
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def record(self) -> tuple[dict[str, Any], bytes | None]:
-        return {"kind": self.kind, "eos_id": self.eos_id, "sha256": self.sha256}, self.json_text.encode()
+        record = {"kind": self.kind, "eos_id": self.eos_id, "sha256": self.sha256}
+        if self.bos_id is not None:
+            record["bos_id"] = self.bos_id
+        return record, self.json_text.encode()
 
 
 def from_record(record: dict[str, Any], blob: bytes | None) -> Tokenizer:
@@ -162,5 +195,5 @@ def from_record(record: dict[str, Any], blob: bytes | None) -> Tokenizer:
     if record.get("kind") == "hf":
         if blob is None:
             raise BlockcapError("the store's tokenizer array is missing")
-        return HFTokenizer(blob.decode(), record.get("eos_id"))
+        return HFTokenizer(blob.decode(), record.get("eos_id"), record.get("bos_id"))
     return CharTokenizer(record.get("vocab", ""))

@@ -236,7 +236,7 @@ def _tokenizer(transformers: Any, source: Path | str, model: str, hub: bool, kw:
     whole = Tokenizer.from_str(backend.to_str())  # a copy: the model's own tokenizer is left as it is
     whole.no_truncation()  # a tokenizer.json may carry a training-time max_length
     whole.no_padding()
-    return HFTokenizer(whole.to_str(), tok.eos_token_id)
+    return HFTokenizer(whole.to_str(), tok.eos_token_id, tok.bos_token_id)
 
 
 def load(spec: CaptureSpec) -> HFAdapter:

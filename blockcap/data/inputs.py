@@ -1,0 +1,189 @@
+"""What a ``dataset`` names: the input files, their format and compression, and their content identity.
+
+A dataset is a file, a directory (every file under it, recursively, in path order), a glob, or a
+URL (``s3://``, ``gs://``, ``az://``, ``memory://``, read through fsspec). Formats: ``.txt`` (one
+document per file), ``.jsonl`` (one per line), ``.parquet`` (one per row, read by row group), each
+optionally compressed (``.gz``, ``.bz2``, ``.zst``), and a Hugging Face ``datasets`` directory
+written by ``save_to_disk`` (its ``.arrow`` files). One dataset has one format. Identity is by
+content: each file's sha256 (remote objects: the store's content hash), never its path or mtime.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from blockcap.core.errors import BlockcapError
+from blockcap.data.digest import sha256_file
+
+TEXT, JSONL, PARQUET, ARROW = "txt", "jsonl", "parquet", "arrow"
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd"}
+FORMATS = {".txt": TEXT, ".jsonl": JSONL, ".parquet": PARQUET, ".arrow": ARROW}
+RECORD_FORMATS = (JSONL, PARQUET, ARROW)  # formats whose documents are rows of a text column
+URL_SCHEMES = ("s3://", "gs://", "gcs://", "az://", "abfs://", "memory://", "file://")
+_SKIPPED = {"dataset_info.json", "state.json", "dataset_dict.json"}  # save_to_disk's own documents
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One input file: where it is, how to read it, how big it is and what it holds."""
+
+    path: str  # local path or URL
+    format: str  # TEXT, JSONL, PARQUET or ARROW
+    compression: str | None  # "gzip", "bz2", "zstd" or None
+    size: int  # bytes as stored
+    sha256: str  # content digest (remote: "<hash kind>:<value>" from the object store)
+
+    @property
+    def name(self) -> str:
+        return self.path.rstrip("/").rsplit("/", 1)[-1]
+
+    def record(self) -> dict[str, Any]:
+        return {"path": self.path, "format": self.format, "size": self.size, "sha256": self.sha256}
+
+
+def kind_of(name: str) -> tuple[str | None, str | None]:
+    """(format, compression) from a file name's suffixes; format None when it is not an input file."""
+    stem, compression = name, None
+    for suffix, codec in COMPRESSIONS.items():
+        if stem.endswith(suffix):
+            stem, compression = stem[: -len(suffix)], codec
+            break
+    fmt = next((f for s, f in FORMATS.items() if stem.endswith(s)), None)
+    return fmt, compression
+
+
+def is_url(dataset: str) -> bool:
+    return dataset.startswith(URL_SCHEMES)
+
+
+def _hf_arrow_files(directory: Path) -> list[Path] | None:
+    """The ``.arrow`` files of a ``datasets`` ``save_to_disk`` directory (None if it is not one)."""
+    state = directory / "state.json"
+    if not state.is_file() or not (directory / "dataset_info.json").is_file():
+        return None
+    try:
+        names = [f["filename"] for f in json.loads(state.read_text())["_data_files"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise BlockcapError(f"dataset {directory}: its state.json is not a datasets index ({e})") from None
+    return [directory / n for n in names]
+
+
+def _local_files(dataset: str) -> list[Path]:
+    """The files a local dataset names, in path order."""
+    if any(c in dataset for c in "*?["):
+        found = sorted(Path(p) for p in globlib.glob(dataset, recursive=True) if Path(p).is_file())
+        if not found:
+            raise BlockcapError(f"dataset={dataset!r} matches no file; check the pattern")
+        return found
+    root = Path(dataset).expanduser()
+    if not root.exists():
+        raise BlockcapError(
+            f"dataset {root} does not exist; pass a file, a directory, a glob or a URL"
+        )
+    if root.is_dir():
+        arrow = _hf_arrow_files(root)
+        if arrow is not None:
+            return arrow
+        files = sorted(
+            p for p in root.rglob("*")
+            if p.is_file() and not p.name.startswith(".") and p.name not in _SKIPPED
+        )  # fmt: skip
+        if not files:
+            raise BlockcapError(f"dataset directory {root} has no files; pass a directory of documents")
+        return files
+    if not root.is_file():
+        raise BlockcapError(f"dataset {root} is not a regular file or directory; pass a file of documents")
+    return [root]
+
+
+def _remote_files(dataset: str, options: dict[str, Any]) -> list[tuple[str, int, str]]:
+    """(URL, size, content hash) of each object a URL dataset names (a prefix, glob or object)."""
+    try:
+        import fsspec
+    except ImportError:
+        raise BlockcapError(
+            f"dataset={dataset!r} needs fsspec (and s3fs for s3://); install blockcap with the s3 extra"
+        ) from None
+    try:
+        fs, path = fsspec.url_to_fs(dataset, **options)
+        protocol = dataset.split("://", 1)[0]
+        if any(c in path for c in "*?["):
+            infos = fs.glob(path, detail=True)
+        elif fs.isdir(path):
+            infos = fs.find(path, detail=True)
+        else:
+            infos = {path: fs.info(path)}
+    except FileNotFoundError:
+        raise BlockcapError(f"dataset={dataset!r} does not exist; check the URL") from None
+    except Exception as e:  # each backend raises its own kinds (credentials, network, bucket)
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise BlockcapError(f"dataset={dataset!r}: the object store failed ({type(e).__name__}: {first})") from None
+    out = []
+    for p, info in sorted(infos.items()):
+        if info.get("type") == "directory" or p.rsplit("/", 1)[-1] in _SKIPPED:
+            continue
+        out.append((f"{protocol}://{p}", int(info.get("size") or 0), _remote_hash(info, p)))
+    if not out:
+        raise BlockcapError(f"dataset={dataset!r} names no object; check the URL")
+    return out
+
+
+def _remote_hash(info: dict[str, Any], path: str) -> str:
+    """An object's content hash as the store reports it (a content fact, unlike a path or mtime)."""
+    for key in ("ETag", "etag", "md5Hash", "crc32c", "content_md5", "sha256"):
+        if info.get(key):
+            return f"{key.lower()}:{str(info[key]).strip(chr(34))}"
+    raise BlockcapError(
+        f"dataset object {path} has no content hash from its store; copy it to a local file and pass that"
+    )
+
+
+def list_inputs(dataset: str, options: dict[str, Any] | None = None) -> list[InputFile]:
+    """The input files of ``dataset`` with their format, size and content digest; one format only."""
+    if is_url(dataset) and not dataset.startswith("file://"):
+        entries = _remote_files(dataset, dict(options or {}))
+    else:
+        local = _local_files(dataset.removeprefix("file://"))
+        entries = [(str(p), p.stat().st_size, "") for p in local]
+    files, formats = [], {}
+    for path, size, digest in entries:
+        fmt, compression = kind_of(path.rsplit("/", 1)[-1])
+        if fmt is None:
+            raise BlockcapError(
+                f"dataset file {path} is not .txt, .jsonl, .parquet or .arrow (optionally .gz, .bz2 or "
+                f".zst); remove it from the dataset or name the files with a glob"
+            )
+        formats.setdefault(fmt, path)
+        files.append(InputFile(path, fmt, compression, size, digest or sha256_file(path)))
+    if len(formats) > 1:
+        (a, fa), (b, fb) = list(formats.items())[:2]
+        raise BlockcapError(
+            f"dataset={dataset!r} mixes formats ({fa} is {a}, {fb} is {b}); pass one format, e.g. a glob"
+        )
+    return files
+
+
+def content_digest(files: list[InputFile]) -> str:
+    """The dataset's identity: a lone file's sha256, else the sha256 of its files' names and digests.
+
+    (A lone file keeps the plain sha256 that ``sha256sum`` prints, so a pin is easy to write; a flat
+    directory of ``.txt`` files keeps the identity blockcap 0.2 gave it.)
+    """
+    if len(files) == 1 and ":" not in files[0].sha256:
+        return files[0].sha256
+    lines = "".join(f"{name}\0{f.sha256}\n" for name, f in zip(relative_names(files), files, strict=True))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def relative_names(files: list[InputFile]) -> list[str]:
+    """Each file's path below the files' common directory (where the dataset lives is no part of it)."""
+    parts = [f.path.split("://", 1)[-1].split("/") for f in files]
+    common = 0
+    while all(len(p) > common + 1 and p[common] == parts[0][common] for p in parts):
+        common += 1
+    return ["/".join(p[common:]) for p in parts]

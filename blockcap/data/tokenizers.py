@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import itertools
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
@@ -16,9 +17,10 @@ import numpy as np
 
 from blockcap.core.errors import BlockcapError
 
-TAIL_CHARS = 4096  # a streamed document is cut within this many characters of a buffer's end
-STREAM_CHARS = 2 << 20  # characters buffered before a streamed document is cut
-MAX_CUT_TRIES = 16  # candidate cuts checked per buffer before a hard cut
+WHOLE_CHARS = 16 << 20  # a streamed document up to this many characters is encoded by one call
+STEP_CHARS = 2 << 20  # a longer one is encoded this many characters at a time, then cut
+TAIL_CHARS = 4096  # a step is cut within this many characters of its end
+MAX_CUT_TRIES = 16  # candidate cuts checked per step before a hard cut
 
 
 class Tokenizer(Protocol):
@@ -154,8 +156,8 @@ class HFTokenizer:
         clean = [j for j in range(max(first, 1), len(ids)) if _clean(offsets, j)]
         if not clean:  # no clean token boundary near the end: the last one anywhere
             clean = [next((j for j in range(first - 1, 0, -1) if _clean(offsets, j)), 0)]
-            if not clean[0]:
-                return np.zeros(0, np.int64), 0, True
+            if not clean[0]:  # one token, or tokens all inside one character: the step whole
+                return np.asarray(ids, dtype=np.int64), len(buf), False
         candidates = [
             j for j in clean
             if words[j] != words[j - 1] or buf[offsets[j][0] - 1].isspace() or buf[offsets[j][0]].isspace()
@@ -169,11 +171,19 @@ class HFTokenizer:
 
     def encode_stream(self, pieces: Iterable[str]) -> tuple[np.ndarray, int]:
         """Ids of the text ``pieces`` make, and the number of hard cuts (see the class docstring)."""
-        out, buf, hard = [], "", 0
-        for piece in pieces:
+        it = iter(pieces)
+        buf = ""
+        for piece in it:
             buf += piece
-            if len(buf) >= STREAM_CHARS:
-                head, start, exact = self._cut(buf)
+            if len(buf) > WHOLE_CHARS:
+                break
+        else:
+            return self.encode(buf), 0
+        out, hard = [], 0
+        for piece in itertools.chain(it, [None]):
+            buf += piece or ""
+            while len(buf) > (STEP_CHARS if piece is None else 2 * STEP_CHARS):
+                head, start, exact = self._cut(buf[:STEP_CHARS])
                 out.append(head)
                 buf = buf[start:]
                 hard += not exact

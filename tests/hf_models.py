@@ -7,7 +7,7 @@ without network. Fixtures, to import into a conftest or a test module:
 * ``hf_text``: the text file the tokenizer was trained on (a dataset whose merges all occur).
 * ``hf_zoo``: a factory ``hf_zoo(variant, **config_overrides) -> Path``, one directory per
   distinct call, for the variants in ``VARIANTS`` and ``FAMILY_VARIANTS`` (every site),
-  ``GENERIC_VARIANTS`` (the generic path) and ``granite`` (which the generic path refuses).
+  ``GENERIC_VARIANTS`` (the generic path), and ``gptj`` and ``granite`` (which it refuses).
 
 Helpers for the reference side: ``load_reference`` (the ``*ForCausalLM`` model, eager, float32)
 and ``hooked`` (every site of every layer, read with hooks on that model).
@@ -211,6 +211,10 @@ def _configs() -> dict[str, Callable[..., Any]]:
         ),  # fmt: skip
         "bloom": lambda **o: tf.BloomConfig(**{**small, "hidden_size": 32, "n_layer": 2, "n_head": 4, **o}),
         "olmo": lambda **o: tf.OlmoConfig(**{**llama, "num_hidden_layers": 2, "clip_qkv": 0.5, **o}),
+        # layers as model.h: a layout the generic path does not know
+        "gptj": lambda **o: tf.GPTJConfig(
+            **{**small, "n_embd": 32, "n_layer": 2, "n_head": 4, "rotary_dim": 4, **o}
+        ),
         # its forward multiplies the embeddings outside its layers: the generic path must refuse it
         "granite": lambda **o: tf.GraniteConfig(
             **{**llama, "num_hidden_layers": 2, "embedding_multiplier": 3.0, **o}

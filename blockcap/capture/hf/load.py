@@ -67,15 +67,17 @@ def _loading(
     what: str,
     hub: bool,
     fix: str = "pass a complete save_pretrained directory or an existing hub id",
+    files: str = "",
 ) -> Iterator[None]:
-    """Turn what transformers raises while loading ``what`` into one line ending with ``fix``."""
+    """Turn what transformers raises while loading ``what`` (read from ``files``, where known) into
+    one line ending with ``fix``."""
     try:
         yield
     except pickle.UnpicklingError as e:  # torch.load(weights_only=True) refused a pickled object
         raise BlockcapError(
-            f"the {what} of model={model!r} hold pickled Python objects, not only tensors "
-            f"({unpickling_reason(e)}); blockcap loads tensors only: re-save them with save_pretrained "
-            f"(safetensors)"
+            f"the {what} of model={model!r} ({files or 'from the hub'}) hold pickled Python objects, not "
+            f"only tensors ({unpickling_reason(e)}); blockcap loads tensors only: re-save them with "
+            f"save_pretrained (safetensors)"
         ) from None
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, ArithmeticError) as e:
         from huggingface_hub.errors import LocalEntryNotFoundError
@@ -196,10 +198,11 @@ def load(spec: CaptureSpec) -> HFAdapter:
     name = str(spec.model)
     source, local = locate(name, spec.revision)
     where = str(Path(source) / "config.json") if local else f"the config.json of model={name!r}"
+    files = ""
     if local:  # all before transformers is imported, let alone anything in the directory
         raw = read_config(Path(source))
         check_sizes(where, raw)
-        weight_files(Path(source))
+        files = ", ".join(p.name for p in weight_files(Path(source)))
     kw = {"local_files_only": True} if local else hub_options(name, spec.revision)
     try:
         import transformers
@@ -208,6 +211,12 @@ def load(spec: CaptureSpec) -> HFAdapter:
         raise missing_extra(name) from None
     if local:
         refuse_remote_code(where, raw, CONFIG_MAPPING_NAMES)
+        if raw["model_type"] not in CONFIG_MAPPING_NAMES:
+            raise BlockcapError(
+                f"{where} has model_type {raw['model_type']!r}, which transformers "
+                f"{transformers.__version__} does not implement; pass a model it implements (or upgrade "
+                f"transformers)"
+            )
     kw["trust_remote_code"] = False
     with _loading(name, "config", not local):
         config = transformers.AutoConfig.from_pretrained(source, **kw)
@@ -216,7 +225,7 @@ def load(spec: CaptureSpec) -> HFAdapter:
     _check_config(name, where, config)
     cls = _family(config.model_type)
     tokenizer = _tokenizer(transformers, source, name, not local, kw)
-    with _loading(name, "weights", not local), _quiet(transformers.utils.logging):
+    with _loading(name, "weights", not local, files=files), _quiet(transformers.utils.logging):
         model, info = transformers.AutoModel.from_pretrained(
             source, config=config, dtype=torch.float32, attn_implementation="eager",
             output_loading_info=True, ignore_mismatched_sizes=True, **kw,

@@ -7,7 +7,7 @@ without network. Fixtures, to import into a conftest or a test module:
 * ``hf_text``: the text file the tokenizer was trained on (a dataset whose merges all occur).
 * ``hf_zoo``: a factory ``hf_zoo(variant, **config_overrides) -> Path``, one directory per
   distinct call, for the variants in ``VARIANTS`` and ``FAMILY_VARIANTS`` (every site),
-  ``GENERIC_VARIANTS`` (the generic path), and ``gptj`` and ``granite`` (which it refuses).
+  ``GENERIC_VARIANTS`` (the generic path), and ``gptj``, ``olmo3`` and ``granite`` (which it refuses).
 
 Helpers for the reference side: ``load_reference`` (the ``*ForCausalLM`` model, eager, float32)
 and ``hooked`` (every site of every layer, read with hooks on that model).
@@ -215,6 +215,8 @@ def _configs() -> dict[str, Callable[..., Any]]:
         "gptj": lambda **o: tf.GPTJConfig(
             **{**small, "n_embd": 32, "n_layer": 2, "n_head": 4, "rotary_dim": 4, **o}
         ),
+        # its rotary table wants the layer type: its layers fail when the generic path calls them
+        "olmo3": lambda **o: tf.Olmo3Config(**{**llama, "num_hidden_layers": 2, "sliding_window": 5, **o}),
         # its forward multiplies the embeddings outside its layers: the generic path must refuse it
         "granite": lambda **o: tf.GraniteConfig(
             **{**llama, "num_hidden_layers": 2, "embedding_multiplier": 3.0, **o}

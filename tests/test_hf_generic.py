@@ -98,8 +98,12 @@ def test_default_sites_are_refused_naming_what_is_there(hf_zoo, hf_text, tmp_pat
 @pytest.mark.parametrize(
     "variant, message",
     [
-        ("granite", "the generic path's block 0's input differs from the model's own hidden_states"),
+        (
+            "granite",
+            "the generic path cannot reproduce it: block 0's input differs from the model's own",
+        ),
         ("gptj", "the generic path cannot run it: its decoder layers are not model.layers beside"),
+        ("olmo3", "cannot reproduce it: its layers fail when called that way (TypeError: "),
     ],
 )
 def test_unknown_layouts_are_refused(hf_zoo, hf_text, tmp_path, capsys, variant, message):

@@ -300,7 +300,7 @@ BAD = [
         "unsupported architecture",
         lambda z, t, m: {"model": z("granite"), "sites": "block_output"},
         "is a 'granite' model, which blockcap cannot capture: it has no capture module for it and the "
-        "generic path's block 0's input differs from the model's own hidden_states",
+        "generic path cannot reproduce it: block 0's input differs from the model's own hidden_states",
     ),
     ("missing directory", lambda z, t, m: {"model": t / "nowhere" / "model"}, "does not exist"),
     ("no config.json", lambda z, t, m: {"model": empty_directory(t / "empty")}, "has no config.json"),

@@ -147,6 +147,11 @@ BAD = [
         "config.json has model_type 'no_such_model', which transformers 5.",
     ),
     (
+        "bidirectional attention",
+        lambda z, t: edited(z("gemma3_text"), t / "m", use_bidirectional_attention=True),
+        "makes attention bidirectional (an embedding model, not a causal language model)",
+    ),
+    (
         "encoder-decoder",
         lambda z, t: edited(z("gpt2"), t / "m", is_encoder_decoder=True),
         "encoder-decoder model",

@@ -25,6 +25,8 @@ POSITIVE = (
     "num_local_experts", "num_experts_per_tok", "word_embed_proj_dim", "decoder_sparse_step",
 )  # fmt: skip
 NON_NEGATIVE = ("num_experts", "sliding_window")  # Qwen2-MoE writes 0 for "none"
+# families whose attention splits the model width itself into heads (the others size heads by head_dim)
+SPLIT_WIDTH = ("gpt2", "gpt_neox", "opt", "bloom")
 
 
 def read_config(directory: Path) -> dict[str, Any]:
@@ -66,19 +68,24 @@ def check_sizes(where: str, config: dict[str, Any]) -> None:
 
 
 def check_shapes(where: str, cfg: Any) -> None:
-    """Heads divide what must split into them; experts chosen are experts there."""
+    """Heads divide what must split into them; experts chosen are experts there; attention is causal."""
 
     def name(attr: str) -> str:  # the key config.json uses (GPT-2 says n_head for num_attention_heads)
         return getattr(cfg, "attribute_map", {}).get(attr, attr)
 
-    heads, hidden = cfg.num_attention_heads, cfg.hidden_size
-    if getattr(cfg, "head_dim", None) is None and hidden % heads:
+    heads, hidden = getattr(cfg, "num_attention_heads", None), getattr(cfg, "hidden_size", None)
+    if cfg.model_type in SPLIT_WIDTH and hidden % heads:
         raise BlockcapError(
             f"{where} has {name('hidden_size')}={hidden}, which {name('num_attention_heads')}={heads} does "
             f"not divide into heads; fix config.json"
         )
+    if getattr(cfg, "use_bidirectional_attention", False) or not getattr(cfg, "is_causal", True):
+        raise BlockcapError(
+            f"{where} makes attention bidirectional (an embedding model, not a causal language model); "
+            f"blockcap captures causal language models"
+        )
     kv = getattr(cfg, "num_key_value_heads", None)
-    if kv and heads % kv:
+    if kv and heads and heads % kv:
         raise BlockcapError(
             f"{where} has num_key_value_heads={kv}, which does not divide {name('num_attention_heads')}="
             f"{heads} query heads into groups; fix config.json"

@@ -73,11 +73,12 @@ class DecoderLayout(GenericCapture):
         )
 
     def prelude(self, ids: torch.Tensor) -> tuple[torch.Tensor, list[dict[str, Any]]]:
-        T = ids.shape[1]
+        B, T = ids.shape
         x = self.embed_tokens(ids)
         positions = torch.arange(T, device=ids.device).unsqueeze(0)
-        masks = {
-            w: additive_mask(causal_allowed(T, w, ids.device), x.dtype) for w in dict.fromkeys(self.windows)
+        masks = {  # (B, 1, T, T) as transformers' eager masks are: some layers check the shape
+            w: additive_mask(causal_allowed(T, w, ids.device), x.dtype).expand(B, 1, T, T)
+            for w in dict.fromkeys(self.windows)
         }
         common: dict[str, Any] = {"position_ids": positions}
         if self.rotary_emb is not None:
@@ -157,18 +158,25 @@ def layout_of(model: nn.Module) -> type[GenericCapture] | str:
 
 
 def verify(model: nn.Module, capture: type[GenericCapture]) -> str | None:
-    """None when the capture's block inputs and outputs on a probe are bitwise the model's own
-    ``hidden_states``; else which block differs."""
+    """None when the capture's block inputs on a probe are bitwise the model's own ``hidden_states``;
+    else what differs, or how running the layers failed."""
     n, vocab = len(layer_list(model)), model.get_input_embeddings().num_embeddings
     T = min(PROBE_TOKENS, context_of(model.config))
     ids = torch.randint(0, vocab, (2, T), generator=torch.Generator().manual_seed(0))
     module = capture(model, range(n), CAPTURED)
     with torch.inference_mode():
-        got = dict(zip(module.outputs, module(ids), strict=True))
         hidden = model(ids, use_cache=False, output_hidden_states=True).hidden_states
+        try:
+            got = dict(zip(module.outputs, module(ids), strict=True))
+        except Exception as e:  # noqa: BLE001 - layers that want other arguments fail in their own ways
+            first = (str(e).strip().splitlines() or [""])[0]
+            return f"its layers fail when called that way ({type(e).__name__}: {first})"
     for i in range(n):  # the last entry of hidden_states is after the final norm
         if not torch.equal(got[(i, "block_input")], hidden[i]):
-            return f"block {i}'s input"
+            return (
+                f"block {i}'s input differs from the model's own hidden_states (its forward does more "
+                f"than its layers)"
+            )
     return None
 
 
@@ -194,8 +202,8 @@ class Generic(HFAdapter):
         """What the generic path knows: layers, widths and vocabulary; heads as the config states
         them, and no MLP width (``d_mlp`` 0: it captures no MLP site)."""
         cfg = model.config
-        n_head = cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
+        n_head = getattr(cfg, "num_attention_heads", None) or 0
+        head_dim = (getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head) if n_head else 0
         return ModelDims(
             n_layer=len(layer_list(model)), d_model=cfg.hidden_size, n_head=n_head, head_dim=head_dim,
             d_mlp=0, vocab_size=model.get_input_embeddings().num_embeddings, context=context_of(cfg),

@@ -163,7 +163,7 @@ def _check_config(name: str, where: str, config: Any) -> None:
         )
     text = config.get_text_config()
     check_shapes(where, text)
-    windows = config_windows(text, text.num_hidden_layers)
+    windows = config_windows(text, getattr(text, "num_hidden_layers", 0))
     if any(w is not None and w < 1 for w in windows):
         raise BlockcapError(
             f"{where} has sliding_window={text.sliding_window}; use a positive window: fix config.json"
@@ -184,13 +184,11 @@ def _generic_check(name: str, model: Any) -> None:
     layout = layout_of(model)
     if isinstance(layout, str):
         raise _refuse_generic(name, model.config.model_type, f"the generic path cannot run it: {layout}")
-    differs = verify(model, layout)
-    if differs:
+    failure = verify(model, layout)
+    if failure:
         raise _refuse_generic(
-            name, model.config.model_type,
-            f"the generic path's {differs} differs from the model's own hidden_states (its forward does "
-            f"more than its layers)",
-        )  # fmt: skip
+            name, model.config.model_type, f"the generic path cannot reproduce it: {failure}"
+        )
 
 
 def load(spec: CaptureSpec) -> HFAdapter:

@@ -230,6 +230,11 @@ def load(spec: CaptureSpec) -> HFAdapter:
         )  # fmt: skip
     if info["mismatched_keys"]:
         raise mismatch(f"model={name!r}", info["mismatched_keys"])
+    model.eval()
+    if config.model_type in MULTIMODAL:  # capture the text model; the other towers stay unused
+        model = getattr(model, MULTIMODAL[config.model_type])
+    if cls.family == "generic":  # first: a model it cannot run may lack weights it would never use
+        _generic_check(name, model)
     missing = sorted(info["missing_keys"])
     if missing:
         shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
@@ -237,11 +242,6 @@ def load(spec: CaptureSpec) -> HFAdapter:
             f"model={name!r} lacks weights for {len(missing)} of its parameters ({shown}); transformers "
             f"would initialise them randomly: pass a complete checkpoint"
         )
-    model.eval()
-    if config.model_type in MULTIMODAL:  # capture the text model; the other towers stay unused
-        model = getattr(model, MULTIMODAL[config.model_type])
-    if cls.family == "generic":
-        _generic_check(name, model)
     directory = Path(source) if local else snapshot(name, spec.revision)
     files = weight_files(directory)
     provenance = {

@@ -181,6 +181,7 @@ def verify(model: nn.Module, capture: type[GenericCapture]) -> str | None:
 
 
 def context_of(cfg: Any) -> int:
+    """The longest sequence the config allows (ALiBi models state none)."""
     for name in ("max_position_embeddings", "n_positions", "seq_length"):
         value = getattr(cfg, name, None)
         if isinstance(value, int) and value > 0:

@@ -1,8 +1,9 @@
 """Hugging Face models: blockcap's steady capture against a bare forward of the same blocks, same run.
 
-Tiny GPT-2 and tiny Llama configs (d_model 64) at 64-token windows, and a GPT-2-small-shaped random
-model (12 layers, d_model 768, 12 heads) at 256-token windows, block 5. The bare forward is the
-transformers model itself (eager attention, no cache) cut after the captured block.
+Tiny GPT-2, Llama, Gemma 2 and Mixtral configs (d_model 64) at 64-token windows, and a
+GPT-2-small-shaped random model (12 layers, d_model 768, 12 heads) at 256-token windows, block 5.
+The bare forward is the transformers model itself (eager attention, no cache) cut after the
+captured block.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ pytestmark = NEEDS_TRANSFORMERS
 CASES = {
     "tiny-gpt2": ("gpt2", {}, 64, 2, 16),
     "tiny-llama": ("llama", {}, 64, 2, 16),
+    "tiny-gemma2": ("gemma2", {}, 64, 2, 16),  # norms on both sides, softcapped sliding-window attention
+    "tiny-mixtral": ("mixtral", {}, 64, 2, 16),  # a sparse mixture-of-experts block
     "gpt2-small-shape": ("gpt2", {"n_layer": 12, "n_embd": 768, "n_head": 12, "n_positions": 256}, 256, 5, 8),
 }
 

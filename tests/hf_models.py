@@ -6,7 +6,8 @@ without network. Fixtures, to import into a conftest or a test module:
 
 * ``hf_text``: the text file the tokenizer was trained on (a dataset whose merges all occur).
 * ``hf_zoo``: a factory ``hf_zoo(variant, **config_overrides) -> Path``, one directory per
-  distinct call, for the variants in ``VARIANTS`` (and ``opt``, an architecture blockcap refuses).
+  distinct call, for the variants in ``VARIANTS`` and ``FAMILY_VARIANTS`` (every site),
+  ``GENERIC_VARIANTS`` (the generic path), and ``gptj``, ``olmo3`` and ``granite`` (which it refuses).
 
 Helpers for the reference side: ``load_reference`` (the ``*ForCausalLM`` model, eager, float32)
 and ``hooked`` (every site of every layer, read with hooks on that model).
@@ -77,6 +78,16 @@ def _configs() -> dict[str, Callable[..., Any]]:
         "max_position_embeddings": 64,
     }  # fmt: skip
     gpt2 = {**small, "n_embd": 64, "n_head": 4, "n_positions": 64}
+    # head_dim 24 is not hidden / heads, query_pre_attn_scalar 20 not head_dim; a softcap of 1 is active
+    gemma = {
+        **llama,
+        "num_hidden_layers": 3,
+        "head_dim": 24,
+        "query_pre_attn_scalar": 20,
+        "sliding_window": 5,
+    }
+    moe = {**llama, "num_hidden_layers": 3, "num_experts_per_tok": 2}
+    sliding = ["sliding_attention", "full_attention", "sliding_attention"]
     return {
         "gpt2": lambda **o: tf.GPT2Config(**{**gpt2, "n_layer": 3, **o}),
         # the config switches that change GPT-2's attention arithmetic
@@ -123,19 +134,93 @@ def _configs() -> dict[str, Callable[..., Any]]:
                 **o,
             }
         ),  # fmt: skip
-        # not supported by blockcap: for the error line
+        "qwen3": lambda **o: tf.Qwen3Config(
+            **{
+                **llama,
+                "num_hidden_layers": 3,
+                "head_dim": 24,
+                "attention_bias": True,
+                "use_sliding_window": True,
+                "sliding_window": 6,
+                "max_window_layers": 1,
+                **o,
+            }
+        ),  # fmt: skip
+        "phi3": lambda **o: tf.Phi3Config(
+            **{
+                **llama,
+                "num_hidden_layers": 3,
+                "sliding_window": 6,
+                "partial_rotary_factor": 0.5,
+                "pad_token_id": 0,
+                **o,
+            }
+        ),  # fmt: skip
+        "gemma2": lambda **o: tf.Gemma2Config(**{**gemma, "attn_logit_softcapping": 1.0, **o}),
+        "gemma3_text": lambda **o: tf.Gemma3TextConfig(
+            **{**gemma, "layer_types": sliding, "rope_local_base_freq": 100.0, **o}
+        ),
+        "gemma3": lambda **o: tf.Gemma3Config(
+            text_config={**gemma, "layer_types": sliding, "rope_local_base_freq": 100.0, **o},
+            vision_config={
+                "hidden_size": 16,
+                "intermediate_size": 32,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "image_size": 32,
+                "patch_size": 8,
+            },
+            mm_tokens_per_image=4,
+            initializer_range=0.1,
+        ),  # fmt: skip
+        "olmo2": lambda **o: tf.Olmo2Config(**{**llama, "num_hidden_layers": 3, "attention_bias": True, **o}),
+        "mixtral": lambda **o: tf.MixtralConfig(**{**moe, "num_local_experts": 4, "sliding_window": 6, **o}),
+        # block 1 dense (mlp_only_layers): mlp_hidden there, a router in blocks 0 and 2
+        "qwen2_moe": lambda **o: tf.Qwen2MoeConfig(
+            **{
+                **moe,
+                "num_experts": 4,
+                "moe_intermediate_size": 32,
+                "shared_expert_intermediate_size": 48,
+                "mlp_only_layers": [1],
+                "norm_topk_prob": True,
+                "use_sliding_window": True,
+                "sliding_window": 6,
+                "max_window_layers": 3,
+                **o,
+            }
+        ),  # fmt: skip
+        "olmoe": lambda **o: tf.OlmoeConfig(
+            **{**moe, "num_experts": 4, "intermediate_size": 32, "clip_qkv": 0.5, **o}
+        ),
+        "qwen3_moe": lambda **o: tf.Qwen3MoeConfig(
+            **{**moe, "num_experts": 4, "moe_intermediate_size": 32, "head_dim": 24, **o}
+        ),
+        # families blockcap has no capture module for: the generic path (block_input, block_output)
         "opt": lambda **o: tf.OPTConfig(
             **{
                 **small,
-                "hidden_size": 16,
-                "num_hidden_layers": 1,
-                "ffn_dim": 32,
-                "num_attention_heads": 2,
+                "hidden_size": 32,
+                "num_hidden_layers": 2,
+                "ffn_dim": 64,
+                "num_attention_heads": 4,
                 "word_embed_proj_dim": 16,
                 "max_position_embeddings": 64,
                 **o,
             }
         ),  # fmt: skip
+        "bloom": lambda **o: tf.BloomConfig(**{**small, "hidden_size": 32, "n_layer": 2, "n_head": 4, **o}),
+        "olmo": lambda **o: tf.OlmoConfig(**{**llama, "num_hidden_layers": 2, "clip_qkv": 0.5, **o}),
+        # layers as model.h: a layout the generic path does not know
+        "gptj": lambda **o: tf.GPTJConfig(
+            **{**small, "n_embd": 32, "n_layer": 2, "n_head": 4, "rotary_dim": 4, **o}
+        ),
+        # its rotary table wants the layer type: its layers fail when the generic path calls them
+        "olmo3": lambda **o: tf.Olmo3Config(**{**llama, "num_hidden_layers": 2, "sliding_window": 5, **o}),
+        # its forward multiplies the embeddings outside its layers: the generic path must refuse it
+        "granite": lambda **o: tf.GraniteConfig(
+            **{**llama, "num_hidden_layers": 2, "embedding_multiplier": 3.0, **o}
+        ),
     }
 
 
@@ -149,6 +234,20 @@ VARIANTS = (
     "mistral",
     "qwen2",
 )
+FAMILY_VARIANTS = (
+    "qwen3", "phi3", "gemma2", "gemma3_text", "gemma3", "olmo2", "mixtral", "qwen2_moe", "olmoe", "qwen3_moe",
+)  # fmt: skip
+GENERIC_VARIANTS = ("opt", "bloom", "olmo")
+
+
+def perturb(model: Any) -> None:
+    """Non-trivial norms and biases: transformers initialises norm weights to one (Gemma's to zero)
+    and biases to zero, which would hide a norm or bias applied in the wrong place."""
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
 
 
 @pytest.fixture(scope="session", name="hf_text")
@@ -173,6 +272,7 @@ def hf_zoo_fixture(tmp_path_factory, hf_text) -> Callable[..., Path]:
             config = configs[variant](**{"vocab_size": TOKENIZER_VOCAB, **overrides})
             torch.manual_seed(len(built))
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            perturb(model)
             directory = root / f"{variant}-{len(built)}"
             model.save_pretrained(directory)
             tokenizer.save_pretrained(directory)
@@ -191,55 +291,92 @@ def load_reference(directory: Path, dtype: torch.dtype = torch.float32) -> Any:
     ).eval()
 
 
-def parts(base: Any) -> tuple[list[tuple], Any]:
-    """Per layer (layer, attention, out projection, pre-MLP norm or None, down projection, mlp) and
-    the final norm of a base model."""
-    if hasattr(base, "h"):  # GPT-2
-        layers = [(b, b.attn, b.attn.c_proj, b.ln_2, b.mlp.c_proj, b.mlp) for b in base.h]
-        return layers, base.ln_f
-    if hasattr(base, "embed_in"):  # GPT-NeoX: with a parallel residual the norm reads the block input
-        layers = [
-            (L, L.attention, L.attention.dense,
-             None if L.use_parallel_residual else L.post_attention_layernorm, L.mlp.dense_4h_to_h, L.mlp)
-            for L in base.layers
-        ]  # fmt: skip
-        return layers, base.final_layer_norm
-    layers = [
-        (L, L.self_attn, L.self_attn.o_proj, L.post_attention_layernorm, L.mlp.down_proj, L.mlp)
-        for L in base.layers
-    ]
-    return layers, base.norm
+def text_model(base: Any) -> Any:
+    """The decoder stack of a base model (a multimodal model's language model)."""
+    return getattr(base, "language_model", base)
+
+
+def layer_list(base: Any) -> list:
+    base = text_model(base)
+    if hasattr(base, "h"):  # GPT-2, BLOOM
+        return list(base.h)
+    return list(base.decoder.layers if hasattr(base, "decoder") else base.layers)
+
+
+def final_norm(base: Any) -> Any:
+    base = text_model(base)
+    for name in ("ln_f", "final_layer_norm", "norm"):
+        if hasattr(base, name):
+            return getattr(base, name)
+    return base.decoder.final_layer_norm  # OPT
+
+
+# A hook point: (module, "pre" for its first positional input or "post" for its output, output index)
+def hook_points(base: Any) -> list[dict[str, tuple[Any, str, int | None]]]:
+    """Per layer, where a forward hook or pre-hook sees each site of the transformers model."""
+    model_type = text_model(base).config.model_type
+    points = []
+    for L in layer_list(base):
+        p = {
+            "block_input": (L, "pre", None),
+            "block_output": (L, "post", 0 if model_type == "bloom" else None),
+        }
+        if model_type in ("opt", "bloom", "olmo", "granite"):  # the generic path: nothing else
+            points.append(p)
+            continue
+        if hasattr(L, "attn"):  # GPT-2
+            attn, out_proj, norm2, down, mlp = L.attn, L.attn.c_proj, L.ln_2, L.mlp.c_proj, L.mlp
+        elif hasattr(L, "attention"):  # GPT-NeoX: with a parallel residual the norm reads the block input
+            attn, out_proj, down, mlp = L.attention, L.attention.dense, L.mlp.dense_4h_to_h, L.mlp
+            norm2 = None if L.use_parallel_residual else L.post_attention_layernorm
+        else:
+            attn, out_proj, mlp = L.self_attn, L.self_attn.o_proj, L.mlp
+            down = getattr(mlp, "down_proj", None)  # a sparse block has none
+            norm2 = getattr(L, "pre_feedforward_layernorm", L.post_attention_layernorm)
+        p |= {"heads_output": (out_proj, "pre", None), "proj_output": (out_proj, "post", None),
+              "ffwd_output": (mlp, "post", None), "attention": (attn, "post", 1)}  # fmt: skip
+        if model_type in ("gemma2", "gemma3_text", "olmo2"):  # what each half adds is after its post-norm
+            p["proj_output"] = (L.post_attention_layernorm, "post", None)
+            p["ffwd_output"] = (L.post_feedforward_layernorm, "post", None)
+            norm2 = mlp if model_type == "olmo2" else norm2  # OLMo 2's MLP reads the residual stream itself
+        if norm2 is not None:
+            p["resid_mid"] = (norm2, "pre", None)
+        if down is not None:
+            p["mlp_hidden"] = (down, "pre", None)
+        if hasattr(mlp, "gate") and hasattr(mlp, "experts"):
+            p["router_logits"] = (mlp.gate, "post", 0)
+        points.append(p)
+    return points
 
 
 def hooked(ref: Any, ids: torch.Tensor) -> tuple[dict, tuple]:
     """Every site of every layer, the final norm's input and ``hidden_states``, read with hooks.
 
     Run with ``use_cache=False``: a cache hands attention contiguous copies of k and v, which can
-    change the last bit of GPT-2's and multi-head Llama's attention scores.
+    change the last bit of GPT-2's and multi-head Llama's attention scores. The router's logits
+    come flat, (B * T, n_experts); they are stored as (B, T, n_experts).
     """
     seen = {}
     handles = []
+    B, T = ids.shape
 
     def pre(key):
         return lambda module, args: seen.__setitem__(key, args[0].clone())
 
-    def post(key, index=None):
-        return lambda module, args, out: seen.__setitem__(key, (out if index is None else out[index]).clone())
+    def post(key, index):
+        def record(module, args, out):
+            value = out if index is None else out[index]
+            seen[key] = value.view(B, T, -1).clone() if key[1] == "router_logits" else value.clone()
 
-    layers, final_norm = parts(ref.base_model)
-    for b, (layer, attn, out_proj, norm2, down, mlp) in enumerate(layers):
-        handles += [
-            layer.register_forward_pre_hook(pre((b, "block_input"))),
-            out_proj.register_forward_pre_hook(pre((b, "heads_output"))),
-            out_proj.register_forward_hook(post((b, "proj_output"))),
-            down.register_forward_pre_hook(pre((b, "mlp_hidden"))),
-            mlp.register_forward_hook(post((b, "ffwd_output"))),
-            layer.register_forward_hook(post((b, "block_output"))),
-            attn.register_forward_hook(post((b, "attention"), 1)),  # (output, weights)
-        ]
-        if norm2 is not None:
-            handles.append(norm2.register_forward_pre_hook(pre((b, "resid_mid"))))
-    handles.append(final_norm.register_forward_pre_hook(pre("final_norm_input")))
+        return record
+
+    for b, points in enumerate(hook_points(ref.base_model)):
+        for site, (module, kind, index) in points.items():
+            key = (b, site)
+            hook = pre(key) if kind == "pre" else post(key, index)
+            register = module.register_forward_pre_hook if kind == "pre" else module.register_forward_hook
+            handles.append(register(hook))
+    handles.append(final_norm(ref.base_model).register_forward_pre_hook(pre("final_norm_input")))
     try:
         with torch.inference_mode():
             out = ref(ids, use_cache=False, output_hidden_states=True)

@@ -5,7 +5,7 @@ import torch
 
 from blockcap.capture.chargpt.capture import FUSED_TOLERANCE, CharGPTCapture
 from blockcap.capture.chargpt.model import GPT, GPTConfig
-from blockcap.core.sites import SITES
+from blockcap.core.sites import DENSE_SITES as SITES  # the char GPT has no router
 from tests.reference import GPTLanguageModel
 
 CFG = GPTConfig(vocab_size=30, n_embed=48, n_head=6, n_layer=3, block_size=16, dropout=0.2)

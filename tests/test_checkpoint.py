@@ -50,6 +50,11 @@ def test_bundled_checkpoint_loads_without_dataset():
     [
         (b"not a checkpoint at all", "not a loadable checkpoint"),
         (None, "does not exist"),
+        (  # torch.load read such text as a legacy checkpoint and failed with "list index out of range"
+            b"root:x:0:0:root:/root:/bin/bash\n",
+            "is not a loadable checkpoint: it is neither a torch.save zip archive nor a pickle; pass a file "
+            "written by torch.save or blockcap train",
+        ),
     ],
 )
 def test_bad_files(tmp_path, content, message):
@@ -129,3 +134,22 @@ def test_gpt_from_checkpoint_is_in_eval_mode(ckpt):
     assert not load_checkpoint(ckpt).model.training
     assert isinstance(load_checkpoint(ckpt).model, GPT)
     assert GPTConfig().dropout == 0.2
+
+
+@pytest.mark.parametrize(
+    "path, kind", [("/dev/null", "a character device"), (None, "a directory")], ids=["device", "directory"]
+)
+def test_weights_that_are_no_file_are_one_line(tmp_path, capsys, path, kind):
+    """Not "does not exist" for something that exists: one line, exit 2, no store (issue 21, item 11)."""
+    from blockcap.cli import EXIT_ERROR, main
+
+    path = path or str(tmp_path)
+    with pytest.raises(BlockcapError, match=f"weights file {path} is not a regular file \\(it is {kind}\\)"):
+        load_checkpoint(path)
+    data, out = tmp_path / "d.txt", tmp_path / "s.zarr"
+    data.write_text("hello world " * 20)
+    with pytest.raises(SystemExit) as exc:
+        main(["run", f"--weights={path}", f"--dataset={data}", f"--out={out}", "--progress=False"])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == EXIT_ERROR and len(err.splitlines()) == 1 and "is not a regular file" in err
+    assert not out.exists()

@@ -296,11 +296,11 @@ def without_transformers(monkeypatch, args: dict) -> dict:
 
 # (id, arguments made from (hf_zoo, tmp_path, monkeypatch), the error line's text)
 BAD = [
-    (
+    (  # no capture module, and a forward that does more than its layers (an embedding multiplier)
         "unsupported architecture",
-        lambda z, t, m: {"model": z("opt")},
-        "is a 'opt' model, which blockcap cannot capture; it supports GPT-2 (gpt2), GPT-NeoX/Pythia "
-        "(gpt_neox), Llama (llama), Mistral (mistral), Qwen2 (qwen2)",
+        lambda z, t, m: {"model": z("granite"), "sites": "block_output"},
+        "is a 'granite' model, which blockcap cannot capture: it has no capture module for it and the "
+        "generic path cannot reproduce it: block 0's input differs from the model's own hidden_states",
     ),
     ("missing directory", lambda z, t, m: {"model": t / "nowhere" / "model"}, "does not exist"),
     ("no config.json", lambda z, t, m: {"model": empty_directory(t / "empty")}, "has no config.json"),

@@ -9,6 +9,7 @@ import numpy as np
 
 from blockcap.analysis.reader import CaptureStore
 from blockcap.core.errors import BlockcapError
+from blockcap.core.sites import SITE_MEANINGS
 from blockcap.storage.integrity import COMMITTED
 
 
@@ -58,6 +59,11 @@ def describe(store: CaptureStore) -> str:
                 f"    block{b}/{site:24} mean {np.mean(st.mean):+.4g}, std {np.mean(st.std):.4g}, "
                 f"min {st.min.min():+.4g}, max {st.max.max():+.4g}, mean norm {np.nanmean(st.norm_mean):.4g}"
             )
+    family = (m.get("model") or {}).get("family")
+    meanings = SITE_MEANINGS.get(family, {})
+    if meanings:
+        lines.append(f"  sites, in {family} blocks:")
+        lines += [f"    {site:14} {meanings[site]}" for site in layout.sites if site in meanings]
     prov = {k: v for k, v in m.items() if k not in ("tokenizer",)}
     lines.append("  provenance:")
     lines += ["    " + line for line in json.dumps(prov, indent=2, sort_keys=True).splitlines()]

@@ -7,6 +7,7 @@ with named dimensions::
     residual sites   (window, position, embed)            block_input, proj_output, resid_mid, ...
     heads_output     (window, position, head, head_dim)   per head, like TransformerLens' hook_z
     mlp_hidden       (window, position, mlp)
+    router_logits    (window, position, expert)               mixture-of-experts models
     attention        (window, head, query, key)
 
 and ``tokens``, ``offsets`` and ``committed`` (False: a window not yet written, read as zeros)
@@ -18,7 +19,8 @@ Without blockcap, ``xarray.open_zarr(path, group="block0", consolidated=False)``
 sites (and the root group ``tokens``, ``offsets``, ``committed``). What a plain reader sees of
 bfloat16 is the bit pattern: ``uint16`` with the attribute ``blockcap_dtype: bfloat16``; widen it
 with ``(bits.astype(np.uint32) << 16).view(np.float32)``. There the last dimension is ``embed``
-for residual sites, ``head_features`` for ``heads_output`` and ``mlp`` for ``mlp_hidden``.
+for residual sites, ``head_features`` for ``heads_output``, ``mlp`` for ``mlp_hidden`` and
+``expert`` for ``router_logits``.
 """
 
 from __future__ import annotations
@@ -31,9 +33,9 @@ import numpy as np
 from blockcap.analysis.arrays import LazyArray
 from blockcap.core.errors import BlockcapError
 from blockcap.core.layout import TARGET_CHUNK_BYTES
-from blockcap.core.sites import ATTENTION, HEADS, MLP, TRANSFORMER_LENS, VECTOR_SITES
+from blockcap.core.sites import ATTENTION, EXPERTS, HEADS, MLP, TRANSFORMER_LENS, VECTOR_SITES
 
-DIMS = {HEADS: ("head", "head_dim"), MLP: ("mlp",)}
+DIMS = {HEADS: ("head", "head_dim"), MLP: ("mlp",), EXPERTS: ("expert",)}
 
 
 class _Dask:
@@ -99,8 +101,9 @@ def to_xarray(store: Any) -> Any:
     for block, site in store.layout.outputs():
         key = f"block{block}.{site}"
         dims, data = _site_variable(store, block, site, key)
-        attrs = {"site": site, "block": block, "transformer_lens": TRANSFORMER_LENS[site].format(b=block),
-                 "blockcap_dtype": store.layout.dtype_name}  # fmt: skip
+        attrs = {"site": site, "block": block, "blockcap_dtype": store.layout.dtype_name}
+        if site in TRANSFORMER_LENS:  # router_logits has no TransformerLens name
+            attrs["transformer_lens"] = TRANSFORMER_LENS[site].format(b=block)
         data_vars[key] = xr.Variable(dims, data, attrs)
     window_blocks = store.tokens.chunk_windows
     coords = {
@@ -147,11 +150,14 @@ def tl_lookup(store: Any, key: Any) -> LazyArray:
     """
     parsed = _parse(key)
     if parsed is None or parsed[1] not in store.blocks or parsed[0] not in store.sites:
-        templates = ", ".join(TRANSFORMER_LENS[s].replace("{b}", "N") for s in store.sites)
+        named = [s for s in store.sites if s in TRANSFORMER_LENS]
         what = "not a TransformerLens name" if parsed is None else "not captured in this store"
+        if not named:
+            raise BlockcapError(f"{key!r} is {what}; this store has no site TransformerLens names")
+        templates = ", ".join(TRANSFORMER_LENS[s].replace("{b}", "N") for s in named)
         raise BlockcapError(
             f"{key!r} is {what}; it has {templates} for N in {', '.join(map(str, store.blocks))}, "
-            f"or (short name, N) pairs like {(SHORT[store.sites[0]], store.blocks[0])!r}"
+            f"or (short name, N) pairs like {(SHORT[named[0]], store.blocks[0])!r}"
         )
     site, block = parsed
     return store.heads(block) if site == "heads_output" else store.site(site, block)

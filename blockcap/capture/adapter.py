@@ -1,7 +1,8 @@
 """What every model family provides to a capture: dimensions, tokenizer, identity, capture module.
 
-A family module (``chargpt``, ``gpt2``, ``neox``, ``llama``) turns a loaded model into an
-``Adapter``, whose capture modules are ``blockcap.capture.CaptureModule`` subclasses.
+A family module (``chargpt``, and under ``hf`` ``gpt2``, ``neox``, ``llama``, ``gemma``, ``olmo2``,
+``moe``, ``generic``) turns a loaded model into an ``Adapter``, whose capture modules are
+``blockcap.capture.CaptureModule`` subclasses.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from torch import nn
 
 from blockcap.capture.base import CaptureModule
 from blockcap.core.dims import ModelDims
+from blockcap.core.errors import BlockcapError
+from blockcap.core.sites import ROUTER_LOGITS, SITES
 from blockcap.data.tokenizers import Tokenizer
 
 
@@ -40,11 +43,24 @@ class Adapter(ABC):
     capture_class: type[CaptureModule]  # the family's capture module
 
     def capture_module(self, blocks: Sequence[int], sites: Sequence[str], fused: bool) -> CaptureModule:
-        """The hook-free module returning ``sites`` of ``blocks``."""
+        """The hook-free module returning ``sites`` of ``blocks`` (a BlockcapError for a missing site)."""
+        self.check_sites(sites, blocks)
         return self.capture_class(self.model, blocks, sites, fused=fused)
 
-    def check_sites(self, sites: Sequence[str]) -> None:  # noqa: B027 - most families have every site
-        """Raise a BlockcapError for a site this model does not have (default: it has them all)."""
+    def absent_sites(self, blocks: Sequence[int]) -> dict[str, str]:
+        """The sites ``blocks`` do not all have, each with the reason; a dense block lacks only a router."""
+        return {ROUTER_LOGITS: "this model has no mixture-of-experts router"}
+
+    def check_sites(self, sites: Sequence[str], blocks: Sequence[int]) -> None:
+        """A one-line BlockcapError for the first of ``sites`` that ``blocks`` do not have."""
+        absent = self.absent_sites(blocks)
+        missing = [s for s in sites if s in absent]
+        if missing:
+            site = missing[0]
+            have = ",".join(s for s in SITES if s not in absent)
+            raise BlockcapError(
+                f"sites has {site}, but {absent[site]}; drop {site} (these blocks have sites={have})"
+            )
 
     def to(self, device: torch.device, dtype: torch.dtype) -> None:
         """Move the model's weights (in place)."""

@@ -3,8 +3,9 @@
 A capture module is an explicit re-execution of a model's embeddings and blocks
 ``0..max(blocks)`` that returns the requested sites as a flat tuple. No hooks and no Python side
 effects in ``forward``, so ``torch.compile(fullgraph=True)`` and ``torch.export`` accept it, and
-it stops after the deepest requested block. Each model family (``blockcap.models``) subclasses
-``CaptureModule``; the site names come from ``blockcap.sites``, never from the store.
+it stops after the deepest requested block. Each model family (``blockcap.capture.chargpt``,
+``blockcap.capture.hf``) subclasses ``CaptureModule``; the site names come from
+``blockcap.core.sites``, never from the store.
 """
 
 from __future__ import annotations

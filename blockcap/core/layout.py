@@ -182,12 +182,9 @@ class Layout:
                 if site == ATTENTION
                 else (("row",) if self.dedup else ("window", "position")) + (WIDTH_DIM[VECTOR_SITES[site]],)
             )
-            attrs = {
-                "blockcap_dtype": self.dtype_name,
-                "site": site,
-                "block": b,
-                "transformer_lens": TRANSFORMER_LENS[site].format(b=b),
-            }
+            attrs = {"blockcap_dtype": self.dtype_name, "site": site, "block": b}
+            if site in TRANSFORMER_LENS:  # router_logits has no TransformerLens name
+                attrs["transformer_lens"] = TRANSFORMER_LENS[site].format(b=b)
             grid = self._unit_grid(shape)
             zdtype = str(self.dtype.zarr_dtype)
             out.append(ArrayDef(site_path(b, site), shape, zdtype, dims=dims, codec=self.codec, when=UNIT,

@@ -16,7 +16,7 @@ from typing import Any
 
 from blockcap.core.encoding import DEFAULT_CODEC, DEFAULT_DTYPE, parse_codec, storage_dtype
 from blockcap.core.errors import BlockcapError
-from blockcap.core.sites import ATTENTION, DEFAULT_SITES, SITES, VECTOR_SITES
+from blockcap.core.sites import ALL_SITES, ATTENTION, DEFAULT_SITES, SITES
 
 SPLITS = ("train", "val", "all")
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
@@ -69,7 +69,8 @@ def resolve_blocks(blocks: tuple[int, ...] | str, n_layer: int) -> tuple[int, ..
 
 
 def parse_sites(value: Any) -> tuple[str, ...]:
-    """Site names in canonical order; ``all`` is every vector site (attention is opt-in)."""
+    """Site names in canonical order; ``all`` is every dense vector site (attention and router_logits
+    are opt-in)."""
     if isinstance(value, str):
         names = [s.strip() for s in value.split(",")]
     elif isinstance(value, (list, tuple)):
@@ -78,7 +79,7 @@ def parse_sites(value: Any) -> tuple[str, ...]:
         names = []
     names = [n for n in names if n]
     if ALL in names:
-        names = [n for n in names if n != ALL] + list(VECTOR_SITES)
+        names = [n for n in names if n != ALL] + list(ALL_SITES)
     bad = [n for n in names if n not in SITES]
     if bad or not names:
         problem = f"has unknown {bad[0]!r}" if bad else "is empty"
@@ -141,7 +142,8 @@ class CaptureSpec:
     block_idx: Any = _help("block to capture: an int, a list (0,2) or all", 0)
     sites: Any = _help(
         "comma list of block_input, heads_output, proj_output, resid_mid, mlp_hidden, ffwd_output, "
-        "block_output, attention; or all (every site but attention)",
+        "block_output, attention, router_logits (mixture-of-experts models); or all (every site but "
+        "attention and router_logits)",
         DEFAULT_SITES,
     )
     model: str | None = _help(

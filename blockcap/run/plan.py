@@ -99,7 +99,7 @@ def make_plan(spec: CaptureSpec, opts: RunOptions, group: Group) -> Plan:
         )
     dims = adapter.dims
     blocks = resolve_blocks(spec.block_idx, dims.n_layer)
-    adapter.check_sites(spec.sites)
+    adapter.check_sites(spec.sites, blocks)
     if spec.sample_len > dims.context:
         raise BlockcapError(
             f"sample_len={spec.sample_len} is longer than the model's context of {dims.context} tokens; "

@@ -24,6 +24,7 @@ import hashlib
 import io
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -35,6 +36,8 @@ from blockcap.capture.chargpt.model import GPT, GPTConfig, causal_mask, state_sh
 from blockcap.core.errors import BlockcapError
 
 FORMAT = "blockcap-checkpoint"
+# how every file torch.save writes starts: a zip archive (since torch 1.6) or a pickle (before)
+CHECKPOINT_MAGIC = (b"PK\x03\x04", b"\x80")
 FORMAT_VERSION = 1
 BUNDLED = "bundled"
 
@@ -101,6 +104,17 @@ def _build(state: dict[str, Any], config: GPTConfig, masks_included: bool = True
     return model.eval()
 
 
+_KINDS = (
+    (stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a pipe"), (stat.S_ISSOCK, "a socket"),
+)  # fmt: skip
+
+
+def _kind(p: Path) -> str:
+    mode = p.stat().st_mode
+    return next((name for test, name in _KINDS if test(mode)), "not a plain file")
+
+
 def _reason(e: Exception) -> str:
     """The informative line of a torch.load error (weights-only refusals bury it mid-text)."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
@@ -113,11 +127,21 @@ def _reason(e: Exception) -> str:
 def load_checkpoint(path: str | os.PathLike | None = None) -> Loaded:
     """Load a blockcap checkpoint or an original state dict; ``None`` or ``"bundled"`` is the default."""
     p = bundled_path() if path in (None, BUNDLED) else Path(path).expanduser()
+    if p.exists() and not p.is_file():
+        raise BlockcapError(
+            f"weights file {p} is not a regular file (it is {_kind(p)}); pass --weights=PATH of a checkpoint "
+            f"file or omit it for the bundled model"
+        )
     if not p.is_file():
         raise BlockcapError(
             f"weights file {p} does not exist; pass --weights=PATH or omit it for the bundled model"
         )
     raw = p.read_bytes()
+    if not raw.startswith(CHECKPOINT_MAGIC):
+        raise BlockcapError(
+            f"weights file {p} is not a loadable checkpoint: it is neither a torch.save zip archive nor a "
+            f"pickle; pass a file written by torch.save or blockcap train"
+        )
     try:
         obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any file that is not a checkpoint: pickle, zip, key errors

@@ -15,7 +15,8 @@ from torch import nn
 from transformers.models.gpt2 import modeling_gpt2
 
 from blockcap.capture.base import CaptureModule
-from blockcap.capture.hf.load import HFAdapter, additive_mask, causal_allowed, fused_attention
+from blockcap.capture.hf.adapter import HFAdapter
+from blockcap.capture.hf.attention import additive_mask, causal_allowed, fused_attention
 from blockcap.core.dims import ModelDims
 
 # Max abs difference between fused and exact captures, relative to the largest magnitude of the

@@ -1,10 +1,12 @@
 """Hugging Face models: a ``save_pretrained`` directory or a hub id, loaded into a family adapter.
 
-GPT-2, GPT-NeoX (Pythia) and the Llama family (Llama, Mistral, Qwen2) load through transformers
-(the optional extra ``hf``) in float32 with eager attention: the implementation the capture
-modules re-execute bit for bit (the pipeline casts to ``model_dtype`` afterwards). Every way a load
-can fail is one BlockcapError line, and an unreachable hub fails at once instead of after the hub
-client's retries. The attention helpers the family modules share live here too.
+The families in ``FAMILIES`` load through transformers (the optional extra ``hf``) in float32 with
+eager attention: the implementation their capture modules re-execute bit for bit (the pipeline
+casts to ``model_dtype`` afterwards). Any other decoder transformers implements goes to the
+generic path (block inputs and outputs), if its layout is one it knows. No model's own Python
+ever runs (``trust_remote_code=False``, and ``auto_map`` configs are refused before transformers
+sees them); configs are checked before the model is built, and every way a load can fail is one
+BlockcapError line naming the file or the field and the fix.
 """
 
 from __future__ import annotations
@@ -12,151 +14,46 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-import os
-import re
-import socket
-import threading
-from abc import abstractmethod
+import pickle
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import torch
-from torch import nn
-from torch.nn import functional as F
 
-from blockcap.capture.adapter import Adapter
-from blockcap.core.dims import ModelDims
+from blockcap.capture.hf.adapter import HFAdapter
+from blockcap.capture.hf.attention import config_windows
+from blockcap.capture.hf.checks import (
+    check_shapes,
+    check_sizes,
+    mismatch,
+    read_config,
+    refuse_remote_code,
+    unpickling_reason,
+)
+from blockcap.capture.hf.hub import hub_options, locate, missing_extra, snapshot, unreachable
 from blockcap.core.errors import BlockcapError
 from blockcap.core.spec import CaptureSpec
 from blockcap.data.digest import sha256_file
 from blockcap.data.tokenizers import HFTokenizer
 
-# config.model_type -> (family module, adapter class)
+# config.model_type -> (family module, adapter class); any other type tries the generic path
 FAMILIES = {
     "gpt2": ("gpt2", "GPT2"),
     "gpt_neox": ("neox", "NeoX"),
-    "llama": ("llama", "Llama"),
-    "mistral": ("llama", "Llama"),
-    "qwen2": ("llama", "Llama"),
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "phi3"), ("llama", "Llama")),
+    **dict.fromkeys(("gemma2", "gemma3_text", "gemma3"), ("gemma", "Gemma")),
+    "olmo2": ("olmo2", "Olmo2"),
+    **dict.fromkeys(("mixtral", "qwen2_moe", "olmoe", "qwen3_moe"), ("moe", "MoE")),
 }
-SUPPORTED = "GPT-2 (gpt2), GPT-NeoX/Pythia (gpt_neox), Llama (llama), Mistral (mistral), Qwen2 (qwen2)"
-HUB_PROBE_SECONDS = 3.0
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
-_TRUE = {"1", "ON", "YES", "TRUE"}
-
-
-class HFAdapter(Adapter):
-    """A transformers base model (``GPT2Model``, ``GPTNeoXModel``, ``LlamaModel``, ...)."""
-
-    @staticmethod
-    @abstractmethod
-    def dims_of(model: nn.Module) -> ModelDims:
-        """The sizes, read from the model's modules (the truth where configs leave fields out)."""
-
-    def to(self, device: torch.device, dtype: torch.dtype) -> None:
-        """Move and cast the weights; rotary inverse frequencies stay float32.
-
-        That is what transformers does when it loads a model in lower precision; cast to bfloat16
-        they would misplace the angles of distant positions.
-        """
-        rotary = getattr(self.model, "rotary_emb", None)
-        kept = dict(rotary.named_buffers()) if rotary is not None else {}
-        self.model.to(device=device, dtype=dtype)
-        for name, buf in kept.items():
-            setattr(rotary, name, buf.to(device))
-
-
-def _missing_extra(model: str) -> BlockcapError:
-    return BlockcapError(
-        f"model={model!r} needs transformers, which is not installed; install blockcap[hf] "
-        f"(pip install 'blockcap[hf]')"
-    )
-
-
-def _unreachable(model: str) -> BlockcapError:
-    return BlockcapError(
-        f"model={model!r} is not a local directory, the Hugging Face hub could not be reached (or "
-        f"HF_HUB_OFFLINE is set) and the local hub cache lacks it; download it elsewhere (from_pretrained, "
-        f"then save_pretrained(DIR)) and pass model=DIRECTORY"
-    )
-
-
-def _locate(model: str, revision: str | None) -> tuple[Path | str, bool]:
-    """``model`` as an existing directory (checked) or a hub id; True when it is a directory."""
-    path = Path(model).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise BlockcapError(
-                f"model={model!r} is a file; pass a directory written by save_pretrained or a hub id"
-            )
-        if not (path / "config.json").is_file():
-            raise BlockcapError(
-                f"model directory {path} has no config.json; pass a directory written by save_pretrained"
-            )
-        if revision is not None:
-            raise BlockcapError(f"revision={revision!r} is for a hub id, not the directory {path}")
-        return path.resolve(), True
-    if not _HUB_ID.fullmatch(model) or ".." in model:
-        raise BlockcapError(
-            f"model directory {path} does not exist; pass a directory written by save_pretrained "
-            f"or a hub id such as EleutherAI/pythia-70m"
-        )
-    return model, False
-
-
-def _offline_by_env() -> bool:
-    return any(os.environ.get(v, "").upper() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
-def _hub_reachable() -> bool:
-    """Whether a TCP connection to the hub endpoint opens within ``HUB_PROBE_SECONDS``.
-
-    Behind a proxy a direct connection proves nothing, so the hub client decides there. The probe
-    runs in a thread because name resolution has no timeout of its own.
-    """
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")):
-        return True
-    url = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    port = url.port or (443 if url.scheme == "https" else 80)
-    opened: list[bool] = []
-
-    def connect() -> None:
-        try:
-            socket.create_connection((url.hostname, port), timeout=HUB_PROBE_SECONDS).close()
-            opened.append(True)
-        except (OSError, UnicodeError):
-            pass
-
-    probe = threading.Thread(target=connect, daemon=True)
-    probe.start()
-    probe.join(HUB_PROBE_SECONDS)
-    return bool(opened)
-
-
-def _hub_options(name: str, revision: str | None) -> dict[str, Any]:
-    """``from_pretrained`` options for a hub id: from the cache alone when the hub is out of reach.
-
-    Offline, a model missing from the cache fails here at once, before transformers is imported,
-    instead of after the hub client's retries.
-    """
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        raise _missing_extra(name) from None
-    offline = _offline_by_env() or not _hub_reachable()
-    if offline and not isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
-        raise _unreachable(name)
-    return {"revision": revision, "local_files_only": offline}
-
-
-def _snapshot(name: str, revision: str | None) -> Path:
-    """The cache directory (named by its commit) the hub client resolved ``revision`` to."""
-    from huggingface_hub import try_to_load_from_cache
-
-    return Path(str(try_to_load_from_cache(name, "config.json", revision=revision))).parent
+SUPPORTED = (
+    "every site of GPT-2 (gpt2), GPT-NeoX/Pythia (gpt_neox), Llama (llama), Mistral (mistral), Qwen2 "
+    "(qwen2), Qwen3 (qwen3), Phi-3 (phi3), Gemma 2 (gemma2), Gemma 3 (gemma3, gemma3_text), OLMo 2 "
+    "(olmo2), Mixtral (mixtral), Qwen2-MoE (qwen2_moe), OLMoE (olmoe) and Qwen3-MoE (qwen3_moe), and "
+    "block_input/block_output of other decoders laid out like Llama, OPT or BLOOM"
+)
+MULTIMODAL = {"gemma3": "language_model"}  # model_type -> the base model's attribute holding the text model
 
 
 def _first_line(e: BaseException) -> str:
@@ -170,15 +67,28 @@ def _loading(
     what: str,
     hub: bool,
     fix: str = "pass a complete save_pretrained directory or an existing hub id",
+    files: str = "",
 ) -> Iterator[None]:
-    """Turn what transformers raises while loading ``what`` into one line ending with ``fix``."""
+    """Turn what transformers raises while loading ``what`` (read from ``files``, where known) into
+    one line ending with ``fix``."""
     try:
         yield
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
+    except pickle.UnpicklingError as e:  # torch.load(weights_only=True) refused a pickled object
+        raise BlockcapError(
+            f"the {what} of model={model!r} ({files or 'from the hub'}) hold pickled Python objects, not "
+            f"only tensors ({unpickling_reason(e)}); blockcap loads tensors only: re-save them with "
+            f"save_pretrained (safetensors)"
+        ) from None
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, ArithmeticError) as e:
         from huggingface_hub.errors import LocalEntryNotFoundError
 
         if hub and any(isinstance(x, LocalEntryNotFoundError) for x in (e, e.__cause__)):
-            raise _unreachable(model) from None
+            raise unreachable(model) from None
+        if "trust_remote_code" in str(e):
+            raise BlockcapError(
+                f"model={model!r} is a model whose code ships beside it, which transformers does not "
+                f"implement; blockcap never runs a model's own Python: use a model transformers implements"
+            ) from None
         raise BlockcapError(
             f"could not load the {what} of model={model!r} ({_first_line(e)}); {fix}"
         ) from None
@@ -239,30 +149,92 @@ def _tokenizer(transformers: Any, source: Path | str, model: str, hub: bool, kw:
     return HFTokenizer(whole.to_str(), tok.eos_token_id, tok.bos_token_id)
 
 
+def _family(model_type: str) -> type[HFAdapter]:
+    module, cls_name = FAMILIES.get(model_type, ("generic", "Generic"))
+    return getattr(importlib.import_module(f"blockcap.capture.hf.{module}"), cls_name)
+
+
+def _check_config(name: str, where: str, config: Any) -> None:
+    """Refuse what no capture can run: encoder-decoders, bad sizes, empty sliding windows."""
+    if getattr(config, "is_encoder_decoder", False):
+        raise BlockcapError(
+            f"model={name!r} is a {config.model_type!r} encoder-decoder model; blockcap captures "
+            f"decoder-only language models"
+        )
+    text = config.get_text_config()
+    check_shapes(where, text)
+    windows = config_windows(text, getattr(text, "num_hidden_layers", 0))
+    if any(w is not None and w < 1 for w in windows):
+        raise BlockcapError(
+            f"{where} has sliding_window={text.sliding_window}; use a positive window: fix config.json"
+        )
+
+
+def _refuse_generic(name: str, model_type: str, why: str) -> BlockcapError:
+    return BlockcapError(
+        f"model={name!r} is a {model_type!r} model, which blockcap cannot capture: it has no capture module "
+        f"for it and {why}; it captures {SUPPORTED}"
+    )
+
+
+def _generic_check(name: str, model: Any) -> None:
+    """The generic path must know the model's layout and reproduce its hidden states on a probe."""
+    from blockcap.capture.hf.generic import layout_of, verify
+
+    layout = layout_of(model)
+    if isinstance(layout, str):
+        raise _refuse_generic(name, model.config.model_type, f"the generic path cannot run it: {layout}")
+    failure = verify(model, layout)
+    if failure:
+        raise _refuse_generic(
+            name, model.config.model_type, f"the generic path cannot reproduce it: {failure}"
+        )
+
+
 def load(spec: CaptureSpec) -> HFAdapter:
     """The adapter for ``spec.model``: a ``save_pretrained`` directory, or a hub id at ``spec.revision``."""
     name = str(spec.model)
-    source, local = _locate(name, spec.revision)
-    kw = {"local_files_only": True} if local else _hub_options(name, spec.revision)
+    source, local = locate(name, spec.revision)
+    where = str(Path(source) / "config.json") if local else f"the config.json of model={name!r}"
+    files = ""
+    if local:  # all before transformers is imported, let alone anything in the directory
+        raw = read_config(Path(source))
+        check_sizes(where, raw)
+        files = ", ".join(p.name for p in weight_files(Path(source)))
+    kw = {"local_files_only": True} if local else hub_options(name, spec.revision)
     try:
         import transformers
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
     except ImportError:
-        raise _missing_extra(name) from None
+        raise missing_extra(name) from None
+    if local:
+        refuse_remote_code(where, raw, CONFIG_MAPPING_NAMES)
+        if raw["model_type"] not in CONFIG_MAPPING_NAMES:
+            raise BlockcapError(
+                f"{where} has model_type {raw['model_type']!r}, which transformers "
+                f"{transformers.__version__} does not implement; pass a model it implements (or upgrade "
+                f"transformers)"
+            )
+    kw["trust_remote_code"] = False
     with _loading(name, "config", not local):
         config = transformers.AutoConfig.from_pretrained(source, **kw)
-    if config.model_type not in FAMILIES:
-        raise BlockcapError(
-            f"model={name!r} is a {config.model_type!r} model, which blockcap cannot capture; "
-            f"it supports {SUPPORTED}"
-        )
-    module, cls_name = FAMILIES[config.model_type]
-    cls: type[HFAdapter] = getattr(importlib.import_module(f"blockcap.capture.hf.{module}"), cls_name)
+    if not local:
+        check_sizes(where, config.to_dict())
+    _check_config(name, where, config)
+    cls = _family(config.model_type)
     tokenizer = _tokenizer(transformers, source, name, not local, kw)
-    with _loading(name, "weights", not local), _quiet(transformers.utils.logging):
+    with _loading(name, "weights", not local, files=files), _quiet(transformers.utils.logging):
         model, info = transformers.AutoModel.from_pretrained(
             source, config=config, dtype=torch.float32, attn_implementation="eager",
-            output_loading_info=True, **kw,
+            output_loading_info=True, ignore_mismatched_sizes=True, **kw,
         )  # fmt: skip
+    if info["mismatched_keys"]:
+        raise mismatch(f"model={name!r}", info["mismatched_keys"])
+    model.eval()
+    if config.model_type in MULTIMODAL:  # capture the text model; the other towers stay unused
+        model = getattr(model, MULTIMODAL[config.model_type])
+    if cls.family == "generic":  # first: a model it cannot run may lack weights it would never use
+        _generic_check(name, model)
     missing = sorted(info["missing_keys"])
     if missing:
         shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
@@ -270,10 +242,11 @@ def load(spec: CaptureSpec) -> HFAdapter:
             f"model={name!r} lacks weights for {len(missing)} of its parameters ({shown}); transformers "
             f"would initialise them randomly: pass a complete checkpoint"
         )
-    directory = Path(source) if local else _snapshot(name, spec.revision)
+    directory = Path(source) if local else snapshot(name, spec.revision)
     files = weight_files(directory)
     provenance = {
         "family": cls.family,
+        "model_type": config.model_type,
         "model": str(source),
         "revision": spec.revision,
         "commit": None if local else directory.name,
@@ -282,49 +255,6 @@ def load(spec: CaptureSpec) -> HFAdapter:
         "weight_files": [p.name for p in files],
         "tokenizer_sha256": tokenizer.sha256,
     }
-    model.eval()
+    if cls.family == "moe":  # the experts run the implementation transformers chose
+        provenance["experts_implementation"] = model.config._experts_implementation
     return cls(model, cls.dims_of(model), tokenizer, files_sha256(files), provenance)
-
-
-# Attention helpers shared by the family modules.
-
-
-def causal_allowed(T: int, window: int | None, device: torch.device) -> torch.Tensor:
-    """(T, T) bool: query i may attend key j when j <= i (and j > i - window for a sliding window)."""
-    i = torch.arange(T, device=device)
-    allowed = i[None, :] <= i[:, None]
-    if window is not None:
-        allowed = allowed & (i[None, :] > i[:, None] - window)
-    return allowed
-
-
-def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(1, 1, T, T): 0 where allowed, ``finfo(dtype).min`` elsewhere.
-
-    Eager attention in transformers ignores ``is_causal``: causality is only this mask, and these
-    are the values its mask functions produce, so adding it is bitwise the library's own step.
-    """
-    zero = torch.zeros((), dtype=dtype, device=allowed.device)
-    return torch.where(allowed, zero, torch.finfo(dtype).min)[None, None]
-
-
-def fused_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, allowed: torch.Tensor,
-    window: int | None, want_pattern: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
-    """SDPA over (B, heads, T, head_dim) q and (B, kv_heads, T, head_dim) k, v.
-
-    Returns the output as (B, T, heads, head_dim), like the eager functions, and when asked the
-    softmax pattern computed explicitly (SDPA does not return it).
-    """
-    gqa = q.shape[1] != k.shape[1]
-    if window is None:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, enable_gqa=gqa)
-    else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling, enable_gqa=gqa)
-    pattern = None
-    if want_pattern:
-        keys = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1) if gqa else k
-        scores = torch.matmul(q, keys.transpose(-2, -1)) * scaling + additive_mask(allowed, q.dtype)
-        pattern = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
-    return out.transpose(1, 2), pattern

@@ -18,22 +18,13 @@ from torch import nn
 from transformers.models.gpt_neox import modeling_gpt_neox
 
 from blockcap.capture.base import CaptureModule
-from blockcap.capture.hf.load import HFAdapter, additive_mask, causal_allowed, fused_attention
+from blockcap.capture.hf.adapter import HFAdapter
+from blockcap.capture.hf.attention import additive_mask, causal_allowed, fused_attention
 from blockcap.core.dims import ModelDims
-from blockcap.core.errors import BlockcapError
 
 # Max abs difference between fused and exact captures, relative to the largest magnitude of the
 # site (float32, CPU, tested in tests/test_hf_capture.py).
 FUSED_TOLERANCE = 1e-5
-
-
-def check_sites(model: nn.Module, sites: Sequence[str]) -> None:
-    """A BlockcapError for ``resid_mid`` of a parallel-residual model (it has no such tensor)."""
-    if "resid_mid" in sites and model.config.use_parallel_residual:
-        raise BlockcapError(
-            "sites has resid_mid, but this GPT-NeoX model uses a parallel residual (attention and MLP "
-            "both read the block input), so there is no residual stream between them; drop resid_mid"
-        )
 
 
 class NeoXCapture(CaptureModule):
@@ -44,7 +35,6 @@ class NeoXCapture(CaptureModule):
         fused: bool = False,
     ) -> None:  # fmt: skip
         super().__init__(blocks, sites)
-        check_sites(model, self.sites)
         self.embed_in, self.emb_dropout, self.rotary_emb = model.embed_in, model.emb_dropout, model.rotary_emb
         self.layers = nn.ModuleList(model.layers[: self.depth])
         self.fused = fused
@@ -106,5 +96,11 @@ class NeoX(HFAdapter):
             vocab_size=model.embed_in.num_embeddings, context=cfg.max_position_embeddings,
         )  # fmt: skip
 
-    def check_sites(self, sites: Sequence[str]) -> None:
-        check_sites(self.model, sites)
+    def absent_sites(self, blocks: Sequence[int]) -> dict[str, str]:
+        absent = super().absent_sites(blocks)
+        if self.model.config.use_parallel_residual:
+            absent["resid_mid"] = (
+                "this GPT-NeoX model uses a parallel residual (attention and MLP both read the block "
+                "input), so there is no residual stream between them"
+            )
+        return absent

@@ -93,7 +93,9 @@ def test_writer(benchmark, activations, tmp_path, codec, dtype):
     layout = Layout.build(spec, dims, n)
     out = tmp_path / "w.zarr"
     source = UnitSource(
-        offsets=lambda lo, hi: np.arange(lo, hi, dtype=np.int64), tag=store_tag(spec.identity())
+        offsets=lambda lo, hi: np.arange(lo, hi, dtype=np.int64),
+        sources=lambda lo, hi: np.zeros((hi - lo, 4), np.int64),
+        tag=store_tag(spec.identity()),
     )
 
     def fresh():

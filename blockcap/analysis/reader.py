@@ -102,6 +102,22 @@ class CaptureStore(Interop):
     def offsets(self) -> LazyArray:
         return self._lazy("offsets")
 
+    @cached_property
+    def sources(self) -> LazyArray:
+        """(window, 4): document, input file, row and position in the document of each window's
+        first dataset token (format 3 stores)."""
+        if not any(a.path == "sources" for a in self.layout.arrays()):
+            raise BlockcapError(
+                f"store {self.location} predates window sources (format {self.layout.format_version})"
+            )
+        return self._lazy("sources")
+
+    def source(self, i: int) -> dict[str, Any]:
+        """Where window ``i`` comes from: its document, the input file and row, and its position there."""
+        document, file, row, position = (int(x) for x in self.sources.np[self._window(i)])
+        files = self.meta.get("dataset", {}).get("files") or [{}]
+        return {"document": document, "file": files[file].get("path"), "row": row, "position": position}
+
     def committed_windows(self) -> np.ndarray:
         """Boolean mask over windows: True where the data has been written and committed."""
         mask = self.opened.index.committed_mask()

@@ -15,11 +15,10 @@ from typing import Any
 import numpy as np
 
 from blockcap.analysis.reader import CaptureStore
+from blockcap.analysis.tokens import check_tokens
 from blockcap.core.errors import BlockcapError
 from blockcap.core.layout import site_path
 from blockcap.core.spec import parse_storage_options
-from blockcap.data.sources import dataset_sha256, token_stream
-from blockcap.data.windows import Windows, split_tokens
 from blockcap.storage.codecs import digest
 from blockcap.storage.integrity import ABSENT, COMMITTED, DAMAGED
 from blockcap.storage.lifecycle import damaged_metadata, repair_metadata
@@ -97,7 +96,7 @@ def _verify(
         return problems, altered
     try:
         if check_dataset:
-            problems += _tokens(opened)
+            problems += check_tokens(opened)
         if check_stats:
             problems += _stats(opened)
     except BlockcapError as e:
@@ -174,25 +173,6 @@ def _other_arrays(opened: Opened, altered: list[str]) -> list[str]:
             problems.append(f"{key.rpartition('/c/')[0]}: object {key} differs from what was written")
             altered.append(key)
     return problems
-
-
-def _tokens(opened: Opened) -> list[str]:
-    """Compare stored tokens and offsets with the dataset, when the dataset is still there unchanged."""
-    meta, layout, params = opened.meta, opened.layout, opened.meta["params"]
-    data = Path(meta["dataset"]["path"] if "dataset" in meta else meta.get("dataset_path", ""))
-    if not data.exists() or dataset_sha256(data) != params["dataset_sha256"]:
-        return []
-    store = CaptureStore(opened)
-    stream = token_stream(data, store.tokenizer, params.get("text_column"))
-    windows = Windows(split_tokens(stream, params["split"]), params["sample_len"], params["stride"])
-    n = layout.n_windows
-    if len(windows) != n or not np.array_equal(
-        store.tokens.np[:].astype(np.int64), windows.get(0, n).numpy()
-    ):
-        return [f"tokens differ from the windows of dataset {data}"]
-    if not np.array_equal(store.offsets.np[:], windows.offsets(0, n)):
-        return ["offsets differ from the window starts"]
-    return []
 
 
 def _stats(opened: Opened) -> list[str]:

@@ -5,6 +5,7 @@
     <out>/                      Zarr v3 group, attribute "blockcap" = spec, provenance, state
       tokens                    uint8/16/32 (window, position)
       offsets                   int64       (window,)
+      sources                   int64       (window, 4)   document, input file, row, position (format 3)
       committed                 uint32      (unit, 2 + objects)   commit record of each write unit
       tokenizer                 uint8       (byte,)   tokenizer.json of a Hugging Face tokenizer
       block{b}/{site}           float       (window, position, width)
@@ -37,7 +38,13 @@ FORMAT_VERSION = 3  # 1: blockcap 0.1, 2: 0.2; older stores open, read and verif
 TARGET_CHUNK_BYTES = 4 << 20
 CREATE, UNIT, COMMIT, FINISH = "create", "unit", "commit", "finish"  # when an array's objects are written
 STATS_FINAL = ("mean", "var", "min", "max", "norm_mean")
-SMALL_CODEC = "zstd"  # index, token and statistics arrays: small, compress well
+SMALL_CODEC = "zstd"
+SOURCE_FIELDS = (
+    "document",
+    "file",
+    "row",
+    "position",
+)  # columns of ``sources``  # index, token and statistics arrays: small, compress well
 
 
 def site_path(block: int, site: str) -> str:
@@ -166,6 +173,12 @@ class Layout:
             ArrayDef("offsets", (n,), "int64", dims=("window",), codec=SMALL_CODEC, when=per_window,
                      **{k: v[:1] if v else v for k, v in window_grid.items()}),
         ]  # fmt: skip
+        if self.format_version >= 3:  # where each window comes from: document, input file, row, position
+            out.append(
+                ArrayDef("sources", (n, 4), "int64", dims=("window", "source"), codec=SMALL_CODEC,
+                         when=per_window, attrs={"fields": list(SOURCE_FIELDS)},
+                         **{k: (v[0], 4) if v else v for k, v in window_grid.items()})
+            )  # fmt: skip
         if self.dedup:
             out.append(
                 ArrayDef("prefix_rows", (n, T), "uint32", dims=("window", "position"), codec=SMALL_CODEC,

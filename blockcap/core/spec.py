@@ -19,6 +19,9 @@ from blockcap.core.errors import BlockcapError
 from blockcap.core.sites import ALL_SITES, ATTENTION, DEFAULT_SITES, SITES
 
 SPLITS = ("train", "val", "all")
+SEPARATORS = ("eos", "bos", "none")
+JOINED, DOCUMENTS = "joined", "documents"
+WINDOW_MODES = (JOINED, DOCUMENTS)
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 ALL = "all"
 
@@ -156,12 +159,21 @@ class CaptureSpec:
     )
     model_sha256: str | None = _help("refuse model weights whose sha256 differs", None)
     dataset: str | None = _help(
-        "text file, directory of .txt files, .jsonl or .parquet "
+        "a file, a directory (recursive), a glob or a URL (s3://, gs://, az://) of .txt, .jsonl, .parquet "
+        "(each optionally .gz/.bz2/.zst) or a datasets save_to_disk directory "
         "(default: $BLOCKCAP_DATASET, else TinyShakespeare, downloaded once)",
         None,
     )
     dataset_sha256: str | None = _help("refuse a dataset whose sha256 differs", None)
-    text_column: str | None = _help("column holding the text in a .jsonl or .parquet dataset", None)
+    text_column: str | None = _help("column holding the text in a .jsonl, .parquet or .arrow dataset", None)
+    separator: str | None = _help(
+        "token joined between documents: eos, bos or none (default: eos where the tokenizer has one)", None
+    )
+    windows: str = _help(
+        "joined (windows run over the joined token stream) or documents (never cross a document boundary)",
+        JOINED,
+    )
+    prepend_bos: bool = _help("start every window with the BOS token, then sample_len - 1 tokens", False)
     split: str = _help("val (last 10% of the token stream), train or all", "val")
     sample_len: int = _help("tokens per window (1..the model's context)", 3)
     stride: int = _help("tokens between window starts", 96)
@@ -201,16 +213,21 @@ class CaptureSpec:
             raise BlockcapError(f"revision={self.revision!r} needs model= (a Hugging Face model)")
         _choice("model_dtype", self.model_dtype, MODEL_DTYPES)
         _choice("split", self.split, SPLITS)
+        if self.separator is not None:
+            _choice("separator", self.separator, SEPARATORS)
+        _choice("windows", self.windows, WINDOW_MODES)
         if isinstance(self.sample_len, bool) or not isinstance(self.sample_len, int):
             raise BlockcapError(
                 f"sample_len={self.sample_len!r} is not an integer; use 1..the model's context"
             )
         positive("sample_len", self.sample_len, MAX_COUNT)
+        if self.prepend_bos is True and self.sample_len < 2:
+            raise BlockcapError(f"prepend_bos=True needs sample_len=2 or more (got {self.sample_len})")
         positive("stride", self.stride, MAX_COUNT)
         positive("batch_size", self.batch_size, 1 << 62)
         storage_dtype(self.dtype)
         parse_codec(self.codec)
-        for name in ("compile", "fused", "dedup", "stats"):
+        for name in ("compile", "fused", "dedup", "stats", "prepend_bos"):
             _flag(name, getattr(self, name))
         if self.chunk_windows is not None:  # its fit with batch_size needs the window count: see plan
             positive("chunk_windows", self.chunk_windows, MAX_COUNT)
@@ -259,17 +276,17 @@ def parse_part(part: Any) -> tuple[int, int]:
     raise BlockcapError(f"part={part!r} is not k/n with 0 <= k < n; use e.g. part=0/2 and part=1/2")
 
 
-def parse_storage_options(value: Any) -> dict[str, Any]:
-    """``storage_options`` as a dict: a dict, a JSON object string, or None."""
+def parse_storage_options(value: Any, name: str = "storage_options") -> dict[str, Any]:
+    """``storage_options`` (or the option ``name``) as a dict: a dict, a JSON object string, or None."""
     if value is None:
         return {}
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except json.JSONDecodeError as e:
-            raise BlockcapError(f"storage_options={value!r} is not JSON ({e.msg})") from None
+            raise BlockcapError(f"{name}={value!r} is not JSON ({e.msg})") from None
     if not isinstance(value, dict):
-        raise BlockcapError(f'storage_options={value!r} is not a JSON object like {{"anon": true}}')
+        raise BlockcapError(f'{name}={value!r} is not a JSON object like {{"anon": true}}')
     return value
 
 
@@ -289,6 +306,10 @@ class RunOptions:
         "0/1",
     )
     storage_options: Any = _help("JSON object for the storage backend (endpoint_url, anon, ...)", None)
+    dataset_storage_options: Any = _help("JSON object for a dataset URL's storage backend", None)
+    token_cache: str | None = _help(
+        "directory of token caches (default: $BLOCKCAP_TOKEN_CACHE, else ~/.cache/blockcap/tokens)", None
+    )
     dry_run: bool = _help("print what the run would produce and its estimated time; create nothing", False)
     force: bool = _help("start even when the target seems to lack the free space the run needs", False)
     progress: bool = _help("show a progress bar", True)
@@ -303,6 +324,9 @@ class RunOptions:
         positive("writers", self.writers, 64)
         parse_part(self.part)
         set_(self, "storage_options", parse_storage_options(self.storage_options))
+        set_(self, "dataset_storage_options",
+             parse_storage_options(self.dataset_storage_options, "dataset_storage_options"))  # fmt: skip
+        set_(self, "token_cache", _optional_text("token_cache", self.token_cache))
 
     @property
     def parts(self) -> tuple[int, int]:

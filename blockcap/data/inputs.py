@@ -82,9 +82,7 @@ def _local_files(dataset: str) -> list[Path]:
         return found
     root = Path(dataset).expanduser()
     if not root.exists():
-        raise BlockcapError(
-            f"dataset {root} does not exist; pass a file, a directory, a glob or a URL"
-        )
+        raise BlockcapError(f"dataset {root} does not exist; pass a file, a directory, a glob or a URL")
     if root.is_dir():
         arrow = _hf_arrow_files(root)
         if arrow is not None:
@@ -122,7 +120,9 @@ def _remote_files(dataset: str, options: dict[str, Any]) -> list[tuple[str, int,
         raise BlockcapError(f"dataset={dataset!r} does not exist; check the URL") from None
     except Exception as e:  # each backend raises its own kinds (credentials, network, bucket)
         first = (str(e).strip().splitlines() or [""])[0]
-        raise BlockcapError(f"dataset={dataset!r}: the object store failed ({type(e).__name__}: {first})") from None
+        raise BlockcapError(
+            f"dataset={dataset!r}: the object store failed ({type(e).__name__}: {first})"
+        ) from None
     out = []
     for p, info in sorted(infos.items()):
         if info.get("type") == "directory" or p.rsplit("/", 1)[-1] in _SKIPPED:
@@ -148,7 +148,7 @@ def list_inputs(dataset: str, options: dict[str, Any] | None = None) -> list[Inp
     if is_url(dataset) and not dataset.startswith("file://"):
         entries = _remote_files(dataset, dict(options or {}))
     else:
-        local = _local_files(dataset.removeprefix("file://"))
+        local = [p.absolute() for p in _local_files(dataset.removeprefix("file://"))]
         entries = [(str(p), p.stat().st_size, "") for p in local]
     files, formats = [], {}
     for path, size, digest in entries:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from blockcap.core.errors import BlockcapError
-from blockcap.data.inputs import ARROW, JSONL, PARQUET, TEXT, InputFile
+from blockcap.data.inputs import JSONL, PARQUET, TEXT, InputFile
 
 PIECE_CHARS = 1 << 20  # characters of a .txt document read (and encoded) at a time
 ROWS_PER_READ = 1024  # rows of a parquet or arrow file converted to Python strings at a time
@@ -35,9 +35,10 @@ class Document:
     """One document: which file and row it came from, and its text (whole, or in pieces)."""
 
     file: int  # index into the dataset's input files
-    row: int  # line of a .jsonl, row of a table, 0 for a .txt file
+    row: int  # record number in its file, from 0 (a .jsonl's line number less one; 0 for a .txt file)
     text: str | None  # the text, for record formats
     pieces: Iterator[str] | None = None  # the text in pieces, for .txt files (possibly huge)
+    at: int = 0  # bytes of the file (as stored) read when this document was, for progress
 
 
 def _raw(f: InputFile, options: dict[str, Any]) -> IO[bytes]:
@@ -50,7 +51,10 @@ def _raw(f: InputFile, options: dict[str, Any]) -> IO[bytes]:
 
 def open_binary(f: InputFile, options: dict[str, Any] | None = None) -> IO[bytes]:
     """The file's bytes, decompressed as they are read."""
-    raw = _raw(f, dict(options or {}))
+    return _decompressed(f, _raw(f, dict(options or {})))
+
+
+def _decompressed(f: InputFile, raw: IO[bytes]) -> IO[bytes]:
     if f.compression == "gzip":
         return gzip.GzipFile(fileobj=raw)
     if f.compression == "bz2":
@@ -69,7 +73,9 @@ def open_binary(f: InputFile, options: dict[str, Any] | None = None) -> IO[bytes
 
 def _bad(f: InputFile, e: BaseException, where: str = "") -> BlockcapError:
     what = {"gzip": "gzip", "bz2": "bz2", "zstd": "zstd"}.get(f.compression or "", f.format)
-    return BlockcapError(f"dataset file {f.path}{where} is not a readable {what} file ({type(e).__name__}: {e})")
+    return BlockcapError(
+        f"dataset file {f.path}{where} is not a readable {what} file ({type(e).__name__}: {e})"
+    )
 
 
 def _text(f: InputFile, options: dict[str, Any]) -> Iterator[str]:
@@ -78,16 +84,18 @@ def _text(f: InputFile, options: dict[str, Any]) -> Iterator[str]:
             while piece := text.read(PIECE_CHARS):
                 yield piece
     except UnicodeDecodeError as e:
-        raise BlockcapError(f"dataset file {f.path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise BlockcapError(
+            f"dataset file {f.path} is not UTF-8 text ({e.reason} at byte {e.start})"
+        ) from None
     except _DECODE_ERRORS as e:
         raise _bad(f, e) from None
 
 
-def _jsonl(f: InputFile, column: str, options: dict[str, Any]) -> Iterator[tuple[int, str]]:
+def _jsonl(f: InputFile, column: str, options: dict[str, Any]) -> Iterator[tuple[int, str, int]]:
     n = 0
     try:
-        with open_binary(f, options) as raw:
-            for n, line in enumerate(io.TextIOWrapper(raw, encoding="utf-8"), 1):
+        with _raw(f, options) as raw, _decompressed(f, raw) as data:
+            for n, line in enumerate(io.TextIOWrapper(data, encoding="utf-8"), 1):
                 if not line.strip():
                     continue
                 try:
@@ -98,7 +106,7 @@ def _jsonl(f: InputFile, column: str, options: dict[str, Any]) -> Iterator[tuple
                     raise BlockcapError(
                         f"dataset file {f.path} line {n} has no text_column {column!r}; pass text_column="
                     )
-                yield n, _string(f, row[column], column, f"line {n}")
+                yield n - 1, _string(f, row[column], column, f"line {n}"), raw.tell()
     except UnicodeDecodeError as e:
         raise BlockcapError(f"dataset file {f.path} line {n + 1} is not UTF-8 text ({e.reason})") from None
     except _DECODE_ERRORS as e:
@@ -136,7 +144,7 @@ def _columns(f: InputFile, names: list[str], column: str) -> None:
         )
 
 
-def _table(f: InputFile, column: str, options: dict[str, Any]) -> Iterator[tuple[int, str]]:
+def _table(f: InputFile, column: str, options: dict[str, Any]) -> Iterator[tuple[int, str, int]]:
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -151,13 +159,22 @@ def _table(f: InputFile, column: str, options: dict[str, Any]) -> Iterator[tuple
                 table = pq.ParquetFile(stack.enter_context(_seekable(f, options)))
                 _columns(f, table.schema_arrow.names, column)
                 batches = table.iter_batches(columns=[column], batch_size=ROWS_PER_READ)
+                total = max(1, table.metadata.num_rows)
+
+                def at() -> int:
+                    return f.size * row // total
             else:
-                reader = pa.ipc.open_stream(stack.enter_context(open_binary(f, options)))
+                raw = stack.enter_context(_raw(f, options))
+                reader = pa.ipc.open_stream(stack.enter_context(_decompressed(f, raw)))
                 _columns(f, reader.schema.names, column)
                 batches = (b.select([column]) for b in reader)
+
+                def at() -> int:
+                    return raw.tell()
+
             for batch in batches:
                 for value in batch.column(0).to_pylist():
-                    yield row, _string(f, value, column, f"row {row}")
+                    yield row, _string(f, value, column, f"row {row}"), at()
                     row += 1
     except BlockcapError:
         raise
@@ -177,8 +194,7 @@ def documents(files: list[InputFile], text_column: str | None, options: dict[str
     column = text_column or DEFAULT_TEXT_COLUMN
     for i, f in enumerate(files):
         if f.format == TEXT:
-            yield Document(i, 0, None, _text(f, opts))
-        elif f.format == JSONL:
-            yield from (Document(i, row, text) for row, text in _jsonl(f, column, opts))
-        elif f.format in (PARQUET, ARROW):
-            yield from (Document(i, row, text) for row, text in _table(f, column, opts))
+            yield Document(i, 0, None, _text(f, opts), f.size)
+        else:
+            rows = _jsonl(f, column, opts) if f.format == JSONL else _table(f, column, opts)
+            yield from (Document(i, row, text, None, at) for row, text, at in rows)

@@ -1,22 +1,34 @@
-"""The split and the windows, as the original experiment made them.
+"""The split and the windows: which stream positions each window holds.
 
-``val`` is the last 10 % of the token stream, windows are ``unfold(0, sample_len, stride)``.
+As the original experiment: ``val`` is the last 10 % of the (joined) token stream, ``train`` the
+rest, and windows are ``unfold(0, sample_len, stride)`` of the split's stream (``joined``). With
+``documents``, windows never cross a document boundary: each document of the split gets its own
+``unfold``. With a BOS id, every window is that token followed by ``sample_len - 1`` stream
+tokens (as TransformerLens and SAELens prepend it). A window is read from the stream when asked
+for, so memory follows the windows read, not the corpus.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
+
+from blockcap.core.spec import DOCUMENTS, JOINED
+from blockcap.data.stream import ArrayStream, Stream
 
 TRAIN_FRACTION = 0.9
 
 
+def split_range(n_tokens: int, split: str, train_fraction: float = TRAIN_FRACTION) -> tuple[int, int]:
+    """Stream positions of a split: first ``int(0.9 * n)`` train, the rest val; ``all`` everything."""
+    n = int(train_fraction * n_tokens)
+    return {"train": (0, n), "val": (n, n_tokens), "all": (0, n_tokens)}[split]
+
+
 def split_tokens(data: np.ndarray, split: str, train_fraction: float = TRAIN_FRACTION) -> np.ndarray:
-    """The original split: first ``int(0.9 * len)`` tokens train, the rest val; ``all`` is everything."""
-    n = int(train_fraction * len(data))
-    return {"train": data[:n], "val": data[n:], "all": data}[split]
+    """The split of an in-memory stream (see ``split_range``)."""
+    lo, hi = split_range(len(data), split, train_fraction)
+    return data[lo:hi]
 
 
 def window_count(n_tokens: int, sample_len: int, stride: int) -> int:
@@ -24,24 +36,69 @@ def window_count(n_tokens: int, sample_len: int, stride: int) -> int:
     return 0 if n_tokens < sample_len else (n_tokens - sample_len) // stride + 1
 
 
-@dataclass(frozen=True)
 class Windows:
-    """Fixed-length windows of a token stream, as the original batcher made them."""
+    """Fixed-length windows of a stream's positions ``span`` (a split), as the original batcher made
+    them; ``stream`` may be an array of ids (one document)."""
 
-    tokens: np.ndarray  # the split's token stream
-    sample_len: int
-    stride: int
+    def __init__(
+        self, stream: Stream | np.ndarray, sample_len: int, stride: int, span: tuple[int, int] | None = None,
+        mode: str = JOINED, bos_id: int | None = None,
+    ) -> None:  # fmt: skip
+        self.stream = ArrayStream(stream) if isinstance(stream, np.ndarray) else stream
+        self.sample_len, self.stride, self.mode, self.bos_id = sample_len, stride, mode, bos_id
+        self.span = span or (0, len(self.stream))
+        self.body = sample_len - (bos_id is not None)  # stream tokens per window
+        if mode == DOCUMENTS:
+            self._starts = self._document_starts()
+            self.n = len(self._starts)
+        else:
+            self.n = window_count(self.span[1] - self.span[0], self.body, stride) if self.body else 0
 
     def __len__(self) -> int:
-        return window_count(len(self.tokens), self.sample_len, self.stride)
+        return self.n
+
+    def _document_starts(self) -> np.ndarray:
+        """First stream position of every window that stays inside one document of the span.
+
+        One int64 per window (the windows' own offsets array holds as much), computed a chunk of
+        documents at a time.
+        """
+        a, b = self.span
+        parts = []
+        for j, length in self.stream.documents():
+            lo, hi = np.maximum(j, a), np.minimum(j + length, b)
+            count = np.where(hi - lo >= self.body, (hi - lo - self.body) // self.stride + 1, 0)
+            if count.any():
+                doc = np.repeat(np.arange(len(count)), count)
+                first = np.cumsum(count) - count
+                parts.append(lo[doc] + (np.arange(len(doc)) - first[doc]) * self.stride)
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+    def starts(self, start: int, stop: int) -> np.ndarray:
+        """Stream position of the first stream token of windows ``start:stop``."""
+        if self.mode == DOCUMENTS:
+            return self._starts[start:stop]
+        return self.span[0] + np.arange(start, stop, dtype=np.int64) * self.stride
 
     def get(self, start: int, stop: int) -> torch.Tensor:
         """Windows ``start:stop`` as (stop - start, sample_len) int64."""
-        lo = start * self.stride
-        hi = (stop - 1) * self.stride + self.sample_len
-        part = torch.from_numpy(np.ascontiguousarray(self.tokens[lo:hi], dtype=np.int64))
-        return part.unfold(0, self.sample_len, self.stride)
+        if self.mode == DOCUMENTS:
+            firsts = self.starts(start, stop)
+            lo, hi = int(firsts[0]), int(firsts[-1]) + self.body
+            ids = self.stream.read(lo, hi)
+            body = ids[(firsts - lo)[:, None] + np.arange(self.body)]
+        else:
+            lo = self.span[0] + start * self.stride
+            hi = lo + (stop - 1 - start) * self.stride + self.body
+            body = torch.from_numpy(self.stream.read(lo, hi)).unfold(0, self.body, self.stride).numpy()
+        if self.bos_id is not None:
+            body = np.concatenate([np.full((len(body), 1), self.bos_id, np.int64), body], axis=1)
+        return torch.from_numpy(np.ascontiguousarray(body, dtype=np.int64))
 
     def offsets(self, start: int, stop: int) -> np.ndarray:
         """Start of each window in the split's token stream."""
-        return np.arange(start, stop, dtype=np.int64) * self.stride
+        return self.starts(start, stop) - self.span[0]
+
+    def sources(self, start: int, stop: int) -> np.ndarray:
+        """(document, input file, row, position in document) of each window's first stream token."""
+        return self.stream.locate(self.starts(start, stop))

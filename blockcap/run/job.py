@@ -209,6 +209,7 @@ class Job:
         )  # fmt: skip
         source = UnitSource(
             offsets=p.windows.offsets,
+            sources=p.windows.sources,
             tag=store_tag(p.spec.identity()),
             row_positions=getattr(p.schedule, "row_position", None),
             row_weights=getattr(p.schedule, "row_weight", None),

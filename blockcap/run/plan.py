@@ -24,8 +24,9 @@ from blockcap.core.layout import Layout, choose_chunk_windows
 from blockcap.core.sites import ATTENTION
 from blockcap.core.spec import CaptureSpec, RunOptions, resolve_blocks
 from blockcap.core.version import __version__
-from blockcap.data.sources import dataset_sha256, read_text, resolve_dataset, token_stream
-from blockcap.data.windows import Windows, split_tokens
+from blockcap.data.corpus import corpus_windows, open_corpus
+from blockcap.data.sources import characters, resolve_dataset
+from blockcap.data.windows import Windows
 from blockcap.run.device import free_memory, pick_device
 from blockcap.run.dist import Group
 from blockcap.run.schedule import DedupSchedule, WindowSchedule
@@ -91,8 +92,8 @@ def make_plan(spec: CaptureSpec, opts: RunOptions, group: Group) -> Plan:
     device = pick_device(spec.device)
     if device.type == "cuda" and group.active and spec.device in (None, "cuda"):
         device = torch.device("cuda", group.local_rank)
-    data_path = resolve_dataset(spec.dataset, spec.dataset_sha256)
-    adapter = load_model(spec, lambda: read_text(data_path, spec.text_column))
+    dataset = resolve_dataset(spec.dataset, spec.dataset_sha256)
+    adapter = load_model(spec, lambda: characters(dataset, spec.text_column))
     if spec.model_sha256 and spec.model_sha256 != adapter.model_sha256:
         raise BlockcapError(
             f"model_sha256={spec.model_sha256} does not match the model's weights ({adapter.model_sha256})"
@@ -105,18 +106,12 @@ def make_plan(spec: CaptureSpec, opts: RunOptions, group: Group) -> Plan:
             f"sample_len={spec.sample_len} is longer than the model's context of {dims.context} tokens; "
             f"use 1..{dims.context}"
         )
-    stream = token_stream(data_path, adapter.tokenizer, spec.text_column)
-    if int(stream.max()) >= dims.vocab_size:
-        raise BlockcapError(
-            f"the tokenizer gives ids up to {int(stream.max())} but the model's embedding has "
-            f"{dims.vocab_size} rows; the tokenizer does not belong to this model"
-        )
-    windows = Windows(split_tokens(stream, spec.split), spec.sample_len, spec.stride)
-    if len(windows) == 0:
-        raise BlockcapError(
-            f"the {spec.split} split of {data_path} has {len(windows.tokens)} tokens, fewer than one "
-            f"window (sample_len={spec.sample_len}); use a smaller sample_len or a longer dataset"
-        )
+    corpus = open_corpus(
+        dataset, adapter.tokenizer, spec.text_column, spec.dataset_sha256, opts.token_cache,
+        opts.dataset_storage_options, progress=opts.progress and group.leader, build=group.local_rank == 0,
+    )  # fmt: skip
+    spec = replace(spec, separator=spec.separator or corpus.default_separator())
+    windows = corpus_windows(corpus, spec, dims.vocab_size)
     _check_batch_memory(spec, dims, len(windows), device)
     schedule = (
         DedupSchedule(windows, spec.batch_size) if spec.dedup else WindowSchedule(windows, spec.batch_size)
@@ -139,7 +134,7 @@ def make_plan(spec: CaptureSpec, opts: RunOptions, group: Group) -> Plan:
             f"use 1..{n_chunks}"
         )
     resolved = replace(
-        spec, block_idx=blocks, chunk_windows=chunk, dataset_sha256=dataset_sha256(data_path),
+        spec, block_idx=blocks, chunk_windows=chunk, dataset_sha256=corpus.sha256,
         model_sha256=adapter.model_sha256, device=device.type,
     )  # fmt: skip
     tok_record, tok_blob = adapter.tokenizer.record()
@@ -154,6 +149,7 @@ def make_plan(spec: CaptureSpec, opts: RunOptions, group: Group) -> Plan:
     if spec.dedup:
         create_arrays["tokens"] = windows.get(0, len(windows)).numpy()
         create_arrays["offsets"] = windows.offsets(0, len(windows))
+        create_arrays["sources"] = windows.sources(0, len(windows))
         create_arrays["prefix_rows"] = schedule.prefix_rows
     meta = {
         "run_id": uuid.uuid4().hex[:12],
@@ -164,7 +160,7 @@ def make_plan(spec: CaptureSpec, opts: RunOptions, group: Group) -> Plan:
         "tokenizer_bytes": layout.tokenizer_bytes,
         "tokenizer": tok_record,
         "model": adapter.provenance,
-        "dataset": {"name": data_path.name, "path": str(data_path.absolute()), "tokens": int(stream.size)},
+        "dataset": corpus.record(),
         "versions": {
             "blockcap": __version__,
             "torch": str(torch.__version__),

@@ -133,9 +133,10 @@ def as_float32(data: np.ndarray, dtype_name: str) -> np.ndarray:
 
 @dataclass
 class UnitSource:
-    """What the writer needs besides the slab: window offsets, and a dedup store's row facts."""
+    """What the writer needs besides the slab: where windows come from, and a dedup store's row facts."""
 
     offsets: Callable[[int, int], np.ndarray]  # windows lo:hi -> start offsets
+    sources: Callable[[int, int], np.ndarray]  # windows lo:hi -> (document, file, row, position)
     tag: int  # the store's tag for its commit records (``integrity.store_tag``)
     row_positions: np.ndarray | None = None  # dedup: position of each row's token
     row_weights: np.ndarray | None = None  # dedup: how many (window, position) pairs use each row
@@ -213,6 +214,8 @@ class SlabWriter:
         if not layout.dedup:
             data["tokens"] = slab.tokens.numpy().astype(self._dtype("tokens"), copy=False)
             data["offsets"] = self.source.offsets(slab.lo, slab.hi)
+            if "sources" in self.encoders:
+                data["sources"] = self.source.sources(slab.lo, slab.hi)
         for (b, s), buf in zip(layout.outputs(), slab.sites, strict=True):
             data[site_path(b, s)] = layout.dtype.to_numpy(buf)
         T = layout.sample_len

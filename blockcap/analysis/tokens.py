@@ -1,0 +1,73 @@
+"""Stored tokens against the dataset they came from, a unit at a time.
+
+The store names its dataset and how its windows were cut; the dataset's token cache (built by
+streaming tokenization when there is none) gives the windows again, and every unit's stored
+tokens, offsets and sources must equal them. A dataset that is gone or whose content changed is
+not compared (there is nothing to compare against).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from blockcap.analysis.reader import CaptureStore
+from blockcap.core.errors import BlockcapError
+from blockcap.core.spec import CaptureSpec
+from blockcap.data.corpus import corpus_windows, open_corpus
+from blockcap.data.windows import Windows
+from blockcap.storage.metadata import Opened
+
+
+def _spec(opened: Opened) -> CaptureSpec:
+    """The spec that cut the store's windows (format 1 predates specs: the few fields it had)."""
+    store = CaptureStore(opened)
+    if store.spec is not None:
+        return store.spec
+    p = opened.meta["params"]
+    return CaptureSpec(split=p["split"], sample_len=p["sample_len"], stride=p["stride"],
+                       dataset_sha256=p.get("dataset_sha256"))  # fmt: skip
+
+
+def dataset_windows(opened: Opened, token_cache: str | None = None) -> Windows | None:
+    """The windows the store's dataset gives today, or None when it is gone or changed."""
+    dataset = dataset_of(opened)
+    if not dataset or not (Path(dataset).exists() or "://" in str(dataset)):
+        return None
+    spec = _spec(opened)
+    try:
+        corpus = open_corpus(str(dataset), CaptureStore(opened).tokenizer, spec.text_column,
+                             spec.dataset_sha256, token_cache)  # fmt: skip
+    except BlockcapError:
+        return None  # gone, unreadable or changed since the capture
+    return corpus_windows(corpus, spec, opened.layout.dims.vocab_size)
+
+
+def check_tokens(opened: Opened, token_cache: str | None = None) -> list[str]:
+    """Problems with the stored tokens, offsets and sources against the dataset (none when it is gone)."""
+    windows = dataset_windows(opened, token_cache)
+    if windows is None:
+        return []
+    store, layout = CaptureStore(opened), opened.layout
+    n = layout.n_windows
+    if len(windows) != n:
+        return [f"the dataset gives {len(windows):,} windows where the store has {n:,}"]
+    has_sources = any(a.path == "sources" for a in layout.arrays())
+    step = store.tokens.chunk_windows
+    for lo in range(0, n, step):
+        hi = min(lo + step, n)
+        if not np.array_equal(store.tokens.np[lo:hi].astype(np.int64), windows.get(lo, hi).numpy()):
+            return [
+                f"tokens of windows {lo}..{hi - 1} differ from the windows of dataset {dataset_of(opened)}"
+            ]
+        if not np.array_equal(store.offsets.np[lo:hi], windows.offsets(lo, hi)):
+            return [f"offsets of windows {lo}..{hi - 1} differ from the window starts"]
+        if has_sources and not np.array_equal(store.sources.np[lo:hi], windows.sources(lo, hi)):
+            return [f"sources of windows {lo}..{hi - 1} differ from the dataset's documents"]
+    return []
+
+
+def dataset_of(opened: Opened) -> str | None:
+    """The dataset a store names (format 1 kept it apart)."""
+    return opened.meta.get("dataset", {}).get("path") or opened.meta.get("dataset_path")

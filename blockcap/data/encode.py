@@ -1,0 +1,96 @@
+"""Encoding documents in order, in batches on every core, while the next batch is read.
+
+Record documents (``.jsonl``, table rows) are gathered into batches of about ``BATCH_CHARS``
+characters and encoded together by the tokenizer's batch call (the tokenizers library spreads a
+batch over every core and releases the GIL, so a thread reading and parsing the next batch runs
+beside it). A streamed ``.txt`` document is encoded by the tokenizer's linear streaming rule.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from blockcap.data.records import Document
+from blockcap.data.tokenizers import Tokenizer
+
+BATCH_CHARS = 4 << 20  # characters of record documents encoded per batch call
+BATCH_DOCS = 8192  # documents per batch call at most
+_END = object()
+
+
+def _batches(docs: Iterator[Document]) -> Iterator[list[Document]]:
+    """Record documents in batches; a streamed document alone."""
+    batch: list[Document] = []
+    size = 0
+    for doc in docs:
+        if doc.pieces is not None:
+            if batch:
+                yield batch
+                batch, size = [], 0
+            yield [doc]
+            continue
+        batch.append(doc)
+        size += len(doc.text or "")
+        if size >= BATCH_CHARS or len(batch) >= BATCH_DOCS:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _prefetched(batches: Iterator[list[Document]]) -> Iterator[list[Document]]:
+    """``batches`` read one ahead on a thread (errors re-raised here, in order)."""
+    box: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def read() -> None:
+        try:
+            for b in batches:
+                if stop.is_set():
+                    return
+                box.put(b)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            box.put(e)
+            return
+        box.put(_END)
+
+    thread = threading.Thread(target=read, name="blockcap-read", daemon=True)
+    thread.start()
+    try:
+        while (item := box.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a reader waiting to hand over a batch
+            try:
+                box.get_nowait()
+            except queue.Empty:
+                thread.join(0.05)
+
+
+def encoded(
+    tokenizer: Tokenizer, docs: Iterator[Document], progress: Callable[[int, int, int], None]
+) -> Iterator[tuple[Document, np.ndarray, int]]:
+    """(document, its token ids, hard cuts) for every document, in order.
+
+    ``progress(file, at, tokens)`` is told after each batch how far into which input file reading
+    got and how many tokens came out so far (a streamed document's pieces are read as it is
+    encoded, so a lone huge file reports when done).
+    """
+    tokens = 0
+    for batch in _prefetched(_batches(docs)):
+        if batch[0].pieces is not None:
+            ids, hard = tokenizer.encode_stream(batch[0].pieces)
+            results = [(batch[0], ids, hard)]
+        else:
+            texts = [d.text or "" for d in batch]
+            results = [(d, ids, 0) for d, ids in zip(batch, tokenizer.encode_batch(texts), strict=True)]
+        yield from results
+        tokens += sum(r[1].size for r in results)
+        progress(batch[-1].file, batch[-1].at, tokens)

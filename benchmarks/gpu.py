@@ -80,7 +80,6 @@ def gpt2_small(tmp: Path, windows: int) -> tuple[Path, Path, torch.Tensor, torch
         import transformers
     except ImportError:
         return None
-    from blockcap.data.sources import token_stream
     from blockcap.data.tokenizers import HFTokenizer
     from tests.hf_models import make_text as words
     from tests.hf_models import train_tokenizer
@@ -100,7 +99,7 @@ def gpt2_small(tmp: Path, windows: int) -> tuple[Path, Path, torch.Tensor, torch
     transformers.GPT2LMHeadModel(config).save_pretrained(tmp / "gpt2")
     fast.save_pretrained(tmp / "gpt2")
     (tmp / "g.txt").write_text(text)
-    stream = token_stream(tmp / "g.txt", HFTokenizer(fast.backend_tokenizer.to_str(), fast.eos_token_id))
+    stream = HFTokenizer(fast.backend_tokenizer.to_str()).encode(text)  # one document: one encode
     ids = torch.from_numpy(stream)[: windows * 256].unfold(0, 256, 256)
     (tmp / "g.txt").write_text(fast.decode(ids.flatten().tolist()))
     model = transformers.AutoModel.from_pretrained(tmp / "gpt2", attn_implementation="eager").eval()

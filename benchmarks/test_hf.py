@@ -9,12 +9,12 @@ captured block.
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 from benchmarks.conftest import ROUNDS, THREADS
-from blockcap.data.sources import token_stream
 from blockcap.data.tokenizers import HFTokenizer
 from blockcap.data.windows import split_tokens
 from blockcap.run.job import Job
@@ -40,7 +40,7 @@ def case(request, hf_zoo, enabled, tmp_path_factory):
     from transformers import AutoModel, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(directory)
-    ids = torch.from_numpy(token_stream(data, HFTokenizer(tok.backend_tokenizer.to_str(), tok.eos_token_id)))
+    ids = torch.from_numpy(HFTokenizer(tok.backend_tokenizer.to_str()).encode(Path(data).read_text()))
     windows = split_tokens(ids, "all").unfold(0, sample_len, sample_len)[: 256 if enabled else 4]
     model = AutoModel.from_pretrained(directory, attn_implementation="eager", dtype=torch.float32).eval()
     layers = "h" if hasattr(model, "h") else "layers"

@@ -127,7 +127,11 @@ CASES = [
         lambda w: run_args(w, dataset=w["dir"] / "data.jsonl", text_column="body"),
         "has no text_column 'body'",
     ),  # fmt: skip
-    ("text-column-on-txt", lambda w: run_args(w, text_column="body"), "is for .jsonl and .parquet datasets"),
+    (
+        "text-column-on-txt",
+        lambda w: run_args(w, text_column="body"),
+        "is for .jsonl, .parquet and .arrow datasets",
+    ),
     ("out-is-a-file", lambda w: run_args(w, out=w["dir"] / "file.txt"), "is a file"),
     ("out-foreign-dir", lambda w: run_args(w, out=w["dir"] / "notes"), "is not a blockcap store; refusing"),
     (

@@ -1,6 +1,7 @@
 """Dataset resolution, hashing, tokenizer, split and windows, all offline."""
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,7 +9,9 @@ import torch
 
 from blockcap.core.errors import BlockcapError
 from blockcap.data import sources as data
+from blockcap.data.corpus import open_corpus
 from blockcap.data.digest import sha256_file
+from blockcap.data.inputs import list_inputs
 from blockcap.data.sources import resolve_dataset
 from blockcap.data.tokenizers import CharTokenizer
 from blockcap.data.windows import Windows, split_tokens, window_count
@@ -55,20 +58,21 @@ def test_original_settings_give_1162_windows():
 def test_explicit_path_and_environment(tmp_path, monkeypatch):
     f = tmp_path / "t.txt"
     f.write_text("abc")
-    assert resolve_dataset(f) == f
+    assert resolve_dataset(f) == str(f)
     monkeypatch.setenv(data.DATASET_ENV, str(f))
-    assert resolve_dataset() == f
+    assert resolve_dataset() == str(f)
     with pytest.raises(BlockcapError, match="does not exist"):
-        resolve_dataset(tmp_path / "missing.txt")
+        list_inputs(resolve_dataset(tmp_path / "missing.txt"))
 
 
 def test_explicit_hash_is_checked(tmp_path):
     f = tmp_path / "t.txt"
     f.write_text("abc")
     good = hashlib.sha256(b"abc").hexdigest()
-    assert resolve_dataset(f, sha256=good) == f
+    tokenizer, cache = CharTokenizer("abc"), str(tmp_path / "tokens")
+    assert open_corpus(str(f), tokenizer, sha256=good, token_cache=cache).sha256 == good
     with pytest.raises(BlockcapError, match="expected 00"):
-        resolve_dataset(f, sha256="00" * 32)
+        open_corpus(str(f), tokenizer, sha256="00" * 32, token_cache=cache)
 
 
 def test_download_to_cache_verifies_hash(tmp_path, monkeypatch):
@@ -81,7 +85,7 @@ def test_download_to_cache_verifies_hash(tmp_path, monkeypatch):
     with pytest.raises(BlockcapError, match="pass the right file as dataset=PATH"):
         resolve_dataset(url=url)  # TinyShakespeare's hash: mismatch, nothing cached
     assert not (tmp_path / "cache" / "blockcap" / "tinyshakespeare.txt").exists()
-    path = resolve_dataset(url=url, sha256=good)
+    path = Path(resolve_dataset(url=url, sha256=good))
     assert path == tmp_path / "cache" / "blockcap" / "tinyshakespeare.txt"
     assert path.read_text() == "to be or not to be"
     assert not list(path.parent.glob("*.part"))  # no partial files left behind

@@ -195,6 +195,7 @@ class CaptureSpec:
     shard_chunks: int = _help("chunks per file (Zarr v3 sharding), for object storage or huge runs", 1)
 
     LOCATORS = ("model", "revision", "weights", "dataset")
+    LATER = ("separator", "windows", "prepend_bos")
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # normalise in place, as a frozen dataclass allows
@@ -243,8 +244,16 @@ class CaptureSpec:
         return self.block_idx
 
     def identity(self) -> dict[str, Any]:
-        """The fields that decide the contents (locators left out: hashes stand in for them)."""
-        return {k: v for k, v in self.to_params().items() if k not in self.LOCATORS}
+        """The fields that decide the contents (locators left out: hashes stand in for them).
+
+        A field added after format 2 (``LATER``) is left out while at its default, so a store of
+        an older blockcap keeps the identity, and the commit tag, it was written with.
+        """
+        defaults = {f.name: f.default for f in fields(self)}
+        return {
+            k: v for k, v in self.to_params().items()
+            if k not in self.LOCATORS and not (k in self.LATER and v == defaults[k])
+        }  # fmt: skip
 
     def to_params(self) -> dict[str, Any]:
         """JSON-ready ``asdict``: what a store records as ``params``."""

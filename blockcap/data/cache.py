@@ -114,7 +114,8 @@ def _write(staging: Path, files: list[InputFile], tokenizer: Tokenizer, text_col
     ids.flush()
     docs.flush()
     if n_tokens == 0:
-        raise BlockcapError(f"dataset {files[0].path} has no tokens (every document is empty); pass text")
+        where = files[0].path if len(files) == 1 else f"with {len(files)} files"
+        raise BlockcapError(f"dataset {where} is empty (no tokens); pass a text dataset")
     return {"n_tokens": n_tokens, "n_documents": n_docs, "max_id": max_id, "hard_cuts": hard,
             "dtype": str(dtype), "ids": ids.done, "docs": docs.done}  # fmt: skip
 

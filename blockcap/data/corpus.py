@@ -57,8 +57,9 @@ class Corpus:
 
     def record(self) -> dict[str, Any]:
         """The store's dataset record: what was read, its identity, and the cache it was read through."""
+        where = self.dataset if is_url(self.dataset) else str(Path(self.dataset).absolute())
         return {
-            "path": self.dataset if is_url(self.dataset) else str(Path(self.dataset).absolute()), "sha256": self.sha256, "files": [f.record() for f in self.files],
+            "path": where, "sha256": self.sha256, "files": [f.record() for f in self.files],
             "documents": self.cache.n_documents, "tokens": self.cache.n_tokens,
             "token_cache": self.cache.key, "hard_cuts": int(self.cache.meta.get("hard_cuts", 0)),
         }  # fmt: skip
@@ -132,7 +133,7 @@ def corpus_windows(corpus: Corpus, spec: CaptureSpec, vocab_size: int) -> Window
     if len(windows) == 0:
         where = " within one document" if spec.windows == DOCUMENTS else ""
         raise BlockcapError(
-            f"the {spec.split} split of {corpus.dataset} has {span[1] - span[0]} tokens and no window of "
-            f"sample_len={spec.sample_len}{where}; use a smaller sample_len or a longer dataset"
+            f"the {spec.split} split of {corpus.dataset} has {span[1] - span[0]} tokens, fewer than one "
+            f"window{where} (sample_len={spec.sample_len}); use a smaller sample_len or a longer dataset"
         )
     return windows

@@ -150,7 +150,7 @@ def _table(f: InputFile, column: str, options: dict[str, Any]) -> Iterator[tuple
         import pyarrow.parquet as pq
     except ImportError:
         raise BlockcapError(
-            f"dataset file {f.path}: reading .{f.format} needs pyarrow; install blockcap with the parquet extra"
+            f"dataset file {f.path}: reading .{f.format} needs pyarrow; install blockcap's parquet extra"
         ) from None
     row = 0
     try:

@@ -8,15 +8,15 @@ input bytes read). Every process of a run calls it: the first builds, the others
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from blockcap.core.errors import BlockcapError
 from blockcap.core.spec import DOCUMENTS, SEPARATORS, CaptureSpec
-from blockcap.data.cache import TokenCache, build_cache, cache_root
+from blockcap.data.cache import TokenCache, build_cache, cache_key, cache_root, open_cache
 from blockcap.data.inputs import InputFile, content_digest, is_url, list_inputs
 from blockcap.data.stream import JoinedStream
 from blockcap.data.tokenizers import Tokenizer
@@ -35,6 +35,7 @@ class Corpus:
     cache: TokenCache
     tokenizer: Tokenizer
     seconds: float  # spent opening (and building) the cache
+    reused: bool  # the cache was there already
 
     def separator_id(self, separator: str) -> int | None:
         """The id joined between documents for ``separator`` (eos, bos or none)."""
@@ -80,13 +81,14 @@ def open_corpus(
             f"dataset {dataset} has sha256 {digest}, expected {sha256}; pass the right dataset"
         )
     bar = _Progress(files, progress)
+    reused = open_cache(cache_root(token_cache), cache_key(files, tokenizer, text_column)) is not None
     try:
         cache = build_cache(
             files, tokenizer, text_column, cache_root(token_cache), options, bar, wait=not build
         )
     finally:
         bar.close()
-    return Corpus(dataset, files, digest, cache, tokenizer, time.perf_counter() - t0)
+    return Corpus(dataset, files, digest, cache, tokenizer, time.perf_counter() - t0, reused)
 
 
 class _Progress:

@@ -10,6 +10,9 @@ for, so memory follows the windows read, not the corpus.
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import numpy as np
 import torch
 
@@ -57,27 +60,24 @@ class Windows:
     def __len__(self) -> int:
         return self.n
 
-    def _document_starts(self) -> np.ndarray:
-        """First stream position of every window that stays inside one document of the span.
-
-        One int64 per window (the windows' own offsets array holds as much), computed a chunk of
-        documents at a time.
-        """
+    def _document_starts(self) -> _Spilled:
+        """First stream position of every window that stays inside one document of the span,
+        computed a chunk of documents at a time and kept in a temporary file (one int64 a window)."""
         a, b = self.span
-        parts = []
+        spilled = _Spilled()
         for j, length in self.stream.documents():
             lo, hi = np.maximum(j, a), np.minimum(j + length, b)
             count = np.where(hi - lo >= self.body, (hi - lo - self.body) // self.stride + 1, 0)
             if count.any():
                 doc = np.repeat(np.arange(len(count)), count)
                 first = np.cumsum(count) - count
-                parts.append(lo[doc] + (np.arange(len(doc)) - first[doc]) * self.stride)
-        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+                spilled.append(lo[doc] + (np.arange(len(doc)) - first[doc]) * self.stride)
+        return spilled
 
     def starts(self, start: int, stop: int) -> np.ndarray:
         """Stream position of the first stream token of windows ``start:stop``."""
         if self.mode == DOCUMENTS:
-            return self._starts[start:stop]
+            return self._starts.read(start, stop)
         return self.span[0] + np.arange(start, stop, dtype=np.int64) * self.stride
 
     def get(self, start: int, stop: int) -> torch.Tensor:
@@ -102,3 +102,24 @@ class Windows:
     def sources(self, start: int, stop: int) -> np.ndarray:
         """(document, input file, row, position in document) of each window's first stream token."""
         return self.stream.locate(self.starts(start, stop))
+
+
+class _Spilled:
+    """An int64 array appended to a temporary file and read back by ranges (from any thread)."""
+
+    def __init__(self) -> None:
+        self.file = tempfile.TemporaryFile(prefix="blockcap-windows-")  # noqa: SIM115 - lives with the windows
+        self.n = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def append(self, values: np.ndarray) -> None:
+        self.file.write(np.ascontiguousarray(values, dtype="<i8").tobytes())
+        self.n += len(values)
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        self.file.flush()
+        lo, hi = max(0, lo), min(hi, self.n)
+        raw = os.pread(self.file.fileno(), 8 * max(0, hi - lo), 8 * lo)
+        return np.frombuffer(raw, "<i8").astype(np.int64)

@@ -29,26 +29,30 @@ class Estimate:
     objects: int  # files or objects the store will hold
     seconds: float  # compute and encoding of every batch, from the first one
     batches: int
+    first_batch: float  # seconds to read and compute the first batch
 
 
-def _timed_batch(p) -> tuple[float, list[torch.Tensor], object]:
-    """Seconds for the first batch (after one warm-up call), its outputs in storage dtype, the batch."""
+def _timed_batch(p) -> tuple[float, float, list[torch.Tensor], object]:
+    """Seconds to read and compute the first batch, seconds for a batch (after one warm-up call),
+    its outputs in storage dtype, the batch."""
+    t_first = time.perf_counter()
     batch = p.schedule.batch(0)
     with torch.inference_mode():
         p.module(batch.ids.to(p.device))  # warm-up: lazy initialisation, compilation
         if p.device.type == "cuda":
             torch.cuda.synchronize(p.device)
         t0 = time.perf_counter()
+        first = t0 - t_first
         outs = list(p.module(batch.ids.to(p.device)))
         outs = [
             o.to(p.layout.dtype.torch_dtype).cpu() for o in (batch.select(outs) if batch.select else outs)
         ]
-    return time.perf_counter() - t0, outs, batch
+    return first, time.perf_counter() - t0, outs, batch
 
 
 def estimate(p) -> Estimate:
     """Measure the first batch of plan ``p`` and extrapolate to the whole run."""
-    seconds, outs, batch = _timed_batch(p)
+    first, seconds, outs, batch = _timed_batch(p)
     layout = p.layout
     arrays = {a.path: a for a in layout.arrays()}
     raw = stored = 0
@@ -69,7 +73,7 @@ def estimate(p) -> Estimate:
     return Estimate(
         n_windows=layout.n_windows, tokens=layout.n_windows * layout.sample_len, raw_bytes=raw,
         stored_bytes=stored, ratio=raw / max(1, stored), objects=objects,
-        seconds=(seconds + encode_seconds) * n_batches, batches=n_batches,
+        seconds=(seconds + encode_seconds) * n_batches, batches=n_batches, first_batch=first,
     )  # fmt: skip
 
 
@@ -80,6 +84,16 @@ def report_lines(p, e: Estimate) -> list[str]:
         f"({e.tokens:,} tokens)" + (f", {layout.n_rows:,} distinct prefix rows" if layout.dedup else ""),
         "  arrays:",
     ]
+    corpus = p.corpus
+    lines.insert(
+        1,
+        (
+            f"  dataset: {corpus.cache.n_documents:,} documents, {corpus.cache.n_tokens:,} tokens, "
+            f"{sum(f.size for f in corpus.files) / 1e6:,.1f} MB in {len(corpus.files):,} input files; "
+            f"tokens {'read from' if corpus.reused else 'written to'} cache {corpus.cache.key} in "
+            f"{corpus.seconds:,.1f} s"
+        ),
+    )
     stats = [a for a in layout.arrays() if "/stats/" in a.path]
     for a in layout.arrays():
         if a not in stats:
@@ -90,7 +104,8 @@ def report_lines(p, e: Estimate) -> list[str]:
         f"  bytes: raw {e.raw_bytes / 1e6:,.1f} MB, expected stored {e.stored_bytes / 1e6:,.1f} MB "
         f"(ratio {e.ratio:.2f}x, {p.spec.codec} on the first batch)",
         f"  objects: {e.objects:,} ({layout.n_units:,} write units)",
-        f"  time on {p.device}: about {e.seconds:,.1f} s for {e.batches:,} batches (measured on the first)",
+        f"  time on {p.device}: about {e.seconds:,.1f} s for {e.batches:,} batches (measured on the first); "
+        f"first batch after {corpus.seconds + e.first_batch:,.1f} s (tokens {corpus.seconds:,.1f} s)",
     ]
     return lines
 

@@ -24,7 +24,7 @@ from blockcap.core.layout import Layout, choose_chunk_windows
 from blockcap.core.sites import ATTENTION
 from blockcap.core.spec import CaptureSpec, RunOptions, resolve_blocks
 from blockcap.core.version import __version__
-from blockcap.data.corpus import corpus_windows, open_corpus
+from blockcap.data.corpus import Corpus, corpus_windows, open_corpus
 from blockcap.data.sources import characters, resolve_dataset
 from blockcap.data.windows import Windows
 from blockcap.run.device import free_memory, pick_device
@@ -49,6 +49,7 @@ class Plan:
     meta: dict[str, Any]  # a new store's metadata
     objects: dict[str, bytes]  # written when the store is created
     device: torch.device
+    corpus: Corpus  # the dataset's inputs and token cache
 
     @property
     def raw_bytes(self) -> int:
@@ -177,5 +178,5 @@ def make_plan(spec: CaptureSpec, opts: RunOptions, group: Group) -> Plan:
         module = torch.compile(module, fullgraph=True)
     return Plan(
         resolved, opts, adapter, module, schedule, windows, layout, location, meta,
-        create_time_objects(layout, create_arrays), device,
+        create_time_objects(layout, create_arrays), device, corpus,
     )  # fmt: skip

@@ -19,6 +19,7 @@ from blockcap.capture.chargpt.checkpoint import load_checkpoint, save_checkpoint
 from blockcap.capture.chargpt.model import GPT, PRESETS
 from blockcap.data.tokenizers import CharTokenizer
 from blockcap.data.windows import split_tokens
+from tests.conftest import pytest_configure  # noqa: F401 - token caches in a temporary directory
 
 THREADS = int(os.environ.get("BLOCKCAP_BENCH_THREADS", "2"))
 ROUNDS = int(os.environ.get("BLOCKCAP_BENCH_ROUNDS", "3"))

@@ -14,6 +14,16 @@ from blockcap.capture.chargpt.model import GPT, GPTConfig
 from blockcap.data.tokenizers import CharTokenizer
 
 REAL_DATASET_ENV = "BLOCKCAP_TEST_DATASET"
+
+
+def pytest_configure(config):
+    """Token caches of the whole session (subprocesses included) in a temporary directory, never
+    under the user's own cache."""
+    import tempfile
+
+    os.environ.setdefault("BLOCKCAP_TOKEN_CACHE", tempfile.mkdtemp(prefix="blockcap-test-tokens-"))
+
+
 TINY = GPTConfig(vocab_size=1, n_embed=32, n_head=4, n_layer=3, block_size=32, dropout=0.0)
 
 

@@ -98,7 +98,8 @@ def _write(staging: Path, files: list[InputFile], tokenizer: Tokenizer, text_col
     ids = _Chunks(staging / "ids", CHUNK_TOKENS, dtype)
     docs = _Chunks(staging / "docs", DOC_CHUNK, np.dtype(np.int64), 3)
     n_tokens = n_docs = hard = max_id = 0
-    for doc, tokens, cuts in encoded(tokenizer, documents(files, text_column, options), progress):
+    names = [f.path for f in files]
+    for doc, tokens, cuts in encoded(tokenizer, documents(files, text_column, options), progress, names):
         hard += cuts
         if tokens.size == 0:  # an empty document adds nothing, no separator either
             continue

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from blockcap.core.errors import BlockcapError
 from blockcap.data.records import Document
 from blockcap.data.tokenizers import Tokenizer
 
@@ -74,8 +75,33 @@ def _prefetched(batches: Iterator[list[Document]]) -> Iterator[list[Document]]:
                 thread.join(0.05)
 
 
+def _encode(
+    tokenizer: Tokenizer, batch: list[Document], names: list[str]
+) -> list[tuple[Document, np.ndarray, int]]:
+    """A batch's ids; an encoding error names the file and record of the document that caused it."""
+    doc = batch[0]
+    try:
+        if doc.pieces is not None:
+            ids, hard = tokenizer.encode_stream(doc.pieces)
+            return [(doc, ids, hard)]
+        texts = [d.text or "" for d in batch]
+        return [(d, ids, 0) for d, ids in zip(batch, tokenizer.encode_batch(texts), strict=True)]
+    except BlockcapError as e:
+        for d in batch if len(batch) > 1 else []:
+            try:
+                tokenizer.encode(d.text or "")
+            except BlockcapError:
+                doc = d
+                break
+        where = f" row {doc.row}" if doc.pieces is None else ""
+        raise BlockcapError(f"dataset file {names[doc.file]}{where}: {e}") from None
+
+
 def encoded(
-    tokenizer: Tokenizer, docs: Iterator[Document], progress: Callable[[int, int, int], None]
+    tokenizer: Tokenizer,
+    docs: Iterator[Document],
+    progress: Callable[[int, int, int], None],
+    names: list[str],
 ) -> Iterator[tuple[Document, np.ndarray, int]]:
     """(document, its token ids, hard cuts) for every document, in order.
 
@@ -85,12 +111,7 @@ def encoded(
     """
     tokens = 0
     for batch in _prefetched(_batches(docs)):
-        if batch[0].pieces is not None:
-            ids, hard = tokenizer.encode_stream(batch[0].pieces)
-            results = [(batch[0], ids, hard)]
-        else:
-            texts = [d.text or "" for d in batch]
-            results = [(d, ids, 0) for d, ids in zip(batch, tokenizer.encode_batch(texts), strict=True)]
+        results = _encode(tokenizer, batch, names)
         yield from results
         tokens += sum(r[1].size for r in results)
         progress(batch[-1].file, batch[-1].at, tokens)

@@ -127,20 +127,20 @@ def _remote_files(dataset: str, options: dict[str, Any]) -> list[tuple[str, int,
     for p, info in sorted(infos.items()):
         if info.get("type") == "directory" or p.rsplit("/", 1)[-1] in _SKIPPED:
             continue
-        out.append((f"{protocol}://{p}", int(info.get("size") or 0), _remote_hash(info, p)))
+        out.append((f"{protocol}://{p}", int(info.get("size") or 0), _remote_hash(fs, info, p)))
     if not out:
         raise BlockcapError(f"dataset={dataset!r} names no object; check the URL")
     return out
 
 
-def _remote_hash(info: dict[str, Any], path: str) -> str:
-    """An object's content hash as the store reports it (a content fact, unlike a path or mtime)."""
+def _remote_hash(fs: Any, info: dict[str, Any], path: str) -> str:
+    """An object's content hash as its store reports it (a content fact, unlike a path or a time),
+    else the sha256 of its bytes, read once for it."""
     for key in ("ETag", "etag", "md5Hash", "crc32c", "content_md5", "sha256"):
         if info.get(key):
             return f"{key.lower()}:{str(info[key]).strip(chr(34))}"
-    raise BlockcapError(
-        f"dataset object {path} has no content hash from its store; copy it to a local file and pass that"
-    )
+    with fs.open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def list_inputs(dataset: str, options: dict[str, Any] | None = None) -> list[InputFile]:

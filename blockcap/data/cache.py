@@ -157,26 +157,32 @@ def build_cache(
         raise BlockcapError(f"cannot create the token cache directory {root} ({e.strerror}); "
                             f"pass token_cache=DIR or set {CACHE_ENV}") from None  # fmt: skip
     with _Lock(root / f"{key}.lock"):
-        found = open_cache(root, key)
-        if found is not None:
-            return found
-        for stale in root.glob(f".{key}.*.building"):  # what a killed builder left (we hold the lock)
-            shutil.rmtree(stale, ignore_errors=True)
-        staging = root / f".{key}.{uuid.uuid4().hex[:12]}.building"
-        try:
-            counts = _write(staging, files, tokenizer, text_column, dict(options or {}), progress or _quiet)
-            meta = {"version": CACHE_VERSION, "key": key, "inputs": [f.record() for f in files],
-                    "tokenizer": {"kind": tokenizer.kind, "sha256": tokenizer.sha256},
-                    "text_column": text_column, **counts}  # fmt: skip
-            (staging / "meta.json").write_text(json.dumps(meta))
-            _sync_tree(staging)
-            if (root / key).exists():  # damaged: replaced by this build
-                shutil.rmtree(root / key)
-            os.rename(staging, root / key)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        return open_cache(root, key) or _build_locked(root, key, files, tokenizer, text_column, options, progress)
+
+
+def _build_locked(
+    root: Path, key: str, files: list[InputFile], tokenizer: Tokenizer, text_column: str | None,
+    options: dict[str, Any] | None, progress: Callable[[int, int, int], None] | None,
+) -> TokenCache:  # fmt: skip
+    """Build cache ``key`` into a staging directory and rename it into place (the lock is held)."""
+    for stale in root.glob(f".{key}.*.building"):  # what a killed builder left
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = root / f".{key}.{uuid.uuid4().hex[:12]}.building"
+    try:
+        counts = _write(staging, files, tokenizer, text_column, dict(options or {}), progress or _quiet)
+        meta = {"version": CACHE_VERSION, "key": key, "inputs": [f.record() for f in files],
+                "tokenizer": {"kind": tokenizer.kind, "sha256": tokenizer.sha256},
+                "text_column": text_column, **counts}  # fmt: skip
+        (staging / "meta.json").write_text(json.dumps(meta))
+        _sync_tree(staging)
+        if (root / key).exists():  # damaged (a file missing): replaced by this build
+            shutil.rmtree(root / key)
+        os.rename(staging, root / key)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     cache = open_cache(root, key)
-    assert cache is not None
+    if cache is None:
+        raise BlockcapError(f"the token cache {root / key} does not read back after its build; check that disk")
     return cache
 
 

@@ -157,7 +157,9 @@ def build_cache(
         raise BlockcapError(f"cannot create the token cache directory {root} ({e.strerror}); "
                             f"pass token_cache=DIR or set {CACHE_ENV}") from None  # fmt: skip
     with _Lock(root / f"{key}.lock"):
-        return open_cache(root, key) or _build_locked(root, key, files, tokenizer, text_column, options, progress)
+        return open_cache(root, key) or _build_locked(
+            root, key, files, tokenizer, text_column, options, progress
+        )
 
 
 def _build_locked(
@@ -182,7 +184,9 @@ def _build_locked(
         shutil.rmtree(staging, ignore_errors=True)
     cache = open_cache(root, key)
     if cache is None:
-        raise BlockcapError(f"the token cache {root / key} does not read back after its build; check that disk")
+        raise BlockcapError(
+            f"the token cache {root / key} does not read back after its build; check that disk"
+        )
     return cache
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from blockcap.core.errors import BlockcapError
 
-WHOLE_CHARS = 16 << 20  # a streamed document up to this many characters is encoded by one call
+WHOLE_CHARS = 4 << 20  # a streamed document up to this many characters is encoded by one call
 STEP_CHARS = 2 << 20  # a longer one is encoded this many characters at a time, then cut
 TAIL_CHARS = 4096  # a step is cut within this many characters of its end
 MAX_CUT_TRIES = 16  # candidate cuts checked per step before a hard cut

@@ -81,16 +81,18 @@ class Windows:
         return self.span[0] + np.arange(start, stop, dtype=np.int64) * self.stride
 
     def get(self, start: int, stop: int) -> torch.Tensor:
-        """Windows ``start:stop`` as (stop - start, sample_len) int64."""
-        if self.mode == DOCUMENTS:
-            firsts = self.starts(start, stop)
-            lo, hi = int(firsts[0]), int(firsts[-1]) + self.body
+        """Windows ``start:stop`` as (stop - start, sample_len) int64.
+
+        Windows that overlap or touch are read as one range of the stream; sparse ones (a stride
+        well past their length) one by one, so a read never holds the gaps between them.
+        """
+        firsts = self.starts(start, stop)
+        lo, hi = int(firsts[0]), int(firsts[-1]) + self.body
+        if hi - lo <= 2 * len(firsts) * self.body:
             ids = self.stream.read(lo, hi)
             body = ids[(firsts - lo)[:, None] + np.arange(self.body)]
         else:
-            lo = self.span[0] + start * self.stride
-            hi = lo + (stop - 1 - start) * self.stride + self.body
-            body = torch.from_numpy(self.stream.read(lo, hi)).unfold(0, self.body, self.stride).numpy()
+            body = np.stack([self.stream.read(s, s + self.body) for s in firsts.tolist()])
         if self.bos_id is not None:
             body = np.concatenate([np.full((len(body), 1), self.bos_id, np.int64), body], axis=1)
         return torch.from_numpy(np.ascontiguousarray(body, dtype=np.int64))

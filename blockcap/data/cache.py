@@ -99,8 +99,9 @@ def _write(staging: Path, files: list[InputFile], tokenizer: Tokenizer, text_col
     docs = _Chunks(staging / "docs", DOC_CHUNK, np.dtype(np.int64), 3)
     n_tokens = n_docs = hard = max_id = 0
     names = [f.path for f in files]
-    for doc, tokens, cuts in encoded(tokenizer, documents(files, text_column, options), progress, names):
-        hard += cuts
+    recorded = None  # the document whose record was written last (a streamed one comes in parts)
+    for doc, tokens, cut in encoded(tokenizer, documents(files, text_column, options), progress, names):
+        hard += cut
         if tokens.size == 0:  # an empty document adds nothing, no separator either
             continue
         max_id = max(max_id, int(tokens.max()))
@@ -108,10 +109,12 @@ def _write(staging: Path, files: list[InputFile], tokenizer: Tokenizer, text_col
             raise BlockcapError(
                 f"tokenizer gave id {max_id} outside its vocabulary of {tokenizer.vocab_size}"
             )
-        docs.add(np.asarray([[n_tokens, doc.file, doc.row]], np.int64))
+        if doc is not recorded:
+            docs.add(np.asarray([[n_tokens, doc.file, doc.row]], np.int64))
+            recorded = doc
+            n_docs += 1
         ids.add(tokens.astype(dtype))
         n_tokens += tokens.size
-        n_docs += 1
     ids.flush()
     docs.flush()
     if n_tokens == 0:

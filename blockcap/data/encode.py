@@ -77,15 +77,17 @@ def _prefetched(batches: Iterator[list[Document]]) -> Iterator[list[Document]]:
 
 def _encode(
     tokenizer: Tokenizer, batch: list[Document], names: list[str]
-) -> list[tuple[Document, np.ndarray, int]]:
-    """A batch's ids; an encoding error names the file and record of the document that caused it."""
+) -> Iterator[tuple[Document, np.ndarray, bool]]:
+    """A batch's ids (a streamed document's, a step at a time); an encoding error names the file
+    and record of the document that caused it."""
     doc = batch[0]
     try:
         if doc.pieces is not None:
-            ids, hard = tokenizer.encode_stream(doc.pieces)
-            return [(doc, ids, hard)]
+            for ids, hard in tokenizer.encode_stream(doc.pieces):
+                yield doc, ids, hard
+            return
         texts = [d.text or "" for d in batch]
-        return [(d, ids, 0) for d, ids in zip(batch, tokenizer.encode_batch(texts), strict=True)]
+        yield from ((d, ids, False) for d, ids in zip(batch, tokenizer.encode_batch(texts), strict=True))
     except BlockcapError as e:
         for d in batch if len(batch) > 1 else []:
             try:
@@ -111,7 +113,7 @@ def encoded(
     """
     tokens = 0
     for batch in _prefetched(_batches(docs)):
-        results = _encode(tokenizer, batch, names)
-        yield from results
-        tokens += sum(r[1].size for r in results)
+        for doc, ids, hard in _encode(tokenizer, batch, names):
+            tokens += ids.size
+            yield doc, ids, hard
         progress(batch[-1].file, batch[-1].at, tokens)

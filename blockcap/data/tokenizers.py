@@ -10,7 +10,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -32,7 +32,7 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> np.ndarray: ...
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]: ...
-    def encode_stream(self, pieces: Iterable[str]) -> tuple[np.ndarray, int]: ...
+    def encode_stream(self, pieces: Iterable[str]) -> Iterator[tuple[np.ndarray, bool]]: ...
     def decode(self, ids: Sequence[int]) -> str: ...
     def record(self) -> tuple[dict[str, Any], bytes | None]: ...
 
@@ -40,10 +40,6 @@ class Tokenizer(Protocol):
 def _clean(offsets: list[tuple[int, int]], j: int) -> bool:
     """Whether tokens ``j - 1`` and ``j`` meet between two characters (not inside one's bytes)."""
     return offsets[j - 1][1] <= offsets[j][0] and offsets[j][0] > offsets[j - 1][0]
-
-
-def _concat(parts: list[np.ndarray]) -> np.ndarray:
-    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
 class CharTokenizer:
@@ -91,9 +87,10 @@ class CharTokenizer:
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         return [self.encode(t) for t in texts]
 
-    def encode_stream(self, pieces: Iterable[str]) -> tuple[np.ndarray, int]:
-        """Ids of the text ``pieces`` make (characters never interact: no cut is ever hard)."""
-        return _concat([self.encode(p) for p in pieces]), 0
+    def encode_stream(self, pieces: Iterable[str]) -> Iterator[tuple[np.ndarray, bool]]:
+        """Ids of the text ``pieces`` make, a piece at a time (characters never interact: no cut is hard)."""
+        for piece in pieces:
+            yield self.encode(piece), False
 
     def decode(self, ids: Iterable[int]) -> str:
         return "".join(self.vocab[i] for i in ids)
@@ -169,8 +166,9 @@ class HFTokenizer:
         j = clean[0]
         return np.asarray(ids[:j], dtype=np.int64), offsets[j][0], False
 
-    def encode_stream(self, pieces: Iterable[str]) -> tuple[np.ndarray, int]:
-        """Ids of the text ``pieces`` make, and the number of hard cuts (see the class docstring)."""
+    def encode_stream(self, pieces: Iterable[str]) -> Iterator[tuple[np.ndarray, bool]]:
+        """Ids of the text ``pieces`` make, a step at a time, each with whether it ends at a hard cut
+        (see the class docstring); memory holds one step, whatever the document's length."""
         it = iter(pieces)
         buf = ""
         for piece in it:
@@ -178,17 +176,15 @@ class HFTokenizer:
             if len(buf) > WHOLE_CHARS:
                 break
         else:
-            return self.encode(buf), 0
-        out, hard = [], 0
+            yield self.encode(buf), False
+            return
         for piece in itertools.chain(it, [None]):
             buf += piece or ""
             while len(buf) > (STEP_CHARS if piece is None else 2 * STEP_CHARS):
                 head, start, exact = self._cut(buf[:STEP_CHARS])
-                out.append(head)
+                yield head, not exact
                 buf = buf[start:]
-                hard += not exact
-        out.append(self.encode(buf))
-        return _concat(out), hard
+        yield self.encode(buf), False
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=False)

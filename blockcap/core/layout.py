@@ -147,7 +147,7 @@ class Layout:
         T = self.sample_len
         if site == ATTENTION:
             return (self.n_windows, self.dims.n_head, T, T)
-        if self.dedup:
+        if self.n_rows is not None:  # dedup
             return (self.n_rows, self.dims.width(site))
         return (self.n_windows, T, self.dims.width(site))
 
@@ -165,7 +165,9 @@ class Layout:
         n, T = self.n_windows, self.sample_len
         per_window = CREATE if self.dedup else UNIT  # a dedup store's window index is written up front
         # a dedup store's window index is chunked like its rows: a window range reads a few row chunks
-        window_grid = {"chunks": (min(n, self.chunk_windows), T)} if self.dedup else self._unit_grid((n, T))
+        window_grid: dict[str, Any] = (
+            {"chunks": (min(n, self.chunk_windows), T)} if self.dedup else self._unit_grid((n, T))
+        )
         tok = str(token_dtype(self.dims.vocab_size))
         out = [
             ArrayDef("tokens", (n, T), tok, dims=("window", "position"), codec=SMALL_CODEC,
@@ -231,6 +233,8 @@ class Layout:
         tokenizer_bytes: int = 0,
     ) -> Layout:  # fmt: skip
         """The layout of a resolved spec (blocks and chunking concrete) on a model of ``dims``."""
+        if spec.chunk_windows is None:
+            raise ValueError("the spec's chunking is not resolved yet")
         return cls(
             n_windows=n_windows, sample_len=spec.sample_len, blocks=spec.blocks, sites=spec.sites,
             dims=dims, dtype_name=spec.dtype, codec=spec.codec, chunk_windows=spec.chunk_windows,

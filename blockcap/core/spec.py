@@ -60,7 +60,7 @@ def parse_blocks(value: Any) -> tuple[int, ...] | str:
 
 def resolve_blocks(blocks: tuple[int, ...] | str, n_layer: int) -> tuple[int, ...]:
     """``blocks`` checked against a model with ``n_layer`` blocks (``"all"`` becomes every block)."""
-    if blocks == ALL:
+    if isinstance(blocks, str):  # ALL: parse_blocks gives no other string
         return tuple(range(n_layer))
     bad = [b for b in blocks if b >= n_layer]
     if bad:
@@ -112,7 +112,7 @@ def _flag(name: str, value: Any) -> bool:
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise BlockcapError(f"{name}={value!r} is unknown; use one of {', '.join(allowed)}")
-    return value
+    return str(value)
 
 
 def _optional_text(name: str, value: Any) -> str | None:
@@ -239,9 +239,9 @@ class CaptureSpec:
     @property
     def blocks(self) -> tuple[int, ...]:
         """The resolved block list (only valid once ``block_idx`` is not ``"all"``)."""
-        if self.block_idx == ALL:
+        if isinstance(self.block_idx, str):
             raise ValueError("blocks are not resolved yet")
-        return self.block_idx
+        return tuple(self.block_idx)
 
     def identity(self) -> dict[str, Any]:
         """The fields that decide the contents (locators left out: hashes stand in for them).
@@ -257,7 +257,8 @@ class CaptureSpec:
 
     def to_params(self) -> dict[str, Any]:
         """JSON-ready ``asdict``: what a store records as ``params``."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        params: dict[str, Any] = json.loads(json.dumps(dataclasses.asdict(self)))
+        return params
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> CaptureSpec:

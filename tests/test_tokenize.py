@@ -122,3 +122,15 @@ def test_streaming_work_is_linear(kind, doc, small_limits, monkeypatch):
         streamed(tok, (text[i : i + 7000] for i in range(0, n, 7000)))
         work.append(counter.chars / n)
     assert max(work) < 1.5 and work[1] < 1.2 * work[0], work
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_prefixes_decode_every_prefix_in_one_pass(kind):
+    tok = tokenizer(kind)
+    text = "the king, my lord; héllo 中文 wörld"
+    ids = tok.encode(text).tolist()
+    prefixes = tok.prefixes(ids)
+    assert len(prefixes) == len(ids) and prefixes[-1] == tok.decode(ids)
+    for p, got in enumerate(prefixes):
+        whole = tok.decode(ids[: p + 1])
+        assert got == whole or ("\ufffd" in whole and whole.startswith(got)), (p, got, whole)

@@ -194,7 +194,7 @@ class CaptureStore(Interop):
         T = self.sample_len
         if isinstance(j, bool) or not isinstance(j, (int, np.integer)) or not -T <= j < T:
             raise IndexError(f"position {j!r} is out of range; windows have {T} positions")
-        return self.tokenizer.decode(self.tokens.np[self._window(i)][: int(j) % T + 1].tolist())
+        return self.tokenizer.prefixes(self.tokens.np[self._window(i)][: int(j) % T + 1].tolist())[-1]
 
     def results(
         self, block: int | None = None, sites: tuple[str, ...] | None = None
@@ -226,9 +226,7 @@ class CaptureStore(Interop):
             toks = self.tokens.np[lo:hi]
             chunk = {n: a[lo:hi] for n, a in arrays.items()}
             for w in range(hi - lo):
-                ids = toks[w].tolist()
-                for p in range(len(ids)):
-                    text = self.tokenizer.decode(ids[: p + 1])
+                for p, text in enumerate(self.tokenizer.prefixes(toks[w].tolist())):
                     yield TokenRecord(lo + w, p, text, {n: c[w, p] for n, c in chunk.items()})
 
     def __repr__(self) -> str:

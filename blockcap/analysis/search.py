@@ -130,7 +130,7 @@ def _matches(store: CaptureStore, hits: Hits, nq: int) -> list[list[Match]]:
         tokens = store.tokens.np[windows][at.reshape(-1)] if windows.size else np.zeros((0, 0), np.int64)
     out: list[list[Match]] = [[] for _ in range(nq)]
     for q, w, p, score, ids in zip(hits.query, hits.window, hits.position, hits.score, tokens, strict=True):
-        text = store.tokenizer.decode(ids[: p + 1].tolist())
+        text = store.tokenizer.prefixes(ids[: p + 1].tolist())[-1]
         out[q].append(Match(int(w), int(p), float(score), text))
     return out
 

@@ -34,6 +34,7 @@ class Tokenizer(Protocol):
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]: ...
     def encode_stream(self, pieces: Iterable[str]) -> Iterator[tuple[np.ndarray, bool]]: ...
     def decode(self, ids: Sequence[int]) -> str: ...
+    def prefixes(self, ids: Sequence[int]) -> list[str]: ...
     def record(self) -> tuple[dict[str, Any], bytes | None]: ...
 
 
@@ -94,6 +95,10 @@ class CharTokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return "".join(self.vocab[i] for i in ids)
+
+    def prefixes(self, ids: Sequence[int]) -> list[str]:
+        """The text of ``ids[:1]``, ``ids[:2]``, ... (every token is one character)."""
+        return list(itertools.accumulate(self.vocab[i] for i in ids))
 
     def check_covers(self, text: str, what: str) -> None:
         """Raise naming the characters of ``text`` missing from the vocabulary."""
@@ -188,6 +193,17 @@ class HFTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def prefixes(self, ids: Sequence[int]) -> list[str]:
+        """The text of ``ids[:1]``, ``ids[:2]``, ... in one pass (the tokenizers library's streaming
+        decoder): a token that ends inside a multi-byte character adds nothing until it completes."""
+        from tokenizers.decoders import DecodeStream
+
+        stream, text, out = DecodeStream(skip_special_tokens=False), "", []
+        for i in ids:
+            text += stream.step(self.backend, int(i)) or ""
+            out.append(text)
+        return out
 
     def record(self) -> tuple[dict[str, Any], bytes | None]:
         record = {"kind": self.kind, "eos_id": self.eos_id, "sha256": self.sha256}

@@ -48,10 +48,13 @@ def test_a_sharded_corpus_in_object_storage(ckpt, s3_server, bucket, tmp_path): 
     assert r.source(r.n_windows - 1)["file"].endswith("shard-2.jsonl.gz")
 
 
-RSS = "import resource, runpy, sys, atexit, os\n" \
-      "atexit.register(lambda: print(f'maxrss rank {os.environ.get(\"RANK\")} ' " \
-      "f'{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}', file=sys.stderr, flush=True))\n" \
-      "sys.argv = ['blockcap', *sys.argv[1:]]\nrunpy.run_module('blockcap', run_name='__main__')\n"  # fmt: skip
+RSS = """
+import atexit, os, resource, runpy, sys
+peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+atexit.register(lambda: print(f"maxrss rank {os.environ.get('RANK')} {peak()}", file=sys.stderr, flush=True))
+sys.argv = ["blockcap", *sys.argv[1:]]
+runpy.run_module("blockcap", run_name="__main__")
+"""
 
 
 def torchrun(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:

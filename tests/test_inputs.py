@@ -215,8 +215,8 @@ def test_the_store_records_inputs_and_where_each_window_comes_from(tmp_path, ckp
     d.mkdir()
     write_jsonl(d / "a.jsonl", docs[:4])
     write_jsonl(d / "b.jsonl", docs[4:])
-    out = blockcap.run(weights=str(ckpt), dataset=str(d), out=str(tmp_path / "s.zarr"), sample_len=4, stride=3,
-                       split="all", progress=False).path  # fmt: skip
+    args = dict(weights=str(ckpt), dataset=str(d), sample_len=4, stride=3, split="all", progress=False)
+    out = blockcap.run(**args, out=str(tmp_path / "s.zarr")).path
     s = blockcap.open_store(out)
     record = s.meta["dataset"]
     assert [Path(f["path"]).name for f in record["files"]] == ["a.jsonl", "b.jsonl"]

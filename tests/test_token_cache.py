@@ -99,13 +99,15 @@ def test_a_damaged_cache_is_refused_or_rebuilt(tmp_path, root):
 
 
 def build_in_a_process(f: Path, vocab: str, root: Path) -> subprocess.Popen:
-    code = (f"from pathlib import Path; from blockcap.data.cache import build_cache; "
-            f"from blockcap.data.inputs import list_inputs; from blockcap.data.tokenizers import CharTokenizer; "
-            f"c = build_cache(list_inputs({str(f)!r}), CharTokenizer({vocab!r}), None, Path({str(root)!r})); "
-            f"print(c.key, c.n_tokens)")  # fmt: skip
+    code = (
+        "import sys; from pathlib import Path; from blockcap.data.cache import build_cache\n"
+        "from blockcap.data.inputs import list_inputs; from blockcap.data.tokenizers import CharTokenizer\n"
+        "c = build_cache(list_inputs(sys.argv[1]), CharTokenizer(sys.argv[2]), None, Path(sys.argv[3]))\n"
+        "print(c.key, c.n_tokens)"
+    )
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)  # fmt: skip
+    return subprocess.Popen([sys.executable, "-c", code, str(f), vocab, str(root)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
 
 
 def test_processes_wanting_one_cache_wait_for_a_single_builder(tmp_path, root):

@@ -54,7 +54,10 @@ def test_any_change_of_content_or_tokenizer_is_a_new_key(tmp_path):
     tok = CharTokenizer.from_text(text + "#")
     key = cache_key(list_inputs(str(f)), tok, None)
     assert cache_key(list_inputs(str(f)), CharTokenizer.from_text(text + "%"), None) != key
-    assert cache_key(list_inputs(str(f)), tok, "body") != key
+    table = tmp_path / "d.jsonl"
+    table.write_text(json.dumps({"text": text, "body": text + "!"}) + "\n")
+    assert cache_key(list_inputs(str(table)), tok, "body") != cache_key(list_inputs(str(table)), tok, None)
+    assert cache_key(list_inputs(str(table)), tok, "text") == cache_key(list_inputs(str(table)), tok, None)
     st = f.stat()
     f.write_text(text[:-1] + ("#" if text[-1] != "#" else "x"))  # same size, one byte changed
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the modification time restored (cp -p)

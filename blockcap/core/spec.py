@@ -320,7 +320,10 @@ class RunOptions:
     token_cache: str | None = _help(
         "directory of token caches (default: $BLOCKCAP_TOKEN_CACHE, else ~/.cache/blockcap/tokens)", None
     )
-    dry_run: bool = _help("print what the run would produce and its estimated time; create nothing", False)
+    dry_run: bool = _help(
+        "print what the run would produce and its estimated time; create no store (the tokens are cached)",
+        False,
+    )
     force: bool = _help("start even when the target seems to lack the free space the run needs", False)
     progress: bool = _help("show a progress bar", True)
     verbose: bool = _help("per-rank progress lines in a distributed run", False)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -19,6 +19,14 @@ from blockcap.core.dims import ModelDims
 from blockcap.core.errors import BlockcapError
 from blockcap.core.sites import ROUTER_LOGITS, SITES
 from blockcap.data.tokenizers import Tokenizer
+
+
+class CaptureFactory(Protocol):
+    """A family's capture module class, called with the adapter's model (of the family's own type)."""
+
+    def __call__(
+        self, model: Any, blocks: Sequence[int], sites: Sequence[str], *, fused: bool
+    ) -> CaptureModule: ...
 
 
 class Adapter(ABC):
@@ -40,7 +48,7 @@ class Adapter(ABC):
         self.model_sha256 = model_sha256
         self.provenance = provenance
 
-    capture_class: type[CaptureModule]  # the family's capture module
+    capture_class: CaptureFactory  # the family's capture module
 
     def capture_module(self, blocks: Sequence[int], sites: Sequence[str], fused: bool) -> CaptureModule:
         """The hook-free module returning ``sites`` of ``blocks`` (a BlockcapError for a missing site)."""

@@ -11,7 +11,8 @@ Two ways to compute attention:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -20,7 +21,7 @@ from torch.nn import functional as F
 from blockcap.capture.adapter import Adapter
 from blockcap.capture.base import CaptureModule
 from blockcap.capture.chargpt.checkpoint import BUNDLED, load_checkpoint
-from blockcap.capture.chargpt.model import GPT, Block
+from blockcap.capture.chargpt.model import GPT, Block, Head
 from blockcap.core.dims import ModelDims
 from blockcap.core.errors import BlockcapError
 from blockcap.data.tokenizers import CharTokenizer
@@ -32,6 +33,8 @@ FUSED_TOLERANCE = 1e-5
 
 class FusedAttention(nn.Module):
     """A block's attention heads as one q/k/v matmul plus SDPA; same weights as the heads."""
+
+    qkv_weight: torch.Tensor  # buffer, (3C, C)
 
     def __init__(self, block: Block) -> None:
         super().__init__()
@@ -60,7 +63,7 @@ def _exact_attention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The reference heads, call for call: key, query, mask, softmax, value, concatenation."""
     outs, patterns = [], []
-    for head in block.sa.heads:
+    for head in cast("Iterable[Head]", block.sa.heads):
         wei = head.pattern(x)  # (B, T, T)
         outs.append(wei @ head.value(x))  # dropout is the identity in eval mode
         patterns.append(wei)
@@ -76,7 +79,11 @@ class CharGPTCapture(CaptureModule):
         self.token_embedding_table = model.token_embedding_table
         self.position_embedding_table = model.position_embedding_table
         self.blocks = nn.ModuleList(model.blocks[: self.depth])
-        self.fused_attention = nn.ModuleList([FusedAttention(b) for b in self.blocks]) if fused else None
+        self.fused_attention = (
+            nn.ModuleList([FusedAttention(b) for b in cast("Iterable[Block]", self.blocks)])
+            if fused
+            else None
+        )
         self.eval()
 
     def forward(self, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -85,7 +92,7 @@ class CharGPTCapture(CaptureModule):
             torch.arange(T, device=idx.device)
         )
         captured: list[torch.Tensor] = []
-        for i, block in enumerate(self.blocks):
+        for i, block in enumerate(cast("Iterable[Block]", self.blocks)):
             want = self.want_pattern and self.capture_at[i]
             h = block.ln1(x)
             if self.fused_attention is not None:

@@ -124,7 +124,7 @@ def _reason(e: Exception) -> str:
     return lines[0] if lines else type(e).__name__
 
 
-def load_checkpoint(path: str | os.PathLike | None = None) -> Loaded:
+def load_checkpoint(path: str | os.PathLike[str] | None = None) -> Loaded:
     """Load a blockcap checkpoint or an original state dict; ``None`` or ``"bundled"`` is the default."""
     p = bundled_path() if path in (None, BUNDLED) else Path(path).expanduser()
     if p.exists() and not p.is_file():
@@ -167,7 +167,7 @@ def load_checkpoint(path: str | os.PathLike | None = None) -> Loaded:
     return Loaded(model, vocab, p, hashlib.sha256(raw).hexdigest(), meta)
 
 
-def save_checkpoint(path: str | os.PathLike, model: GPT, vocab: str, meta: dict[str, Any]) -> None:
+def save_checkpoint(path: str | os.PathLike[str], model: GPT, vocab: str, meta: dict[str, Any]) -> None:
     """Write a blockcap checkpoint (config, vocabulary, weights, training metadata) atomically."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)

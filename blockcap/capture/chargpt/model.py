@@ -64,7 +64,10 @@ PRESETS: dict[str, GPTConfig] = {
 def state_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
     """The shape of every ``state_dict`` entry of ``GPT(config)``, without building it."""
     n, v, hs, T = config.n_embed, config.vocab_size, config.head_dim, config.block_size
-    shapes = {"token_embedding_table.weight": (v, n), "position_embedding_table.weight": (T, n)}
+    shapes: dict[str, tuple[int, ...]] = {
+        "token_embedding_table.weight": (v, n),
+        "position_embedding_table.weight": (T, n),
+    }
     for i in range(config.n_layer):
         b = f"blocks.{i}."
         for h in range(config.n_head):
@@ -86,6 +89,8 @@ def causal_mask(config: GPTConfig) -> torch.Tensor:
 
 class Head(nn.Module):
     """One causal self-attention head."""
+
+    tril: torch.Tensor  # buffer
 
     def __init__(self, config: GPTConfig, tril: torch.Tensor | None = None) -> None:
         super().__init__()

@@ -22,7 +22,9 @@ from blockcap.data.windows import split_tokens
 from blockcap.run.device import pick_device
 
 
-def _batch(data: torch.Tensor, batch_size: int, block_size: int, gen: torch.Generator):
+def _batch(
+    data: torch.Tensor, batch_size: int, block_size: int, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     ix = torch.randint(len(data) - block_size, (batch_size,), generator=gen)
     x = torch.stack([data[i : i + block_size] for i in ix])
     y = torch.stack([data[i + 1 : i + block_size + 1] for i in ix])
@@ -113,8 +115,8 @@ def train(
     path = resolve_dataset(dataset)
     text = read_text(path)
     tok = CharTokenizer.from_text(text)
-    data = torch.from_numpy(tok.encode(text))
-    splits = {"train": split_tokens(data, "train"), "val": split_tokens(data, "val")}
+    ids = tok.encode(text)
+    splits = {name: torch.from_numpy(split_tokens(ids, name)) for name in ("train", "val")}
     config = replace(PRESETS[preset], vocab_size=len(tok))
     train_block = block_size or config.block_size
     dev = pick_device(device)

@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 from abc import abstractmethod
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
 from blockcap.capture.adapter import Adapter
 from blockcap.core.dims import ModelDims
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 class HFAdapter(Adapter):
     """A transformers base model (``GPT2Model``, ``LlamaModel``, ``MixtralModel``, ...)."""
 
+    model: PreTrainedModel
+
     @staticmethod
     @abstractmethod
-    def dims_of(model: nn.Module) -> ModelDims:
-        """The sizes, read from the model's modules (the truth where configs leave fields out)."""
+    def dims_of(model: Any) -> ModelDims:
+        """The sizes of ``model`` (of the family's type), read from its modules (the truth where configs
+        leave fields out)."""
 
     def to(self, device: torch.device, dtype: torch.dtype) -> None:
         """Move and cast the weights; rotary inverse frequencies stay float32.
@@ -27,6 +33,6 @@ class HFAdapter(Adapter):
         """
         rotary = getattr(self.model, "rotary_emb", None)
         kept = dict(rotary.named_buffers()) if rotary is not None else {}
-        self.model.to(device=device, dtype=dtype)
+        super().to(device, dtype)
         for name, buf in kept.items():
             setattr(rotary, name, buf.to(device))

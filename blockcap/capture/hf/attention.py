@@ -9,8 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 from torch.nn import functional as F
+
+from blockcap.capture.hf.parts import Decoder
 
 # model_type -> how its forward picks each layer's sliding window: "every" layer gets
 # config.sliding_window when it is set; "layer_types" only the layers config.layer_types marks
@@ -39,7 +40,7 @@ def config_windows(cfg: Any, n: int) -> list[int | None]:
     return [None] * n
 
 
-def sliding_windows(model: nn.Module) -> list[int | None]:
+def sliding_windows(model: Decoder) -> list[int | None]:
     """Each layer's attention window (None: full causal)."""
     return config_windows(model.config, len(model.layers))
 

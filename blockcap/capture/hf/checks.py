@@ -74,7 +74,7 @@ def check_shapes(where: str, cfg: Any) -> None:
         return getattr(cfg, "attribute_map", {}).get(attr, attr)
 
     heads, hidden = getattr(cfg, "num_attention_heads", None), getattr(cfg, "hidden_size", None)
-    if cfg.model_type in SPLIT_WIDTH and hidden % heads:
+    if cfg.model_type in SPLIT_WIDTH and cfg.hidden_size % cfg.num_attention_heads:  # their configs have both
         raise BlockcapError(
             f"{where} has {name('hidden_size')}={hidden}, which {name('num_attention_heads')}={heads} does "
             f"not divide into heads; fix config.json"

@@ -12,26 +12,30 @@ q/k/v variants below copy each family's attention step for step.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from blockcap.capture.base import CaptureModule
 from blockcap.capture.hf.attention import additive_mask, causal_allowed, fused_attention, sliding_windows
+from blockcap.capture.hf.parts import MLP, Attention, Decoder, Layer, layer_of
 from blockcap.core.dims import ModelDims
 
 Tensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+# What each layer's attention needs: the rotary (cos, sin), the window, the allowed (T, T) pairs,
+# the additive mask (None when fused) and whether to return the pattern.
+Context = tuple[tuple[torch.Tensor, torch.Tensor], int | None, torch.Tensor, torch.Tensor | None, bool]
 
 
-def qkv_plain(attn: nn.Module, h: torch.Tensor) -> Tensors:
+def qkv_plain(attn: Attention, h: torch.Tensor) -> Tensors:
     """q, k, v as (B, heads, T, head_dim) from separate projections (Llama, Mistral, Qwen2, Mixtral)."""
     shape = (*h.shape[:-1], -1, attn.head_dim)
-    return tuple(p(h).view(shape).transpose(1, 2) for p in (attn.q_proj, attn.k_proj, attn.v_proj))  # type: ignore[return-value]
+    return tuple(p(h).view(shape).transpose(1, 2) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
 
 
-def qkv_head_norm(attn: nn.Module, h: torch.Tensor) -> Tensors:
+def qkv_head_norm(attn: Attention, h: torch.Tensor) -> Tensors:
     """Qwen3: q and k RMS-normed per head, before the heads axis moves forward."""
     shape = (*h.shape[:-1], -1, attn.head_dim)
     q = attn.q_norm(attn.q_proj(h).view(shape)).transpose(1, 2)
@@ -39,31 +43,31 @@ def qkv_head_norm(attn: nn.Module, h: torch.Tensor) -> Tensors:
     return q, k, attn.v_proj(h).view(shape).transpose(1, 2)
 
 
-def qkv_head_norm_after(attn: nn.Module, h: torch.Tensor) -> Tensors:
+def qkv_head_norm_after(attn: Attention, h: torch.Tensor) -> Tensors:
     """Gemma 3: q and k RMS-normed per head, after the heads axis moves forward."""
     q, k, v = qkv_plain(attn, h)
     return attn.q_norm(q), attn.k_norm(k), v
 
 
-def qkv_full_norm(attn: nn.Module, h: torch.Tensor) -> Tensors:
+def qkv_full_norm(attn: Attention, h: torch.Tensor) -> Tensors:
     """OLMo 2, OLMoE: q and k RMS-normed across all heads, before the split into heads."""
     shape = (*h.shape[:-1], -1, attn.head_dim)
     q, k = attn.q_norm(attn.q_proj(h)), attn.k_norm(attn.k_proj(h))
-    return tuple(t.view(shape).transpose(1, 2) for t in (q, k, attn.v_proj(h)))  # type: ignore[return-value]
+    return tuple(t.view(shape).transpose(1, 2) for t in (q, k, attn.v_proj(h)))
 
 
-def qkv_fused(attn: nn.Module, h: torch.Tensor) -> Tensors:
+def qkv_fused(attn: Attention, h: torch.Tensor) -> Tensors:
     """Phi-3: one ``qkv_proj``, sliced into q, k and v."""
     shape = (*h.shape[:-1], -1, attn.head_dim)
     qkv = attn.qkv_proj(h)
     q_end = attn.config.num_attention_heads * attn.head_dim
     k_end = q_end + attn.num_key_value_heads * attn.head_dim
     parts = (qkv[..., :q_end], qkv[..., q_end:k_end], qkv[..., k_end:])
-    return tuple(t.view(shape).transpose(1, 2) for t in parts)  # type: ignore[return-value]
+    return tuple(t.view(shape).transpose(1, 2) for t in parts)
 
 
 # model_type -> its q/k/v step (qkv_plain where missing)
-QKV: dict[str, Callable[[nn.Module, torch.Tensor], Tensors]] = {
+QKV: dict[str, Callable[[Attention, torch.Tensor], Tensors]] = {
     "qwen3": qkv_head_norm,
     "qwen3_moe": qkv_head_norm,
     "gemma3_text": qkv_head_norm_after,
@@ -73,13 +77,13 @@ QKV: dict[str, Callable[[nn.Module, torch.Tensor], Tensors]] = {
 }
 
 
-def gated_mlp(mlp: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def gated_mlp(mlp: MLP, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(hidden, output) of a gated MLP: ``act(gate_proj(x)) * up_proj(x)``, then ``down_proj``."""
     hidden = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
     return hidden, mlp.down_proj(hidden)
 
 
-def fused_gated_mlp(mlp: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_gated_mlp(mlp: MLP, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Phi-3's gated MLP: one ``gate_up_proj``, ``up * act(gate)``, then ``down_proj``."""
     gate, up = mlp.gate_up_proj(x).chunk(2, dim=-1)
     hidden = up * mlp.activation_fn(gate)
@@ -94,7 +98,7 @@ class DecoderCapture(CaptureModule):
     """
 
     def __init__(
-        self, model: nn.Module, blocks: Sequence[int], sites: Sequence[str], fused: bool = False,
+        self, model: Decoder, blocks: Sequence[int], sites: Sequence[str], fused: bool = False,
         softcap: float | None = None,
     ) -> None:  # fmt: skip
         super().__init__(blocks, sites)
@@ -123,7 +127,7 @@ class DecoderCapture(CaptureModule):
         masks = {} if self.fused else {w: additive_mask(a, x.dtype) for w, a in allowed.items()}
         tables = self.rotary_tables(x, torch.arange(T, device=ids.device).unsqueeze(0))
         captured: list[torch.Tensor] = []
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(cast("Iterable[Layer]", self.layers)):
             w = self.windows[i]
             context = (tables[i], w, allowed[w], masks.get(w), self.want_pattern and self.capture_at[i])
             values = self.block(i, layer, x, context)
@@ -131,11 +135,11 @@ class DecoderCapture(CaptureModule):
             x = values["block_output"]
         return tuple(captured)
 
-    def block(self, i: int, layer: nn.Module, x: torch.Tensor, context: tuple) -> dict[str, Any]:
+    def block(self, i: int, layer: Layer, x: torch.Tensor, context: Context) -> dict[str, Any]:
         """Every site of layer ``i`` (None where the block has no such tensor) for block input ``x``."""
         raise NotImplementedError
 
-    def attend(self, attn: nn.Module, h: torch.Tensor, context: tuple) -> tuple[torch.Tensor, Any]:
+    def attend(self, attn: Attention, h: torch.Tensor, context: Context) -> tuple[torch.Tensor, Any]:
         """(heads_output (B, T, heads * head_dim), pattern or None) of attention reading ``h``."""
         (cos, sin), window, allowed, mask, want_pattern = context
         q, k, v = self.qkv(attn, h)
@@ -151,12 +155,12 @@ class DecoderCapture(CaptureModule):
         return out.reshape(*h.shape[:-1], -1).contiguous(), pattern  # also with grouped-query attention
 
 
-def decoder_dims(model: nn.Module, d_mlp: int, n_experts: int = 0) -> ModelDims:
+def decoder_dims(model: Decoder, d_mlp: int, n_experts: int = 0) -> ModelDims:
     """The sizes of a rotary decoder, read from its modules where configs leave fields out."""
     cfg = model.config
     return ModelDims(
         n_layer=len(model.layers), d_model=cfg.hidden_size, n_head=cfg.num_attention_heads,
-        head_dim=model.layers[0].self_attn.head_dim, d_mlp=d_mlp,
+        head_dim=layer_of(model, 0).self_attn.head_dim, d_mlp=d_mlp,
         vocab_size=model.embed_tokens.num_embeddings, context=cfg.max_position_embeddings,
         n_experts=n_experts,
     )  # fmt: skip

@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
 from blockcap.capture.hf.adapter import HFAdapter
-from blockcap.capture.hf.decoder import DecoderCapture, decoder_dims, gated_mlp
+from blockcap.capture.hf.decoder import Context, DecoderCapture, decoder_dims, gated_mlp
+from blockcap.capture.hf.parts import Decoder, Layer, layer_of
 from blockcap.core.dims import ModelDims
 
 # Max abs difference between fused and exact captures, relative to the largest magnitude of the
@@ -31,7 +31,7 @@ class GemmaCapture(DecoderCapture):
     """Embeddings and layers ``0..max(blocks)`` of a Gemma 2 or Gemma 3 text model."""
 
     def __init__(
-        self, model: nn.Module, blocks: Sequence[int], sites: Sequence[str], fused: bool = False
+        self, model: Decoder, blocks: Sequence[int], sites: Sequence[str], fused: bool = False
     ) -> None:
         cfg = model.config
         # Gemma 3's attention keeps the config's attn_logit_softcapping but does not apply it
@@ -46,7 +46,7 @@ class GemmaCapture(DecoderCapture):
         tables = {t: self.rotary_emb(x, positions, t) for t in dict.fromkeys(self.layer_types)}
         return [tables[t] for t in self.layer_types]
 
-    def block(self, i: int, layer: nn.Module, x: torch.Tensor, context: tuple) -> dict[str, Any]:
+    def block(self, i: int, layer: Layer, x: torch.Tensor, context: Context) -> dict[str, Any]:
         heads, pattern = self.attend(layer.self_attn, layer.input_layernorm(x), context)
         proj = layer.post_attention_layernorm(layer.self_attn.o_proj(heads))
         mid = x + proj
@@ -61,5 +61,5 @@ class Gemma(HFAdapter):
     capture_class = GemmaCapture
 
     @staticmethod
-    def dims_of(model: nn.Module) -> ModelDims:
-        return decoder_dims(model, d_mlp=model.layers[0].mlp.down_proj.in_features)
+    def dims_of(model: Decoder) -> ModelDims:
+        return decoder_dims(model, d_mlp=layer_of(model, 0).mlp.down_proj.in_features)

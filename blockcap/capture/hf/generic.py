@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -27,9 +27,15 @@ from torch import nn
 from blockcap.capture.base import CaptureModule
 from blockcap.capture.hf.adapter import HFAdapter
 from blockcap.capture.hf.attention import additive_mask, causal_allowed
+from blockcap.capture.hf.parts import Decoder
 from blockcap.core.dims import ModelDims
 from blockcap.core.errors import BlockcapError
 from blockcap.core.sites import SITES
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+    from transformers.models.bloom.modeling_bloom import BloomModel
+    from transformers.models.opt.modeling_opt import OPTModel
 
 CAPTURED = ("block_input", "block_output")
 PROBE_TOKENS = 40  # crosses any sliding window shorter than it
@@ -40,7 +46,9 @@ LAYER_TYPES = ("full_attention", "sliding_attention")
 class GenericCapture(CaptureModule):
     """The model's own layers ``0..max(blocks)``, after its ``prelude``."""
 
-    def __init__(self, model: nn.Module, blocks: Sequence[int], sites: Sequence[str], fused: bool = False):
+    def __init__(
+        self, model: PreTrainedModel, blocks: Sequence[int], sites: Sequence[str], fused: bool = False
+    ):
         super().__init__(blocks, sites)
         self.layers = nn.ModuleList(layer_list(model)[: self.depth])
         self.eval()
@@ -63,9 +71,12 @@ class GenericCapture(CaptureModule):
 class DecoderLayout(GenericCapture):
     """``embed_tokens``, optional ``rotary_emb``, ``layers`` called with mask, positions and rotary tables."""
 
-    def __init__(self, model: nn.Module, blocks: Sequence[int], sites: Sequence[str], fused: bool = False):
+    def __init__(
+        self, model: PreTrainedModel, blocks: Sequence[int], sites: Sequence[str], fused: bool = False
+    ):
         super().__init__(model, blocks, sites)
-        self.embed_tokens, self.rotary_emb = model.embed_tokens, getattr(model, "rotary_emb", None)
+        self.embed_tokens = cast("Decoder", model).embed_tokens
+        self.rotary_emb = getattr(model, "rotary_emb", None)
         cfg = model.config
         types = getattr(cfg, "layer_types", None) or ["full_attention"] * len(self.layers)
         self.windows = tuple(
@@ -89,9 +100,11 @@ class DecoderLayout(GenericCapture):
 class OPTLayout(GenericCapture):
     """OPT: token embeddings (projected in where the model has ``project_in``) plus learned positions."""
 
-    def __init__(self, model: nn.Module, blocks: Sequence[int], sites: Sequence[str], fused: bool = False):
+    def __init__(
+        self, model: PreTrainedModel, blocks: Sequence[int], sites: Sequence[str], fused: bool = False
+    ):
         super().__init__(model, blocks, sites)
-        decoder = model.decoder
+        decoder = cast("OPTModel", model).decoder
         self.embed_tokens, self.embed_positions = decoder.embed_tokens, decoder.embed_positions
         self.project_in = decoder.project_in
 
@@ -110,14 +123,17 @@ class OPTLayout(GenericCapture):
 class BloomLayout(GenericCapture):
     """BLOOM: embeddings normed by ``word_embeddings_layernorm``, ALiBi biases, a causal mask."""
 
-    def __init__(self, model: nn.Module, blocks: Sequence[int], sites: Sequence[str], fused: bool = False):
+    def __init__(
+        self, model: PreTrainedModel, blocks: Sequence[int], sites: Sequence[str], fused: bool = False
+    ):
         super().__init__(model, blocks, sites)
+        bloom = cast("BloomModel", model)
         self.word_embeddings, self.word_embeddings_layernorm = (
-            model.word_embeddings,
-            model.word_embeddings_layernorm,
+            bloom.word_embeddings,
+            bloom.word_embeddings_layernorm,
         )
         self.alibi_slopes = sys.modules[type(model).__module__]._get_alibi_slopes
-        self.num_heads = model.num_heads
+        self.num_heads = bloom.num_heads
 
     def prelude(self, ids: torch.Tensor) -> tuple[torch.Tensor, list[dict[str, Any]]]:
         B, T = ids.shape
@@ -128,14 +144,19 @@ class BloomLayout(GenericCapture):
         return x, [{"alibi": alibi, "attention_mask": mask}] * len(self.layers)
 
 
-def layer_list(model: nn.Module) -> nn.ModuleList:
+def layer_list(model: PreTrainedModel) -> nn.ModuleList:
     cfg = model.config
     if cfg.model_type == "opt":
-        return model.decoder.layers
-    return model.h if cfg.model_type == "bloom" else model.layers
+        return cast("OPTModel", model).decoder.layers
+    return cast("BloomModel", model).h if cfg.model_type == "bloom" else cast("Decoder", model).layers
 
 
-def layout_of(model: nn.Module) -> type[GenericCapture] | str:
+def vocab_size(model: PreTrainedModel) -> int:
+    """The size of the model's input embedding table."""
+    return cast(nn.Embedding, model.get_input_embeddings()).num_embeddings
+
+
+def layout_of(model: PreTrainedModel) -> type[GenericCapture] | str:
     """The layout class that fits ``model``, or why none does."""
     cfg = model.config
     if cfg.model_type == "opt":
@@ -157,10 +178,10 @@ def layout_of(model: nn.Module) -> type[GenericCapture] | str:
     return DecoderLayout
 
 
-def verify(model: nn.Module, capture: type[GenericCapture]) -> str | None:
+def verify(model: PreTrainedModel, capture: type[GenericCapture]) -> str | None:
     """None when the capture's block inputs on a probe are bitwise the model's own ``hidden_states``;
     else what differs, or how running the layers failed."""
-    n, vocab = len(layer_list(model)), model.get_input_embeddings().num_embeddings
+    n, vocab = len(layer_list(model)), vocab_size(model)
     T = min(PROBE_TOKENS, context_of(model.config))
     ids = torch.randint(0, vocab, (2, T), generator=torch.Generator().manual_seed(0))
     module = capture(model, range(n), CAPTURED)
@@ -192,14 +213,14 @@ def context_of(cfg: Any) -> int:
 class Generic(HFAdapter):
     family = "generic"
 
-    def __init__(self, model: nn.Module, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, model: PreTrainedModel, *args: Any, **kwargs: Any) -> None:
         super().__init__(model, *args, **kwargs)
         layout = layout_of(model)
         assert not isinstance(layout, str), layout  # load checks the layout first
         self.capture_class = layout
 
     @staticmethod
-    def dims_of(model: nn.Module) -> ModelDims:
+    def dims_of(model: PreTrainedModel) -> ModelDims:
         """What the generic path knows: layers, widths and vocabulary; heads as the config states
         them, and no MLP width (``d_mlp`` 0: it captures no MLP site)."""
         cfg = model.config
@@ -207,7 +228,7 @@ class Generic(HFAdapter):
         head_dim = (getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head) if n_head else 0
         return ModelDims(
             n_layer=len(layer_list(model)), d_model=cfg.hidden_size, n_head=n_head, head_dim=head_dim,
-            d_mlp=0, vocab_size=model.get_input_embeddings().num_embeddings, context=context_of(cfg),
+            d_mlp=0, vocab_size=vocab_size(model), context=context_of(cfg),
         )  # fmt: skip
 
     def absent_sites(self, blocks: Sequence[int]) -> dict[str, str]:

@@ -8,7 +8,8 @@ the model see. ``fused`` computes attention with SDPA instead: faster, within ``
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -43,7 +44,7 @@ class GPT2Capture(CaptureModule):
         allowed = causal_allowed(T, None, ids.device)
         mask = None if self.fused else additive_mask(allowed, embeds.dtype)  # the eager functions' mask
         captured: list[torch.Tensor] = []
-        for i, block in enumerate(self.h):
+        for i, block in enumerate(cast("Iterable[modeling_gpt2.GPT2Block]", self.h)):
             attn, mlp = block.attn, block.mlp
             h = block.ln_1(x)
             q, k, v = attn.c_attn(h).split(attn.split_size, dim=2)
@@ -77,9 +78,10 @@ class GPT2(HFAdapter):
     capture_class = GPT2Capture
 
     @staticmethod
-    def dims_of(model: nn.Module) -> ModelDims:
-        attn, cfg = model.h[0].attn, model.config
+    def dims_of(model: modeling_gpt2.GPT2Model) -> ModelDims:
+        block, cfg = cast(modeling_gpt2.GPT2Block, model.h[0]), model.config
+        attn = block.attn
         return ModelDims(
             n_layer=len(model.h), d_model=attn.embed_dim, n_head=attn.num_heads, head_dim=attn.head_dim,
-            d_mlp=model.h[0].mlp.c_fc.nf, vocab_size=model.wte.num_embeddings, context=cfg.n_positions,
+            d_mlp=block.mlp.c_fc.nf, vocab_size=model.wte.num_embeddings, context=cfg.n_positions,
         )  # fmt: skip

@@ -14,10 +14,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
 from blockcap.capture.hf.adapter import HFAdapter
-from blockcap.capture.hf.decoder import DecoderCapture, decoder_dims, fused_gated_mlp, gated_mlp
+from blockcap.capture.hf.decoder import Context, DecoderCapture, decoder_dims, fused_gated_mlp, gated_mlp
+from blockcap.capture.hf.parts import Decoder, Layer, layer_of
 from blockcap.core.dims import ModelDims
 
 # Max abs difference between fused and exact captures, relative to the largest magnitude of the
@@ -29,12 +29,12 @@ class LlamaCapture(DecoderCapture):
     """Embeddings and layers ``0..max(blocks)`` of a Llama-family model, returning the sites."""
 
     def __init__(
-        self, model: nn.Module, blocks: Sequence[int], sites: Sequence[str], fused: bool = False
+        self, model: Decoder, blocks: Sequence[int], sites: Sequence[str], fused: bool = False
     ) -> None:
         super().__init__(model, blocks, sites, fused)
         self.mlp_step = fused_gated_mlp if model.config.model_type == "phi3" else gated_mlp
 
-    def block(self, i: int, layer: nn.Module, x: torch.Tensor, context: tuple) -> dict[str, Any]:
+    def block(self, i: int, layer: Layer, x: torch.Tensor, context: Context) -> dict[str, Any]:
         heads, pattern = self.attend(layer.self_attn, layer.input_layernorm(x), context)
         proj = layer.self_attn.o_proj(heads)
         mid = x + proj  # Phi-3's residual dropouts are the identity in eval mode
@@ -48,5 +48,5 @@ class Llama(HFAdapter):
     capture_class = LlamaCapture
 
     @staticmethod
-    def dims_of(model: nn.Module) -> ModelDims:
-        return decoder_dims(model, d_mlp=model.layers[0].mlp.down_proj.in_features)
+    def dims_of(model: Decoder) -> ModelDims:
+        return decoder_dims(model, d_mlp=layer_of(model, 0).mlp.down_proj.in_features)

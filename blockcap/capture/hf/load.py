@@ -125,7 +125,9 @@ def files_sha256(files: list[Path]) -> str:
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
-def _tokenizer(transformers: Any, source: Path | str, model: str, hub: bool, kw: dict) -> HFTokenizer:
+def _tokenizer(
+    transformers: Any, source: Path | str, model: str, hub: bool, kw: dict[str, Any]
+) -> HFTokenizer:
     from tokenizers import Tokenizer
 
     with _loading(
@@ -196,11 +198,11 @@ def load(spec: CaptureSpec) -> HFAdapter:
     name = str(spec.model)
     source, local = locate(name, spec.revision)
     where = str(Path(source) / "config.json") if local else f"the config.json of model={name!r}"
-    files = ""
+    listed = ""  # the weight files, named in errors while loading
     if local:  # all before transformers is imported, let alone anything in the directory
         raw = read_config(Path(source))
         check_sizes(where, raw)
-        files = ", ".join(p.name for p in weight_files(Path(source)))
+        listed = ", ".join(p.name for p in weight_files(Path(source)))
     kw = {"local_files_only": True} if local else hub_options(name, spec.revision)
     try:
         import transformers
@@ -223,7 +225,7 @@ def load(spec: CaptureSpec) -> HFAdapter:
     _check_config(name, where, config)
     cls = _family(config.model_type)
     tokenizer = _tokenizer(transformers, source, name, not local, kw)
-    with _loading(name, "weights", not local, files=files), _quiet(transformers.utils.logging):
+    with _loading(name, "weights", not local, files=listed), _quiet(transformers.utils.logging):
         model, info = transformers.AutoModel.from_pretrained(
             source, config=config, dtype=torch.float32, attn_implementation="eager",
             output_loading_info=True, ignore_mismatched_sizes=True, **kw,

@@ -16,15 +16,15 @@ varies as in the dense families: Mixtral's is Mistral's, Qwen2-MoE's Qwen2's, Qw
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import Any, cast
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 from blockcap.capture.hf.adapter import HFAdapter
-from blockcap.capture.hf.decoder import DecoderCapture, decoder_dims, gated_mlp
+from blockcap.capture.hf.decoder import Context, DecoderCapture, decoder_dims, gated_mlp
+from blockcap.capture.hf.parts import MLP, Decoder, Layer, layer_of
 from blockcap.core.dims import ModelDims
 
 # Max abs difference between fused and exact captures, relative to the largest magnitude of the
@@ -32,11 +32,11 @@ from blockcap.core.dims import ModelDims
 FUSED_TOLERANCE = 1e-5
 
 
-def is_sparse(layer: nn.Module) -> bool:
+def is_sparse(layer: Layer) -> bool:
     return hasattr(layer.mlp, "experts")
 
 
-def sparse_block(mlp: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sparse_block(mlp: MLP, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(output, router logits (B, T, n_experts)) of a sparse block, in its ``forward``'s order."""
     B, T, H = x.shape
     flat = x.view(-1, H)
@@ -52,12 +52,12 @@ class MoECapture(DecoderCapture):
     """Embeddings and layers ``0..max(blocks)`` of a mixture-of-experts model."""
 
     def __init__(
-        self, model: nn.Module, blocks: Sequence[int], sites: Sequence[str], fused: bool = False
+        self, model: Decoder, blocks: Sequence[int], sites: Sequence[str], fused: bool = False
     ) -> None:
         super().__init__(model, blocks, sites, fused)
-        self.sparse = tuple(is_sparse(layer) for layer in self.layers)
+        self.sparse = tuple(is_sparse(layer) for layer in cast("Iterable[Layer]", self.layers))
 
-    def block(self, i: int, layer: nn.Module, x: torch.Tensor, context: tuple) -> dict[str, Any]:
+    def block(self, i: int, layer: Layer, x: torch.Tensor, context: Context) -> dict[str, Any]:
         heads, pattern = self.attend(layer.self_attn, layer.input_layernorm(x), context)
         proj = layer.self_attn.o_proj(heads)
         mid = x + proj
@@ -77,18 +77,20 @@ class MoE(HFAdapter):
     capture_class = MoECapture
 
     @staticmethod
-    def dims_of(model: nn.Module) -> ModelDims:
+    def dims_of(model: Decoder) -> ModelDims:
         """``d_mlp`` is the dense blocks' MLP width, or an expert's where every block is sparse."""
-        sparse = [layer.mlp for layer in model.layers if is_sparse(layer)]
-        dense = [layer.mlp for layer in model.layers if not is_sparse(layer)]
+        layers = [layer_of(model, i) for i in range(len(model.layers))]
+        sparse = [layer.mlp for layer in layers if is_sparse(layer)]
+        dense = [layer.mlp for layer in layers if not is_sparse(layer)]
         d_mlp = dense[0].down_proj.in_features if dense else sparse[0].experts.down_proj.shape[-1]
         n_experts = sparse[0].gate.weight.shape[0] if sparse else 0
         return decoder_dims(model, d_mlp=d_mlp, n_experts=n_experts)
 
     def absent_sites(self, blocks: Sequence[int]) -> dict[str, str]:
         absent = {}
-        sparse = [b for b in blocks if is_sparse(self.model.layers[b])]
-        dense = [b for b in blocks if not is_sparse(self.model.layers[b])]
+        model = cast("Decoder", self.model)
+        sparse = [b for b in blocks if is_sparse(layer_of(model, b))]
+        dense = [b for b in blocks if not is_sparse(layer_of(model, b))]
         if sparse:
             absent["mlp_hidden"] = (
                 f"block {sparse[0]} is a sparse mixture-of-experts block: each expert has its own hidden "

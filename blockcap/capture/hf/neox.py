@@ -11,7 +11,8 @@ residual stream between attention and MLP: such a model has no ``resid_mid``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -48,7 +49,7 @@ class NeoXCapture(CaptureModule):
         x = self.emb_dropout(embeds)
         cos, sin = self.rotary_emb(x, position_ids=torch.arange(T, device=ids.device).unsqueeze(0))
         captured: list[torch.Tensor] = []
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(cast("Iterable[modeling_gpt_neox.GPTNeoXLayer]", self.layers)):
             attn, mlp = layer.attention, layer.mlp
             h = layer.input_layernorm(x)
             shape = h.shape[:-1]
@@ -59,9 +60,9 @@ class NeoXCapture(CaptureModule):
                 out, pattern = fused_attention(
                     q, k, v, attn.scaling, allowed, None, self.want_pattern and self.capture_at[i]
                 )
-            else:
+            else:  # not fused, so there is a mask
                 out, pattern = modeling_gpt_neox.eager_attention_forward(
-                    attn, q, k, v, mask, scaling=attn.scaling, dropout=0.0
+                    attn, q, k, v, cast(torch.Tensor, mask), scaling=attn.scaling, dropout=0.0
                 )
             heads = out.reshape(*shape, -1).contiguous()  # (B, T, n_head * head_dim)
             proj = attn.dense(heads)
@@ -88,8 +89,8 @@ class NeoX(HFAdapter):
     capture_class = NeoXCapture
 
     @staticmethod
-    def dims_of(model: nn.Module) -> ModelDims:
-        layer, cfg = model.layers[0], model.config
+    def dims_of(model: modeling_gpt_neox.GPTNeoXModel) -> ModelDims:
+        layer, cfg = cast(modeling_gpt_neox.GPTNeoXLayer, model.layers[0]), model.config
         return ModelDims(
             n_layer=len(model.layers), d_model=cfg.hidden_size, n_head=cfg.num_attention_heads,
             head_dim=layer.attention.head_size, d_mlp=layer.mlp.dense_h_to_4h.out_features,

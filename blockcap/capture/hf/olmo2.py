@@ -12,10 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from blockcap.capture.hf.adapter import HFAdapter
-from blockcap.capture.hf.decoder import DecoderCapture, decoder_dims, gated_mlp
+from blockcap.capture.hf.decoder import Context, DecoderCapture, decoder_dims, gated_mlp
+from blockcap.capture.hf.parts import Decoder, Layer, layer_of
 from blockcap.core.dims import ModelDims
 
 # Max abs difference between fused and exact captures, relative to the largest magnitude of the
@@ -26,7 +26,7 @@ FUSED_TOLERANCE = 1e-5
 class Olmo2Capture(DecoderCapture):
     """Embeddings and layers ``0..max(blocks)`` of an ``Olmo2Model``."""
 
-    def block(self, i: int, layer: nn.Module, x: torch.Tensor, context: tuple) -> dict[str, Any]:
+    def block(self, i: int, layer: Layer, x: torch.Tensor, context: Context) -> dict[str, Any]:
         heads, pattern = self.attend(layer.self_attn, x, context)
         proj = layer.post_attention_layernorm(layer.self_attn.o_proj(heads))
         mid = x + proj
@@ -41,5 +41,5 @@ class Olmo2(HFAdapter):
     capture_class = Olmo2Capture
 
     @staticmethod
-    def dims_of(model: nn.Module) -> ModelDims:
-        return decoder_dims(model, d_mlp=model.layers[0].mlp.down_proj.in_features)
+    def dims_of(model: Decoder) -> ModelDims:
+        return decoder_dims(model, d_mlp=layer_of(model, 0).mlp.down_proj.in_features)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from typing import cast
 
 import numpy as np
 
@@ -45,7 +46,7 @@ def _batches(docs: Iterator[Document]) -> Iterator[list[Document]]:
 
 def _prefetched(batches: Iterator[list[Document]]) -> Iterator[list[Document]]:
     """``batches`` read one ahead on a thread (errors re-raised here, in order)."""
-    box: queue.Queue = queue.Queue(maxsize=1)
+    box: queue.Queue[object] = queue.Queue(maxsize=1)
     stop = threading.Event()
 
     def read() -> None:
@@ -65,7 +66,7 @@ def _prefetched(batches: Iterator[list[Document]]) -> Iterator[list[Document]]:
         while (item := box.get()) is not _END:
             if isinstance(item, BaseException):
                 raise item
-            yield item
+            yield cast(list[Document], item)
     finally:
         stop.set()
         while thread.is_alive():  # unblock a reader waiting to hand over a batch

@@ -150,7 +150,8 @@ def list_inputs(dataset: str, options: dict[str, Any] | None = None) -> list[Inp
     else:
         local = [p.absolute() for p in _local_files(dataset.removeprefix("file://"))]
         entries = [(str(p), p.stat().st_size, "") for p in local]
-    files, formats = [], {}
+    files: list[InputFile] = []
+    formats: dict[str, str] = {}
     for path, size, digest in entries:
         fmt, compression = kind_of(path.rsplit("/", 1)[-1])
         if fmt is None:

@@ -19,7 +19,7 @@ import tempfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from blockcap.core.errors import BlockcapError
 from blockcap.data.inputs import JSONL, PARQUET, TEXT, InputFile
@@ -45,7 +45,8 @@ def _raw(f: InputFile, options: dict[str, Any]) -> IO[bytes]:
     if "://" in f.path and not f.path.startswith("file://"):
         import fsspec
 
-        return fsspec.open(f.path, "rb", **options).open()
+        stream: IO[bytes] = fsspec.open(f.path, "rb", **options).open()
+        return stream
     return open(f.path.removeprefix("file://"), "rb")  # noqa: SIM115 - closed by the caller
 
 
@@ -56,7 +57,7 @@ def open_binary(f: InputFile, options: dict[str, Any] | None = None) -> IO[bytes
 
 def _decompressed(f: InputFile, raw: IO[bytes]) -> IO[bytes]:
     if f.compression == "gzip":
-        return gzip.GzipFile(fileobj=raw)
+        return cast(IO[bytes], gzip.GzipFile(fileobj=raw))
     if f.compression == "bz2":
         return bz2.BZ2File(raw)
     if f.compression == "zstd":
@@ -162,7 +163,7 @@ def _table(f: InputFile, column: str, options: dict[str, Any]) -> Iterator[tuple
                 total = max(1, table.metadata.num_rows)
 
                 def at() -> int:
-                    return f.size * row // total
+                    return int(f.size * row // total)
             else:
                 raw = stack.enter_context(_raw(f, options))
                 reader = pa.ipc.open_stream(stack.enter_context(_decompressed(f, raw)))

@@ -55,7 +55,7 @@ def download(url: str, dest: Path, sha256: str) -> Path:
 
 
 def resolve_dataset(
-    path: str | os.PathLike | None = None, sha256: str | None = None, url: str = TINYSHAKESPEARE_URL
+    path: str | os.PathLike[str] | None = None, sha256: str | None = None, url: str = TINYSHAKESPEARE_URL
 ) -> str:
     """The dataset to use: ``path``, else ``$BLOCKCAP_DATASET``, else the cached TinyShakespeare
     (downloaded on first use, always checked against its hash; a pin on an explicit dataset is
@@ -70,16 +70,18 @@ def resolve_dataset(
     return str(cached)
 
 
-def read_text(dataset: str | os.PathLike, text_column: str | None = None) -> str:
+def read_text(dataset: str | os.PathLike[str], text_column: str | None = None) -> str:
     """The whole text of a dataset, documents concatenated (training the char GPT needs it)."""
     files = list_inputs(str(dataset))
-    text = "".join(d.text if d.pieces is None else "".join(d.pieces) for d in documents(files, text_column))
+    text = "".join(
+        d.text or "" if d.pieces is None else "".join(d.pieces) for d in documents(files, text_column)
+    )
     if not text:
         raise BlockcapError(f"dataset {dataset} is empty; pass a text dataset")
     return text
 
 
-def characters(dataset: str | os.PathLike, text_column: str | None = None) -> str:
+def characters(dataset: str | os.PathLike[str], text_column: str | None = None) -> str:
     """Every distinct character of a dataset, sorted (an original char GPT's vocabulary), streamed."""
     seen: set[str] = set()
     for d in documents(list_inputs(str(dataset)), text_column):

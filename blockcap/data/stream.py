@@ -97,7 +97,7 @@ class JoinedStream:
         off = p - j[k]
         src = recs[k, 0] + np.minimum(off, length[k] - 1)
         first = int(src[0])
-        out = self.cache.ids(first, int(src[-1]) + 1)[src - first]
+        out: np.ndarray = self.cache.ids(first, int(src[-1]) + 1)[src - first]
         if self.s:
             out[off >= length[k]] = self.separator
         return out

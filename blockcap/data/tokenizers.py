@@ -25,7 +25,10 @@ MAX_CUT_TRIES = 16  # candidate cuts checked per step before a hard cut
 
 class Tokenizer(Protocol):
     kind: str
-    vocab_size: int  # ids are 0..vocab_size-1
+
+    @property
+    def vocab_size(self) -> int: ...  # ids are 0..vocab_size-1
+
     eos_id: int | None
     bos_id: int | None
     sha256: str  # identity: of tokenizer.json, or of the char vocabulary
@@ -47,8 +50,8 @@ class CharTokenizer:
     """Maps characters to ids in the order of ``vocab`` (sorted unique characters, as the original)."""
 
     kind = "char"
-    eos_id = None
-    bos_id = None
+    eos_id: int | None = None
+    bos_id: int | None = None
 
     def __init__(self, vocab: str) -> None:
         if len(set(vocab)) != len(vocab):
@@ -183,9 +186,9 @@ class HFTokenizer:
         else:
             yield self.encode(buf), False
             return
-        for piece in itertools.chain(it, [None]):
-            buf += piece or ""
-            while len(buf) > (STEP_CHARS if piece is None else 2 * STEP_CHARS):
+        for more in itertools.chain(it, [None]):
+            buf += more or ""
+            while len(buf) > (STEP_CHARS if more is None else 2 * STEP_CHARS):
                 head, start, exact = self._cut(buf[:STEP_CHARS])
                 yield head, not exact
                 buf = buf[start:]

@@ -2,19 +2,31 @@
 
 Every byte blockcap writes into a store passes through ``Location.put``, ``delete`` or
 ``rename_to``: one choke point, atomic per object (a local file is written to a temporary name
-and renamed into place; an object-store PUT is atomic by itself). Reading goes through zarr's own
-store for the same place (``zarr_store``). Tests register ``WRITE_HOOKS`` to count writes and
-kill the process after any one of them.
+and renamed into place; an object-store PUT is atomic by itself) and, when ``durable``, on disk
+before the call returns (the file and its directory fsynced), so a commit record written after
+its objects never outlives them on power loss. Reading goes through zarr's own store for the
+same place (``zarr_store``). Tests register ``WRITE_HOOKS`` to count writes and kill the process
+after any one of them.
+
+Keys are confined: every key is checked to be a relative name of the store's own kind (no
+``..``, no absolute path, no odd characters) before any read, write or delete, and a local
+write or delete must land inside the store's real directory (no symbolic link inside a store
+leads a write out of it), so a hostile store's metadata cannot make blockcap touch anything
+outside the store. A stop requested by a signal (``request_stop``) is honoured before every
+mutation, so a KeyboardInterrupt swallowed anywhere (a finalizer, a library) still stops the run.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
+import signal
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +35,80 @@ from blockcap.core.errors import BlockcapError
 PARTIAL = ".partial"  # suffix of a local file not yet renamed into place
 # Called as hook(operation, key) after every mutation (and before a local rename: "put-partial").
 WRITE_HOOKS: list[Callable[[str, str], None]] = []
+_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,254}(/[A-Za-z0-9_][A-Za-z0-9_.\-]{0,254}){0,31}")
+_STOPS: list[int] = []  # signals received (see request_stop)
+_GUARDS: list[Callable[[], None]] = []  # each raises when this process must not write any more
 
 
 def _wrote(op: str, key: str) -> None:
     for hook in WRITE_HOOKS:
         hook(op, key)
+
+
+def request_stop(signum: int) -> None:
+    """Remember that a signal asked the process to stop (called by the SIGINT/SIGTERM handlers)."""
+    _STOPS.append(signum)
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    request_stop(signum)
+    raise KeyboardInterrupt
+
+
+_DEPTH: list[int] = []
+
+
+@contextmanager
+def stop_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM stop the process the same way: KeyboardInterrupt now, and the request
+    remembered (``check_stop``) in case a finalizer or a library swallows that raise. The
+    outermost use starts with no request pending. Outside the main thread it does nothing."""
+    try:
+        previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread
+        yield
+        return
+    if not _DEPTH:
+        _STOPS.clear()
+    _DEPTH.append(1)
+    try:
+        yield
+    finally:
+        _DEPTH.pop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def stop_requested() -> bool:
+    return bool(_STOPS)
+
+
+def check_stop() -> None:
+    """Before a write: KeyboardInterrupt when a stop was requested (a stop is never lost to a
+    swallowed raise), or the error of a guard that forbids writing (a lease lost)."""
+    if _STOPS:
+        raise KeyboardInterrupt
+    for guard in list(_GUARDS):
+        guard()
+
+
+def add_guard(guard: Callable[[], None]) -> None:
+    _GUARDS.append(guard)
+
+
+def remove_guard(guard: Callable[[], None]) -> None:
+    if guard in _GUARDS:
+        _GUARDS.remove(guard)
+
+
+def check_key(key: str) -> str:
+    """``key`` if it names an object inside a store (relative, no ``..``, the store's characters)."""
+    if key != "" and not (isinstance(key, str) and _KEY.fullmatch(key) and ".." not in key.split("/")):
+        raise BlockcapError(
+            f"the store names an object {key!r} that is not a name inside a store (absolute, '..' or "
+            f"odd characters); refusing to touch it: the store's metadata is damaged or hostile"
+        )
+    return key
 
 
 def is_url(out: str) -> bool:
@@ -37,10 +118,12 @@ def is_url(out: str) -> bool:
 class Location:
     """A store's place; ``key``s are relative to its root, with ``/`` separators."""
 
-    def __init__(self, out: str, storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(self, out: str, storage_options: dict[str, Any] | None = None, durable: bool = True) -> None:
         self.url = str(out)
         self.storage_options = dict(storage_options or {})
         self.local = not is_url(self.url)
+        self.durable = durable  # fsync local files and directories (object-store PUTs are durable)
+        self._real: str | None = None
         if self.local:
             self.root = Path(self.url.removeprefix("file://")).expanduser()
             self.fs = None
@@ -48,6 +131,32 @@ class Location:
         else:
             self.fs, self.path = _filesystem(self.url, self.storage_options)
             self.root = None
+
+    def resolved(self) -> Location:
+        """This place named once and for all: a local path made absolute with every symbolic link
+        resolved (an overwrite then replaces the store behind a link, on its file system), a URL
+        as it is. A dangling link stays as it is, for ``check_parent`` to refuse."""
+        if not self.local or (os.path.islink(self.root) and not self.root.exists()):
+            return self
+        try:
+            real = os.path.realpath(self.root)
+        except OSError as e:
+            raise BlockcapError(f"out={self.url!r} cannot be used ({e.strerror})") from None
+        return Location(real, self.storage_options, self.durable)
+
+    def _local_path(self, key: str, write: bool = False) -> Path:
+        """The file of ``key``; for a write or delete, checked to lie inside the store's real directory."""
+        path = self.root / check_key(key)
+        if write and key:
+            if self._real is None:
+                self._real = os.path.realpath(self.root)
+            where = os.path.realpath(path.parent)
+            if where != self._real and not where.startswith(self._real.rstrip(os.sep) + os.sep):
+                raise BlockcapError(
+                    f"store {self.url}: {key} leads outside the store (through a symbolic link to "
+                    f"{where}); refusing to write or delete it"
+                )
+        return path
 
     @property
     def name(self) -> str:
@@ -58,7 +167,12 @@ class Location:
 
     def sibling(self, suffix: str) -> Location:
         """The location named like this one plus ``suffix`` (e.g. ``out.replaced``)."""
-        return Location(self.url.rstrip("/") + suffix, self.storage_options)
+        return Location(self.url.rstrip("/") + suffix, self.storage_options, self.durable)
+
+    def beside(self, name: str) -> str:
+        """The full path of object ``name`` next to the store (``.<store>.lock``), outside it."""
+        parent = self.path.rstrip("/").rpartition("/")[0]
+        return f"{parent}/{name}" if parent else name
 
     def _remote(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         """An object-store call whose failures (credentials, network, permissions) are one line."""
@@ -83,20 +197,20 @@ class Location:
     def get(self, key: str) -> bytes | None:
         try:
             if self.local:
-                return (self.root / key).read_bytes()
-            return self._remote(self.fs.cat_file, f"{self.path}/{key}")
+                return self._local_path(key).read_bytes()
+            return self._remote(self.fs.cat_file, f"{self.path}/{check_key(key)}")
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
 
     def exists(self, key: str = "") -> bool:
         if self.local:
-            return (self.root / key).exists()
-        return self._remote(self.fs.exists, f"{self.path}/{key}".rstrip("/"))
+            return self._local_path(key).exists()
+        return self._remote(self.fs.exists, f"{self.path}/{check_key(key)}".rstrip("/"))
 
     def keys(self, prefix: str = "") -> list[str]:
         """Every object under ``prefix`` (relative keys, sorted); local temp files left out."""
         if self.local:
-            base = self.root / prefix
+            base = self._local_path(prefix)
             if not base.is_dir():
                 return []
             found = []
@@ -104,7 +218,7 @@ class Location:
                 rel = Path(dirpath).relative_to(self.root).as_posix()
                 found += [f if rel == "." else f"{rel}/{f}" for f in files if not f.endswith(PARTIAL)]
             return sorted(found)
-        base = f"{self.path}/{prefix}".rstrip("/")
+        base = f"{self.path}/{check_key(prefix)}".rstrip("/")
         self._remote(self.fs.invalidate_cache, base)  # other processes write too: no cached listing
         try:
             return sorted(p[len(self.path) + 1 :] for p in self._remote(self.fs.find, base))
@@ -148,9 +262,31 @@ class Location:
         return shutil.disk_usage(probe).free
 
     def check_parent(self) -> None:
-        """One line when a local store could not be created where asked."""
+        """One line when a store could not be created where asked."""
         if not self.local:
+            self._check_bucket()
             return
+        try:
+            self._check_local_parent()
+        except OSError as e:  # e.g. a name longer than the file system allows
+            raise BlockcapError(f"out={self.url[:80]!r}...: {e.strerror}; choose a shorter out=PATH"
+                                if e.errno == errno.ENAMETOOLONG else
+                                f"out={self.url!r} cannot be used ({e.strerror})") from None  # fmt: skip
+
+    def _check_bucket(self) -> None:
+        """A store in a bucket needs the bucket (else every write would fail, one by one)."""
+        if self.url.split("://", 1)[0] not in BUCKETS:
+            return
+        bucket = self.path.split("/", 1)[0]
+        try:
+            self._remote(self.fs.info, bucket)  # network and credential failures: their own line
+        except FileNotFoundError:
+            raise BlockcapError(
+                f"out={self.url!r}: bucket {bucket!r} does not exist or is not visible with these "
+                f"credentials; create it, or fix out= or storage_options="
+            ) from None
+
+    def _check_local_parent(self) -> None:
         if self.root.is_file():
             raise BlockcapError(f"out={self.url!r} is a file; pass a directory path for the store")
         if os.path.islink(self.root) and not self.root.exists():
@@ -165,17 +301,24 @@ class Location:
 
     # --- writing: every mutation of a store goes through here ---------------------------------
     def put(self, key: str, data: bytes | memoryview) -> None:
-        """Write one object atomically: readers see the old object, or the new one whole."""
+        """Write one object atomically: readers see the old object, or the new one whole; when
+        ``durable``, the file and every directory entry leading to it are on disk on return."""
+        check_stop()
         if self.local:
-            path = self.root / key
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path = self._local_path(key, write=True)
+            made = _makedirs(path.parent)
             tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}{PARTIAL}")
             with open(tmp, "wb") as f:
                 f.write(data)
+                if self.durable:
+                    os.fsync(f.fileno())
             _wrote("put-partial", key)
             os.replace(tmp, path)
+            if self.durable:
+                for d in [path.parent, *(m.parent for m in made)]:
+                    fsync_dir(d)
         else:
-            self._remote_write(self.fs.pipe_file, f"{self.path}/{key}", bytes(data))
+            self._remote_write(self.fs.pipe_file, f"{self.path}/{check_key(key)}", bytes(data))
         _wrote("put", key)
 
     def put_many(self, objects: dict[str, bytes]) -> None:
@@ -204,24 +347,28 @@ class Location:
             return
         staging = self.root.with_name(f".{self.root.name}.{uuid.uuid4().hex[:12]}.creating")
         try:
-            Location(str(staging)).put(key, data)
+            Location(str(staging), durable=self.durable).put(key, data)
+            check_stop()
             os.rename(staging, self.root)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        if self.durable:
+            fsync_dir(self.root.parent)
         _wrote("rename", str(self.root))
 
     def delete(self, key: str) -> None:
+        check_stop()
         if self.local:
-            (self.root / key).unlink(missing_ok=True)
-        elif self._remote(self.fs.exists, f"{self.path}/{key}"):
+            self._local_path(key, write=True).unlink(missing_ok=True)
+        elif self._remote(self.fs.exists, f"{self.path}/{check_key(key)}"):
             self._remote_write(self.fs.rm_file, f"{self.path}/{key}")
         _wrote("delete", key)
 
     def remove_partial_files(self) -> int:
         files = self.partial_files()
         for p in files:
-            p.unlink(missing_ok=True)
+            self._local_path(p.relative_to(self.root).as_posix(), write=True).unlink(missing_ok=True)
             _wrote("delete", str(p))
         return len(files)
 
@@ -229,11 +376,15 @@ class Location:
         """Move the whole store (local: one atomic rename)."""
         if not (self.local and dst.local):
             raise ValueError("rename_to is for local stores; object stores copy")
+        check_stop()
         os.replace(self.root, dst.root)
+        if self.durable:
+            fsync_dir(dst.root.parent)
         _wrote("rename", str(dst.root))
 
     def remove_tree(self) -> None:
         """Delete the whole store. Local: renamed out of sight first, so it vanishes at once."""
+        check_stop()
         if self.local:
             if not self.root.exists():
                 return
@@ -282,6 +433,29 @@ class Location:
         from zarr.storage import FsspecStore
 
         return FsspecStore.from_url(self.url, storage_options=self.storage_options, read_only=read_only)
+
+
+BUCKETS = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")  # protocols whose first path part is a bucket
+
+
+def _makedirs(d: Path) -> list[Path]:
+    """``mkdir -p d``; returns the directories it created, outermost first."""
+    made = []
+    while not d.is_dir():
+        made.append(d)
+        d = d.parent
+    for m in reversed(made):
+        m.mkdir(exist_ok=True)
+    return made[::-1]
+
+
+def fsync_dir(d: Path) -> None:
+    """Make the entries of directory ``d`` (files renamed or created in it) durable."""
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _filesystem(url: str, options: dict[str, Any]) -> tuple[Any, str]:

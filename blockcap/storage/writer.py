@@ -136,7 +136,7 @@ class UnitSource:
     """What the writer needs besides the slab: window offsets, and a dedup store's row facts."""
 
     offsets: Callable[[int, int], np.ndarray]  # windows lo:hi -> start offsets
-    tag: int  # the store's tag for its commit records (``integrity.store_tag``)
+    tag: int  # the store's tag for its commit records (``metadata.tag_of``)
     row_positions: np.ndarray | None = None  # dedup: position of each row's token
     row_weights: np.ndarray | None = None  # dedup: how many (window, position) pairs use each row
 

@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
     with its number. A SIGINT or SIGTERM at any instant ends with status 130, even one that a
     library or finalizer swallowed (see ``location.stop_signals``).
     """
-    from blockcap.storage.location import stop_requested, stop_signals
+    from blockcap.storage.stops import stop_requested, stop_signals
 
     rank = os.environ.get("RANK", "0")
     quiet = rank != "0"

@@ -24,9 +24,10 @@ from blockcap.run.dist import DEFAULT_STALL_SECONDS, Group, JobError, from_env
 from blockcap.run.dryrun import DryRun, check_free_space, dry_run
 from blockcap.run.plan import Plan, forward_bytes, make_plan
 from blockcap.storage.lifecycle import Prepared, finish, pending_units, planned, prepare
-from blockcap.storage.location import WRITE_HOOKS, Location, stop_signals
+from blockcap.storage.location import WRITE_HOOKS, Location
 from blockcap.storage.lock import exclusive, held_by
 from blockcap.storage.metadata import open_location, read_meta, spec_of, tag_of
+from blockcap.storage.stops import stop_signals
 from blockcap.storage.writer import SlabWriter, UnitSource
 
 PROGRESS_EVERY = 8  # batches between progress reductions across ranks
@@ -293,14 +294,15 @@ def _check_agreement(group: Group, p: Plan) -> None:
             if value == ours:
                 continue
             if name == "capture":
-                value = ", ".join(
+                detail = ", ".join(
                     f"{k} {ours.get(k)!r} -> {v!r}" for k, v in value.items() if ours.get(k) != v
                 )
-                ours = "rank 0's"
+            else:
+                detail = f"{ours} vs {value}"
             raise JobError(
-                f"rank {rank} disagrees with rank 0 on {FACTS[name]} ({ours} vs {value}); every rank "
-                f"must run the same command on the same inputs and store (an absolute path on a file "
-                f"system every node shares, or a URL); nothing was written"
+                f"rank {rank} disagrees with rank 0 on {FACTS[name]} ({detail}); every rank must run the "
+                f"same command on the same inputs and store (an absolute path on a file system every node "
+                f"shares, or a URL); nothing was written"
             )
 
 

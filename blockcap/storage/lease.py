@@ -28,7 +28,8 @@ import uuid
 from typing import Any
 
 from blockcap.core.errors import BlockcapError
-from blockcap.storage.location import Location, _wrote, add_guard, remove_guard
+from blockcap.storage.location import Location, _wrote
+from blockcap.storage.stops import add_guard, remove_guard
 
 LEASE_SECONDS = float(os.environ.get("BLOCKCAP_LEASE_SECONDS", "60"))  # tests shorten it
 SKEW_SECONDS = 5.0  # clock difference between machines tolerated before taking a lease over

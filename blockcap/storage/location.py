@@ -12,8 +12,8 @@ Keys are confined: every key is checked to be a relative name of the store's own
 ``..``, no absolute path, no odd characters) before any read, write or delete, and a local
 write or delete must land inside the store's real directory (no symbolic link inside a store
 leads a write out of it), so a hostile store's metadata cannot make blockcap touch anything
-outside the store. A stop requested by a signal (``request_stop``) is honoured before every
-mutation, so a KeyboardInterrupt swallowed anywhere (a finalizer, a library) still stops the run.
+outside the store. Before every mutation ``stops.check_stop`` honours a stop a signal requested
+and the guards that forbid writing (a lease lost).
 """
 
 from __future__ import annotations
@@ -22,83 +22,24 @@ import errno
 import os
 import re
 import shutil
-import signal
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from blockcap.core.errors import BlockcapError
+from blockcap.storage.stops import check_stop
 
 PARTIAL = ".partial"  # suffix of a local file not yet renamed into place
 # Called as hook(operation, key) after every mutation (and before a local rename: "put-partial").
 WRITE_HOOKS: list[Callable[[str, str], None]] = []
 _KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,254}(/[A-Za-z0-9_][A-Za-z0-9_.\-]{0,254}){0,31}")
-_STOPS: list[int] = []  # signals received (see request_stop)
-_GUARDS: list[Callable[[], None]] = []  # each raises when this process must not write any more
 
 
 def _wrote(op: str, key: str) -> None:
     for hook in WRITE_HOOKS:
         hook(op, key)
-
-
-def request_stop(signum: int) -> None:
-    """Remember that a signal asked the process to stop (called by the SIGINT/SIGTERM handlers)."""
-    _STOPS.append(signum)
-
-
-def _on_signal(signum: int, frame: Any) -> None:
-    request_stop(signum)
-    raise KeyboardInterrupt
-
-
-_DEPTH: list[int] = []
-
-
-@contextmanager
-def stop_signals() -> Iterator[None]:
-    """SIGINT and SIGTERM stop the process the same way: KeyboardInterrupt now, and the request
-    remembered (``check_stop``) in case a finalizer or a library swallows that raise. The
-    outermost use starts with no request pending. Outside the main thread it does nothing."""
-    try:
-        previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    except ValueError:  # not the main thread
-        yield
-        return
-    if not _DEPTH:
-        _STOPS.clear()
-    _DEPTH.append(1)
-    try:
-        yield
-    finally:
-        _DEPTH.pop()
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-def stop_requested() -> bool:
-    return bool(_STOPS)
-
-
-def check_stop() -> None:
-    """Before a write: KeyboardInterrupt when a stop was requested (a stop is never lost to a
-    swallowed raise), or the error of a guard that forbids writing (a lease lost)."""
-    if _STOPS:
-        raise KeyboardInterrupt
-    for guard in list(_GUARDS):
-        guard()
-
-
-def add_guard(guard: Callable[[], None]) -> None:
-    _GUARDS.append(guard)
-
-
-def remove_guard(guard: Callable[[], None]) -> None:
-    if guard in _GUARDS:
-        _GUARDS.remove(guard)
 
 
 def check_key(key: str) -> str:

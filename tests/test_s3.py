@@ -18,7 +18,7 @@ import zarr
 import blockcap
 from blockcap.cli import main
 from blockcap.core.errors import BlockcapError
-from blockcap.storage import lease
+from blockcap.storage import lease, stops
 from blockcap.storage.location import Location
 from tests import crashkit
 from tests.s3server import bucket, objects, s3_server  # noqa: F401  (fixtures)
@@ -165,6 +165,7 @@ def test_a_second_run_on_a_prefix_in_use_is_refused_in_one_line(args, s3_server,
 def lease_of(s3_server, bucket, monkeypatch):  # noqa: F811
     monkeypatch.setattr(lease, "LEASE_SECONDS", 1.0)
     monkeypatch.setattr(lease, "SKEW_SECONDS", 0.2)
+    monkeypatch.setattr(stops, "_GUARDS", [])  # a lease a test leaves held guards no later test
     loc = Location(f"s3://{bucket}/s.zarr", s3_server["options"])
     return lambda shared=False: lease.Lease(loc, lease.backend(loc), shared, "wait")
 
@@ -172,6 +173,7 @@ def lease_of(s3_server, bucket, monkeypatch):  # noqa: F811
 def test_a_lease_is_taken_over_only_after_its_holder_stops_renewing(lease_of):
     a = lease_of()
     a.acquire()
+    assert a.guard() is None
     time.sleep(1.5)  # a renews it meanwhile
     with pytest.raises(lease.StoreInUse, match=r"in use by process \d+ on host .*renewed \d+ s ago"):
         lease_of().acquire()
@@ -184,6 +186,8 @@ def test_a_lease_is_taken_over_only_after_its_holder_stops_renewing(lease_of):
     b.acquire()  # expired: taken over
     with pytest.raises(BlockcapError, match="lost its lease"):
         a.guard()  # a, were it only paused, stops before its next write
+    a.release()  # its guard goes; the lease, b's now, is left alone
+    assert b.objects.read() is not None
     b.release()
     assert b.objects.read() is None
 

@@ -2,11 +2,11 @@
 
 Every byte blockcap writes into a store passes through ``Location.put``, ``delete`` or
 ``rename_to``: one choke point, atomic per object (a local file is written to a temporary name
-and renamed into place; an object-store PUT is atomic by itself) and, when ``durable``, on disk
-before the call returns (the file and its directory fsynced), so a commit record written after
-its objects never outlives them on power loss. Reading goes through zarr's own store for the
-same place (``zarr_store``). Tests register ``WRITE_HOOKS`` to count writes and kill the process
-after any one of them.
+and renamed into place; an object-store PUT is atomic by itself); when ``durable``, every object
+and the directory entries naming it are on disk before a *commit* object (a commit record, the
+root document) is renamed into place, so a commit never outlives what it vouches for on power
+loss. Reading goes through zarr's own store for the same place (``zarr_store``). Tests register
+``WRITE_HOOKS`` to count writes and kill the process after any one of them.
 
 Keys are confined: every key is checked to be a relative name of the store's own kind (no
 ``..``, no absolute path, no odd characters) before any read, write or delete, and a local
@@ -22,6 +22,7 @@ import errno
 import os
 import re
 import shutil
+import threading
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -65,6 +66,8 @@ class Location:
         self.local = not is_url(self.url)
         self.durable = durable  # fsync local files and directories (object-store PUTs are durable)
         self._real: str | None = None
+        self._pending: set[Path] = set()  # files and directories written since the last commit
+        self._lock, self._sync_lock = threading.Lock(), threading.Lock()
         if self.local:
             self.root = Path(self.url.removeprefix("file://")).expanduser()
             self.fs = None
@@ -241,9 +244,14 @@ class Location:
             raise BlockcapError(f"out={self.url!r}: directory {parent} is not writable")
 
     # --- writing: every mutation of a store goes through here ---------------------------------
-    def put(self, key: str, data: bytes | memoryview) -> None:
-        """Write one object atomically: readers see the old object, or the new one whole; when
-        ``durable``, the file and every directory entry leading to it are on disk on return."""
+    def put(self, key: str, data: bytes | memoryview, commit: bool = False) -> None:
+        """Write one object atomically: readers see the old object, or the new one whole.
+
+        ``commit``: the object vouches for others (a commit record, the root document): when
+        ``durable``, every object put before it, with the directory entries naming it, is made
+        durable first, and it too before the call returns (other objects wait for the next commit:
+        one batch of concurrent fsyncs per unit instead of a flush per object).
+        """
         check_stop()
         if self.local:
             path = self._local_path(key, write=True)
@@ -251,16 +259,34 @@ class Location:
             tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}{PARTIAL}")
             with open(tmp, "wb") as f:
                 f.write(data)
-                if self.durable:
-                    os.fsync(f.fileno())
             _wrote("put-partial", key)
+            if commit and self.durable:  # what it vouches for first, then itself
+                self.sync()
+                _fsync_path(tmp)
             os.replace(tmp, path)
             if self.durable:
-                for d in [path.parent, *(m.parent for m in made)]:
-                    fsync_dir(d)
+                dirs = [path.parent, *(m.parent for m in made)]
+                if commit:
+                    for d in dirs:
+                        fsync_dir(d)
+                else:
+                    with self._lock:
+                        self._pending.update([path, *dirs])
         else:
             self._remote_write(self.fs.pipe_file, f"{self.path}/{check_key(key)}", bytes(data))
         _wrote("put", key)
+
+    def sync(self) -> None:
+        """Make every object put since the last commit, and its directory entries, durable (local,
+        ``durable``): fsyncs issued concurrently, so the file system batches them."""
+        if not (self.local and self.durable):
+            return
+        with self._sync_lock:  # a commit waits for a sync another thread started
+            with self._lock:
+                todo, self._pending = self._pending, set()
+            if todo:
+                with ThreadPoolExecutor(max_workers=min(16, len(todo))) as pool:
+                    list(pool.map(_fsync_path, todo))
 
     def put_many(self, objects: dict[str, bytes]) -> None:
         """Write several independent objects: in key order locally, concurrently on object storage."""
@@ -284,11 +310,11 @@ class Location:
         (Otherwise a reader could find the directory already made and still empty.)
         """
         if not self.local or self.root.exists():
-            self.put(key, data)
+            self.put(key, data, commit=True)
             return
         staging = self.root.with_name(f".{self.root.name}.{uuid.uuid4().hex[:12]}.creating")
         try:
-            Location(str(staging), durable=self.durable).put(key, data)
+            Location(str(staging), durable=self.durable).put(key, data, commit=True)
             check_stop()
             os.rename(staging, self.root)
         except BaseException:
@@ -388,6 +414,17 @@ def _makedirs(d: Path) -> list[Path]:
     for m in reversed(made):
         m.mkdir(exist_ok=True)
     return made[::-1]
+
+
+def _fsync_path(p: Path) -> None:
+    try:
+        fd = os.open(p, os.O_RDONLY | (os.O_DIRECTORY if p.is_dir() else 0))
+    except FileNotFoundError:  # deleted or replaced since: nothing of it to keep
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(d: Path) -> None:

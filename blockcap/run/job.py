@@ -160,7 +160,7 @@ class Job:
             raise JobError(str(outcome)) if group.active else outcome
         prepared, token = outcome
         if group.active:
-            group.agree(None if group.leader else _same_store(group, p.location, token, prepared))
+            group.agree(None if group.leader else _same_store(p.location, token, prepared))
         self.prepared = prepared
         return prepared
 
@@ -306,19 +306,19 @@ def _check_agreement(group: Group, p: Plan) -> None:
             )
 
 
-def _same_store(group: Group, location: Location, token: str, prepared: Prepared) -> BlockcapError | None:
-    """On a rank other than 0: whether the store it names is the one rank 0 locked and opened."""
+def _same_store(location: Location, token: str, prepared: Prepared) -> BlockcapError | None:
+    """On a rank other than 0: why the store it names is not the one rank 0 locked and opened."""
     if not held_by(location, token):
         return BlockcapError(
-            f"rank {group.rank} does not find rank 0's lock beside {location}: the path does not name "
-            f"the same store on every node (use a file system every node shares, or a URL)"
+            f"no lock of rank 0 beside {location} here: the path does not name the same store on every "
+            f"node (use a file system every node shares, or a URL); nothing was written"
         )
     try:
         run_id = read_meta(location).get("run_id")
     except BlockcapError as e:
-        return BlockcapError(f"rank {group.rank} cannot read the store rank 0 opened ({e})")
+        return BlockcapError(f"cannot read the store rank 0 opened ({e})")
     if run_id != prepared.meta.get("run_id"):
-        return BlockcapError(f"rank {group.rank} finds another store at {location} than rank 0 opened")
+        return BlockcapError(f"another store than rank 0 opened is at {location} here; nothing was written")
     return None
 
 

@@ -200,6 +200,7 @@ def finish(location: Location, meta: dict[str, Any]) -> dict[str, Any]:
             written[object_key(a, 0)] = digest(blob)
     meta = {**meta, "state": COMPLETE, "finished": now(), "digests": {**meta.get("digests", {}), **written}}
     put_root(location, meta)
+    location.sync()  # "complete" itself on disk before the run says so
     discard_aside(location, meta["run_id"])
     return meta
 

@@ -3,10 +3,11 @@
 Every byte blockcap writes into a store passes through ``Location.put``, ``delete`` or
 ``rename_to``: one choke point, atomic per object (a local file is written to a temporary name
 and renamed into place; an object-store PUT is atomic by itself); when ``durable``, every object
-and the directory entries naming it are on disk before a *commit* object (a commit record, the
-root document) is renamed into place, so a commit never outlives what it vouches for on power
-loss. Reading goes through zarr's own store for the same place (``zarr_store``). Tests register
-``WRITE_HOOKS`` to count writes and kill the process after any one of them.
+and the directory entries naming it are on disk before an object that vouches for it (a commit
+record, the root document: ``Location.commit``) appears, so on power loss a commit never
+outlives what it vouches for. Reading goes through zarr's own store for the same place
+(``zarr_store``). Tests register ``WRITE_HOOKS`` to count writes and kill the process after any
+one of them.
 
 Keys are confined: every key is checked to be a relative name of the store's own kind (no
 ``..``, no absolute path, no odd characters) before any read, write or delete, and a local
@@ -244,14 +245,9 @@ class Location:
             raise BlockcapError(f"out={self.url!r}: directory {parent} is not writable")
 
     # --- writing: every mutation of a store goes through here ---------------------------------
-    def put(self, key: str, data: bytes | memoryview, commit: bool = False) -> None:
-        """Write one object atomically: readers see the old object, or the new one whole.
-
-        ``commit``: the object vouches for others (a commit record, the root document): when
-        ``durable``, every object put before it, with the directory entries naming it, is made
-        durable first, and it too before the call returns (other objects wait for the next commit:
-        one batch of concurrent fsyncs per unit instead of a flush per object).
-        """
+    def put(self, key: str, data: bytes | memoryview) -> None:
+        """Write one object atomically: readers see the old object, or the new one whole. When
+        ``durable``, it is on disk, with the directory entries naming it, by the next ``commit``."""
         check_stop()
         if self.local:
             path = self._local_path(key, write=True)
@@ -260,21 +256,20 @@ class Location:
             with open(tmp, "wb") as f:
                 f.write(data)
             _wrote("put-partial", key)
-            if commit and self.durable:  # what it vouches for first, then itself
-                self.sync()
-                _fsync_path(tmp)
             os.replace(tmp, path)
             if self.durable:
-                dirs = [path.parent, *(m.parent for m in made)]
-                if commit:
-                    for d in dirs:
-                        fsync_dir(d)
-                else:
-                    with self._lock:
-                        self._pending.update([path, *dirs])
+                with self._lock:
+                    self._pending.update([path, path.parent, *(m.parent for m in made)])
         else:
             self._remote_write(self.fs.pipe_file, f"{self.path}/{check_key(key)}", bytes(data))
         _wrote("put", key)
+
+    def commit(self, key: str, data: bytes | memoryview) -> None:
+        """Put an object that vouches for others (a commit record, the root document): when
+        ``durable``, everything put before it is on disk before it appears (one batch of
+        concurrent fsyncs per unit, not a flush per object)."""
+        self.sync()
+        self.put(key, data)
 
     def sync(self) -> None:
         """Make every object put since the last commit, and its directory entries, durable (local,
@@ -310,11 +305,13 @@ class Location:
         (Otherwise a reader could find the directory already made and still empty.)
         """
         if not self.local or self.root.exists():
-            self.put(key, data, commit=True)
+            self.commit(key, data)
             return
         staging = self.root.with_name(f".{self.root.name}.{uuid.uuid4().hex[:12]}.creating")
         try:
-            Location(str(staging), durable=self.durable).put(key, data, commit=True)
+            first = Location(str(staging), durable=self.durable)
+            first.put(key, data)
+            first.sync()
             check_stop()
             os.rename(staging, self.root)
         except BaseException:

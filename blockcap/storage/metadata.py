@@ -99,7 +99,7 @@ def read_meta(location: Location) -> dict[str, Any]:
 
 
 def put_root(location: Location, meta: dict[str, Any]) -> None:
-    location.put(ROOT, render_metadata(None, meta)[ROOT], commit=True)  # what it says of the rest holds
+    location.commit(ROOT, render_metadata(None, meta)[ROOT])  # what it says of the rest holds
 
 
 # Bounds of the root's numbers: generous for any real model and corpus, and small enough that

@@ -249,7 +249,7 @@ class SlabWriter:
                 with self.lock:
                     self.stored += len(blob)
             record = self.record_encoder.chunk(encode_record(slab.unit, self.source.tag, digests)[None])
-            self.location.put(f"committed/c/{slab.unit}/0", record, commit=True)
+            self.location.commit(f"committed/c/{slab.unit}/0", record)
             del slab, data
             with self.lock:
                 self.units_written += 1

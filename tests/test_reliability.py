@@ -403,9 +403,8 @@ def machine(request):
     """The machine as it is, or with a CPU hog per core beside the test (signals raced under load)."""
     hogs = []
     if request.param == "loaded":
-        hogs = [
-            subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 2)
-        ]
+        cores = len(os.sched_getaffinity(0))
+        hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
     yield request.param
     for h in hogs:
         h.kill()

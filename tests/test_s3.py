@@ -227,3 +227,10 @@ def test_parts_share_a_lease_that_keeps_a_plain_run_out(lease_of):
     with pytest.raises(lease.StoreInUse):
         lease_of(shared=True).acquire()
     plain.release()
+
+
+def test_an_object_in_the_way_of_the_lease_is_named_not_waited_for(lease_of, s3_server, bucket):  # noqa: F811
+    s3_server["fs"].pipe_file(f"{bucket}/.s.zarr.lock", b"notes of mine")
+    with pytest.raises(lease.StoreInUse, match=r"\.s\.zarr\.lock, is not a blockcap lease; delete it"):
+        lease_of().acquire()
+    assert s3_server["fs"].cat_file(f"{bucket}/.s.zarr.lock") == b"notes of mine"

@@ -121,11 +121,13 @@ class Lease:
             return None
         try:
             doc = json.loads(found[0])
-            times = [v["renewed"] + 0.0 for v in doc["holders"].values()]
+            for v in doc["holders"].values():
+                v["renewed"] + 0.0  # noqa: B018 - a number, or the lease is not ours to read
         except (ValueError, KeyError, TypeError, AttributeError):
-            times = None
-        if times is None or not all(isinstance(t, float) for t in times):  # a lease we cannot read is held
-            doc = {"shared": False, "holders": {"?": {"who": "an unreadable lease", "renewed": time.time()}}}
+            raise StoreInUse(
+                f"{self.location}: the object beside it, {self.objects.bucket}/{self.objects.key}, is not a "
+                f"blockcap lease; delete it if no run uses the store"
+            ) from None
         return doc, found[1]
 
     def acquire(self) -> None:
@@ -176,7 +178,7 @@ class Lease:
                 return True
             except LostRace:
                 continue
-        return True  # others keep writing it (parts joining): still ours, try again next round
+        raise LostRace("the lease keeps changing")  # others keep writing it (parts joining): next round
 
     def _renew_loop(self) -> None:
         while not self.stop.wait(LEASE_SECONDS / 4):

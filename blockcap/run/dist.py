@@ -62,6 +62,7 @@ class Group:
     phase: str = "start"  # "capture" while computing; "wait" while waiting for other ranks
     stalled: list[int] = field(default_factory=list)  # ranks the watchdog found standing still
     stopping: threading.Event = field(default_factory=threading.Event)
+    watchdog: threading.Thread | None = None
     exchanges: int = 0
 
     @property
@@ -180,8 +181,9 @@ class Group:
     # --- heartbeat and watchdog ---------------------------------------------------------------
     def start_watchdog(self) -> None:
         if self.active:
-            threading.Thread(target=self._watch, args=(self.store.clone(),), daemon=True,
-                             name="blockcap-watchdog").start()  # fmt: skip
+            self.watchdog = threading.Thread(target=self._watch, args=(self.store.clone(),), daemon=True,
+                                             name="blockcap-watchdog")  # fmt: skip
+            self.watchdog.start()
 
     def _watch(self, store: Any) -> None:
         """Publish this rank's heartbeat; rank 0 watches every rank and the others watch rank 0;
@@ -212,6 +214,11 @@ class Group:
 
     def close(self) -> None:
         self.stopping.set()
+        if self.watchdog is not None:
+            self.watchdog.join()  # its last heartbeat before the one that says this rank is done
+        if self.store is not None:  # a rank that ended its part is never taken for a stalled one
+            with contextlib.suppress(Exception):
+                self.store.set(self._key(f"beat/{self.rank}"), pickle.dumps((None, self.steps, "done")))
         if self.joined and td.is_initialized():
             with contextlib.suppress(RuntimeError):
                 td.destroy_process_group()
@@ -225,6 +232,8 @@ def _standing_still(
     out = []
     for r, beat in beats.items():
         tick, steps, phase = beat if beat is not None else (None, None, "start")
+        if phase == "done":
+            continue
         for what, value in (("tick", tick), ("work", (steps, phase))):
             if seen.get((what, r), (object(), 0.0))[0] != value:
                 seen[(what, r)] = (value, now)

@@ -5,10 +5,11 @@ compare-and-swap: created with ``If-None-Match: *`` (absent -> ours) and changed
 on the version read (unchanged -> ours), so of two runs racing for it exactly one wins. It names
 its holders and when each last renewed it; a thread renews it every quarter of ``LEASE_SECONDS``.
 A run that finds a live lease is refused in one line naming the holder; a lease whose holders
-all stopped renewing more than ``LEASE_SECONDS`` ago (a killed run) is taken over, again by
-compare-and-swap. ``part`` processes hold one lease together (``shared``).
+all stopped renewing more than ``LEASE_SECONDS`` ago (a killed run), or whose holders were
+processes of this host that have ended, is taken over, again by compare-and-swap. ``part``
+processes hold one lease together (``shared``).
 
-The holder never writes after losing its lease: before every write, a guard (``location.add_guard``)
+The holder never writes after losing its lease: before every write, a guard (``stops.add_guard``)
 stops the run when the lease was taken over, or when its last renewal is older than
 ``LEASE_SECONDS`` (a run paused that long may have lost it). Clocks of the machines involved are
 assumed to agree within ``SKEW_SECONDS``.
@@ -99,6 +100,22 @@ def backend(location: Location) -> S3Objects | None:
     return S3Objects(location, location.beside(f".{location.name}.lock"))
 
 
+def _alive(holder: dict[str, Any], now: float) -> bool:
+    """Whether a lease holder may still be running: it renewed within the lease's time, and it is
+    not a process of this host that has ended (so a run killed here is resumed here at once)."""
+    if now - holder["renewed"] >= LEASE_SECONDS + SKEW_SECONDS:
+        return False
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return True
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass  # another user's process: alive
+    return True
+
+
 class Lease:
     """This process's hold on the lease of ``location`` (see the module docstring)."""
 
@@ -106,6 +123,7 @@ class Lease:
         self.location, self.objects, self.shared, self.hint = location, objects, shared, hint
         self.me = uuid.uuid4().hex[:12]
         self.who = f"process {os.getpid()} on host {socket.gethostname()}"
+        self.entry = {"who": self.who, "pid": os.getpid(), "host": socket.gethostname()}
         self.renewed = 0.0  # this process's clock at the last successful write of the lease
         self.lost: str | None = None
         self.stop = threading.Event()
@@ -136,14 +154,13 @@ class Lease:
             now = time.time()
             try:
                 if found is None:
-                    self.objects.create(self._doc({self.me: {"who": self.who, "renewed": now}}))
+                    self.objects.create(self._doc({self.me: {**self.entry, "renewed": now}}))
                 else:
                     doc, version = found
-                    live = {h: v for h, v in doc["holders"].items()
-                            if now - v["renewed"] < LEASE_SECONDS + SKEW_SECONDS}  # fmt: skip
+                    live = {h: v for h, v in doc["holders"].items() if _alive(v, now)}
                     if live and not (self.shared and doc.get("shared")):
                         raise self._in_use(live, now)
-                    holders = {**live, self.me: {"who": self.who, "renewed": now}}
+                    holders = {**live, self.me: {**self.entry, "renewed": now}}
                     self.objects.replace(self._doc(holders), version)
             except LostRace:
                 continue
@@ -184,7 +201,7 @@ class Lease:
         while not self.stop.wait(LEASE_SECONDS / 4):
             try:
                 t = time.monotonic()
-                held = self._update(lambda h: {**h, self.me: {"who": self.who, "renewed": time.time()}})
+                held = self._update(lambda h: {**h, self.me: {**self.entry, "renewed": time.time()}})
             except BlockcapError:
                 continue  # a failed renewal is retried; the guard stops writes once it is too old
             if not held:

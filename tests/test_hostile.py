@@ -264,3 +264,19 @@ def test_resuming_over_a_changed_dataset_is_refused_in_one_line(run_args, datase
     assert code == 2 and len(err.splitlines()) == 1, err
     assert "was started on other dataset (dataset_sha256" in err and "restore them to resume" in err
     assert snapshot(Path(args["out"])) == before
+
+
+@pytest.mark.parametrize("change", [+8, -8])
+def test_a_format_2_root_is_not_trusted_over_its_array_documents(tmp_path, change):
+    """Format 2's tag covers the parameters only: a window count edited there is reported, and
+    repair rewrites no array document from it (nor deletes the records beyond it)."""
+    store = tmp_path / "v2.zarr"
+    shutil.copytree(Path(__file__).parent / "data" / "store-v2", store)
+    n = json.loads((store / "zarr.json").read_text())["attributes"]["blockcap"]["n_windows"]
+    edit_root(store, n_windows=n + change)
+    before = snapshot(store)
+    problems = blockcap.verify(store, repair=True, check_dataset=False)
+    assert any("not trusted over them" in p for p in problems), problems
+    if change < 0:
+        assert any("name no unit of the root's" in p for p in problems), problems
+    assert snapshot(store) == before

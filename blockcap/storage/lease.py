@@ -32,7 +32,7 @@ from blockcap.core.errors import BlockcapError
 from blockcap.storage.location import Location, _wrote
 from blockcap.storage.stops import add_guard, remove_guard
 
-LEASE_SECONDS = float(os.environ.get("BLOCKCAP_LEASE_SECONDS", "60"))  # tests shorten it
+LEASE_SECONDS = 60.0  # renewed every quarter of it; tests shorten it
 SKEW_SECONDS = 5.0  # clock difference between machines tolerated before taking a lease over
 TRIES = 20  # compare-and-swap rounds before giving up (each lost round means another run wrote)
 

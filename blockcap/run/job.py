@@ -285,7 +285,8 @@ def _check_agreement(group: Group, p: Plan) -> None:
     """Every rank resolves the same target, spec, dataset, model and layout, or every rank stops."""
     if not group.active:
         return
-    facts = {"target": p.location.url, "capture": p.spec.identity(),
+    target = str(p.location.root) if p.location.local else p.location.url  # absolute, links resolved
+    facts = {"target": target, "capture": p.spec.identity(),
              "tag": tag_of(planned(p.meta, p.objects), p.layout), "part": p.opts.part}  # fmt: skip
     every = group.gather(facts)
     for rank, theirs in enumerate(every):

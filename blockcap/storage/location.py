@@ -80,14 +80,18 @@ class Location:
     def resolved(self) -> Location:
         """This place named once and for all: a local path made absolute with every symbolic link
         resolved (an overwrite then replaces the store behind a link, on its file system), a URL
-        as it is. A dangling link stays as it is, for ``check_parent`` to refuse."""
+        as it is. Messages keep the name as given unless a link was resolved. A dangling link
+        stays as it is, for ``check_parent`` to refuse."""
         if not self.local or (os.path.islink(self.root) and not self.root.exists()):
             return self
         try:
             real = os.path.realpath(self.root)
         except OSError as e:
             raise BlockcapError(f"out={self.url!r} cannot be used ({e.strerror})") from None
-        return Location(real, self.storage_options, self.durable)
+        linked = real != os.path.abspath(self.root)
+        out = Location(real if linked else self.url, self.storage_options, self.durable)
+        out.root, out.path = Path(real), real
+        return out
 
     def _local_path(self, key: str, write: bool = False) -> Path:
         """The file of ``key``; for a write or delete, checked to lie inside the store's real directory."""

@@ -27,10 +27,9 @@ from blockcap.core.dims import ModelDims
 from blockcap.core.encoding import DTYPES
 from blockcap.core.layout import Layout, choose_chunk_windows
 from blockcap.core.spec import CaptureSpec
-from blockcap.storage.integrity import store_tag
 from blockcap.storage.lifecycle import create
 from blockcap.storage.location import Location
-from blockcap.storage.metadata import open_location
+from blockcap.storage.metadata import open_location, tag_of
 from blockcap.storage.writer import SlabWriter, UnitSource
 
 CODECS = ["none", "blosc-lz4", "blosc-zstd", "zstd:1", "zstd:3"]
@@ -95,14 +94,15 @@ def test_writer(benchmark, activations, tmp_path, codec, dtype):
     source = UnitSource(
         offsets=lambda lo, hi: np.arange(lo, hi, dtype=np.int64),
         sources=lambda lo, hi: np.zeros((hi - lo, 4), np.int64),
-        tag=store_tag(spec.identity()),
+        tag=0,
     )
 
     def fresh():
         shutil.rmtree(out, ignore_errors=True)
         location = Location(str(out))
-        create(location, layout, {"run_id": "bench", "params": spec.to_params(), "dims": dims.to_dict(),
-                                  "n_windows": n}, {})  # fmt: skip
+        meta = {"run_id": "bench", "params": spec.to_params(), "dims": dims.to_dict(), "n_windows": n}
+        meta = create(location, layout, meta, {})
+        source.tag = tag_of(meta, layout)  # the tag the store's records must carry
         return (location,), {}
 
     def write(location):

@@ -80,18 +80,19 @@ def info(store: str, *, storage_options: str | None = None) -> None:
 
 def verify(
     store: str, *, dataset_check: bool = True, stats: bool = False, repair: bool = False,
-    storage_options: str | None = None,
+    storage_options: str | None = None, dataset: str | None = None,
 ) -> None:  # fmt: skip
     """Read every object of a store and check metadata, commits, digests and tokens; exit 1 on a problem.
 
     --repair deletes the objects found altered, so that re-running the capture recomputes them.
+    --dataset names the dataset to check the tokens against (default: the file the store names).
     """
     from blockcap.analysis.verify import verify as verify_store
 
     problems = verify_store(
         _store_arg(store), check_dataset=_bool_arg("dataset_check", dataset_check),
         check_stats=_bool_arg("stats", stats), storage_options=storage_options,
-        repair=_bool_arg("repair", repair),
+        repair=_bool_arg("repair", repair), dataset=None if dataset is None else str(dataset),
     )  # fmt: skip
     for p in problems:
         print(f"problem: {p}", file=sys.stderr)
@@ -163,7 +164,9 @@ def search(
     s = open_store(store)
     arr = s.site(site, block)
     for name, value, size in (("window", window, arr.shape[0]), ("position", position, arr.shape[1])):
-        if isinstance(value, bool) or not isinstance(value, int) or not -size <= value < size:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise BlockcapError(f"{name}={value!r} is not an integer; use one in {-size}..{size - 1}")
+        if not -size <= value < size:
             raise BlockcapError(
                 f"{name}={value!r} is outside the store; use an integer in {-size}..{size - 1}"
             )
@@ -313,24 +316,41 @@ def check_args(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``blockcap`` and ``python -m blockcap``."""
-    quiet = os.environ.get("RANK", "0") != "0"  # under torchrun, rank 0 speaks for the job
-    try:
-        args = renamed_options(sys.argv[1:] if argv is None else list(argv))
-        check_args(args)
-        fire.Fire(COMMANDS, command=args, name="blockcap")
-    except Interrupted as e:
-        if not quiet:
-            print(f"blockcap: {cli_words(str(e))}", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
-    except KeyboardInterrupt:  # outside a capture loop: planning, creating or finishing a store
-        if not quiet:
-            print(
-                "blockcap: interrupted; every store is left consistent: re-run the same command",
-                file=sys.stderr,
-            )
-        sys.exit(EXIT_INTERRUPTED)
-    except BlockcapError as e:
-        if not quiet:
-            print(f"blockcap: error: {cli_words(str(e))}", file=sys.stderr)
-        sys.exit(EXIT_ERROR)
+    """Entry point of ``blockcap`` and ``python -m blockcap``.
+
+    Under torchrun rank 0 speaks for the job: errors every rank knows of (``job_wide``) and
+    interruptions are printed by rank 0 alone; an error of one rank is printed by that rank,
+    with its number. A SIGINT or SIGTERM at any instant ends with status 130, even one that a
+    library or finalizer swallowed (see ``location.stop_signals``).
+    """
+    from blockcap.storage.stops import stop_requested, stop_signals
+
+    rank = os.environ.get("RANK", "0")
+    quiet = rank != "0"
+    with stop_signals():
+        try:
+            args = renamed_options(sys.argv[1:] if argv is None else list(argv))
+            check_args(args)
+            fire.Fire(COMMANDS, command=args, name="blockcap")
+            if stop_requested():  # a stop that something swallowed on its way up
+                raise KeyboardInterrupt
+        except Interrupted as e:
+            if not quiet:
+                print(f"blockcap: {cli_words(str(e))}", file=sys.stderr)
+            sys.exit(EXIT_INTERRUPTED)
+        except KeyboardInterrupt:  # outside a capture loop: planning, creating or finishing a store
+            if not quiet:
+                print(
+                    "blockcap: interrupted; every store is left consistent: re-run the same command",
+                    file=sys.stderr,
+                )
+            sys.exit(EXIT_INTERRUPTED)
+        except BlockcapError as e:
+            if not (quiet and getattr(e, "job_wide", False)):
+                who = f"rank {rank}: " if quiet else ""
+                print(f"blockcap: error: {who}{cli_words(str(e))}", file=sys.stderr)
+            sys.exit(getattr(e, "exit_status", EXIT_ERROR))
+        except OSError as e:  # the environment (a name too long, a file system gone): one line
+            where = f" ({e.filename})" if e.filename else ""
+            print(f"blockcap: error: {e.strerror or e}{where}", file=sys.stderr)
+            sys.exit(EXIT_ERROR)

@@ -6,13 +6,16 @@ Writes are counted at blockcap's one choke point (``blockcap.location.WRITE_HOOK
 object put, delete, rename, lock and unlock, metadata included. With ``--partial`` the Nth event
 may also be a file written to its temporary name and not yet renamed into place. Under torchrun,
 ``KILL_RANK`` picks the one rank that dies (the others are stopped by torchrun). ``KILL_SIGNAL``
-(INT or TERM) sends that signal instead of SIGKILL, once.
+(INT, TERM or STOP) sends that signal instead of SIGKILL, once. ``KILL_SWALLOWED=1`` sends it
+from inside a finalizer, silenced as a library might do, so that the KeyboardInterrupt it raises
+is swallowed: the stop must be honoured all the same.
 """
 
 import os
 import signal
 import sys
 import threading
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -35,7 +38,20 @@ def count(op: str, key: str) -> None:
     with lock:
         calls += 1
         if calls == kill_at:
-            os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("KILL_SIGNAL", "KILL")))
+            if os.environ.get("KILL_SWALLOWED"):
+                Finalizer()  # collected at once: the signal arrives inside __del__
+            else:
+                os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("KILL_SIGNAL", "KILL")))
+
+
+class Finalizer:
+    def __del__(self) -> None:
+        os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("KILL_SIGNAL", "INT")))
+        time.sleep(0.05)  # the handler runs here, inside __del__, and its raise is swallowed
+
+
+if os.environ.get("KILL_SWALLOWED"):
+    sys.unraisablehook = lambda unraisable: None
 
 
 location.WRITE_HOOKS.append(count)

@@ -38,7 +38,7 @@ def test_dry_run_creates_nothing_and_predicts_the_store(run_args, capsys):
 def test_a_disk_too_small_is_refused_unless_forced(run_args, monkeypatch):
     monkeypatch.setattr(Location, "free_bytes", lambda self: 1000)
     with pytest.raises(
-        BlockcapError, match=r"needs about .* GB, but its file system has .* free.*force=True"
+        BlockcapError, match=r"needs about [\d.]+ kB, but its file system has 1.0 kB free.*force=True"
     ):
         blockcap.run(**run_args)
     assert not Path(run_args["out"]).exists()

@@ -17,7 +17,7 @@ import zarr
 import blockcap
 from blockcap.analysis.reader import IncompleteStoreWarning
 from blockcap.core.errors import BlockcapError
-from blockcap.storage.integrity import DamagedError, encode_record, store_tag
+from blockcap.storage.integrity import DamagedError, encode_record
 from tests import crashkit
 
 CHUNK = 8
@@ -170,7 +170,7 @@ def test_a_damaged_or_forged_commit_record_is_reported_and_redone(made, how):
     elif how == "misplaced":
         data = other  # unit 0's valid record at unit 1
     elif how == "forged-digests":
-        tag = store_tag(blockcap.open_store(args["out"]).spec.identity())
+        tag = blockcap.open_store(args["out"]).opened.index.tag
         data = ChunkEncoder("none").chunk(encode_record(1, tag, [7] * (n_fields - 3))[None])
     elif how == "other-store":
         data = ChunkEncoder("none").chunk(encode_record(1, 12345, [7] * (n_fields - 3))[None])

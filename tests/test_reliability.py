@@ -17,6 +17,7 @@ import zarr
 import blockcap
 from blockcap.analysis.reader import IncompleteStoreWarning
 from blockcap.core.errors import BlockcapError
+from blockcap.core.layout import object_key
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT_WRITES = 9  # tokens, offsets, three sites, three statistics partials, one commit record
@@ -397,9 +398,24 @@ def test_substring_and_results_follow_python_rules(run_args):
         next(s.results(sites=("attention",)))
 
 
+@pytest.fixture(params=["idle", "loaded"])
+def machine(request):
+    """The machine as it is, or with a CPU hog per core beside the test (signals raced under load)."""
+    hogs = []
+    if request.param == "loaded":
+        cores = len(os.sched_getaffinity(0))
+        hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
+    yield request.param
+    for h in hogs:
+        h.kill()
+        h.wait()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", ["INT", "TERM"])
-def test_a_signal_while_creating_or_finishing_is_one_line_and_resumable(crash_args, reference, tmp_path, sig):
+def test_a_signal_while_creating_or_finishing_is_one_line_and_resumable(
+    crash_args, reference, tmp_path, sig, machine
+):
     store = tmp_path / "crash.zarr"
     count = subprocess.run(
         [sys.executable, "tests/killer.py", "100000", *crash_args[:-1], f"--out={tmp_path / 'count.zarr'}"],
@@ -423,3 +439,70 @@ def test_a_signal_while_creating_or_finishing_is_one_line_and_resumable(crash_ar
             [sys.executable, "-m", "blockcap", *crash_args], cwd=ROOT, check=True, capture_output=True
         )
         assert_identical(store, reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("at", ["creating", "capturing", "finishing"])
+def test_a_stop_whose_raise_is_swallowed_still_stops(crash_args, reference, tmp_path, at):
+    """A SIGINT handled inside a finalizer (its KeyboardInterrupt swallowed, as under load it can
+    be) still ends the run with 130, at its next write, in one line; the store resumes exactly."""
+    store = tmp_path / "crash.zarr"
+    count = subprocess.run(
+        [sys.executable, "tests/killer.py", "100000", *crash_args[:-1], f"--out={tmp_path / 'count.zarr'}"],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    total = int(count.stderr.strip().splitlines()[-1].split()[-1])
+    n = {"creating": 15, "capturing": total // 2, "finishing": total - 3}[at]
+    proc = subprocess.run(
+        [sys.executable, "tests/killer.py", str(n), *crash_args], cwd=ROOT, capture_output=True, text=True,
+        env={**os.environ, "KILL_SWALLOWED": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 130, (n, proc.stderr)
+    lines = [line for line in proc.stderr.strip().splitlines() if not line.startswith("writes:")]
+    assert len(lines) == 1 and "interrupted" in lines[0], proc.stderr
+    subprocess.run([sys.executable, "-m", "blockcap", *crash_args], cwd=ROOT, check=True, capture_output=True)
+    assert_identical(store, reference)
+
+
+def test_overwrite_through_a_symbolic_link_replaces_the_store_behind_it(run_args, tmp_path):
+    real = tmp_path / "disk" / "s.zarr"
+    real.parent.mkdir()
+    blockcap.run(**{**run_args, "out": str(real)})
+    link = tmp_path / "link.zarr"
+    link.symlink_to(real)
+    assert blockcap.run(**{**run_args, "out": str(link)}).status == "already complete"
+    blockcap.run(**{**run_args, "out": str(link), "stride": 7, "overwrite": True})
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    assert blockcap.open_store(link).params["stride"] == 7 and blockcap.verify(link) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "link.zarr"]  # nothing beside the link
+    assert sorted(p.name for p in real.parent.iterdir()) == ["s.zarr"]  # the old store is gone
+
+
+def test_every_object_is_on_disk_before_its_commit_record(run_args, monkeypatch):
+    """Power loss on a file system that reorders writes: each object, and the directory entry that
+    names it, is fsynced before the unit's commit record appears; --fsync=False skips it."""
+    from blockcap.storage import location
+
+    events: list[tuple[str, str]] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(location, "WRITE_HOOKS", [lambda op, key: events.append((op, key))])
+    blockcap.run(**{**run_args, "chunk_windows": 16})
+    store = Path(run_args["out"]).resolve()
+    synced = [path for op, path in events if op == "fsync"]
+    s = blockcap.open_store(store)
+    for u in range(s.layout.n_units):
+        record = events.index(("put", f"committed/c/{u}/0"))  # renamed into place
+        before = {path for op, path in events[:record] if op == "fsync"}
+        for a in s.layout.unit_arrays():
+            key = f"{store}/{object_key(a, u)}"
+            assert key in before and str(Path(key).parent) in before, (u, key)
+    assert f"{store}/zarr.json" in synced and str(store.parent) in synced  # the root, and the directory
+    events.clear()
+    blockcap.run(**{**run_args, "out": run_args["out"] + "2", "fsync": False})
+    assert not [e for e in events if e[0] == "fsync"]

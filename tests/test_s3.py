@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +18,8 @@ import zarr
 import blockcap
 from blockcap.cli import main
 from blockcap.core.errors import BlockcapError
+from blockcap.storage import lease, stops
+from blockcap.storage.location import Location
 from tests import crashkit
 from tests.s3server import bucket, objects, s3_server  # noqa: F401  (fixtures)
 
@@ -121,3 +126,111 @@ def test_torchrun_two_ranks_into_one_bucket(args, local, s3_server, bucket):  # 
     done = subprocess.run([*cmd, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert objects(s3_server["fs"], f"{bucket}/s.zarr") == local
+
+
+def test_a_missing_bucket_is_named_not_taken_for_a_full_disk(args, s3_server):  # noqa: F811
+    other = [a.replace("--out=s3://", "--out=s3://nosuchbucket-") for a in args]
+    done = cli(other)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "bucket 'nosuchbucket-" in done.stderr and "does not exist" in done.stderr
+    assert "disk space" not in done.stderr
+
+
+def test_a_second_run_on_a_prefix_in_use_is_refused_in_one_line(args, s3_server, bucket, tmp_path):  # noqa: F811
+    """A lease object beside the store, taken with a conditional put: the second of two identical
+    commands, and an overwrite racing a run, are refused with the holder named; nothing is harmed."""
+    creds = {**s3_server["options"], "key": "testing", "secret": "testing"}  # a forked child's own
+    argv = [a if not a.startswith("--storage_options=") else f"--storage_options={json.dumps(creds)}"
+            for a in args]  # fmt: skip
+    first = crashkit.start_paused([*argv, "--writers=1"], tmp_path / "paused")
+    try:
+        second = cli(args)
+        assert second.returncode == 2, second.stderr
+        err = second.stderr.strip()
+        assert len(err.splitlines()) == 1 and f"is in use by process {first.pid} on host" in err, err
+        overwrite = cli([*[a.replace("--stride=20", "--stride=21") for a in args], "--overwrite"])
+        assert overwrite.returncode == 2 and "is in use" in overwrite.stderr
+    finally:
+        (tmp_path / "paused").unlink()
+        first.join(120)
+    assert first.exitcode == 0
+    url, opts = f"s3://{bucket}/s.zarr", s3_server["options"]
+    assert blockcap.verify(url, storage_options=opts) == []
+    s3_server["fs"].invalidate_cache()
+    assert not s3_server["fs"].exists(f"{bucket}/.s.zarr.lock")  # released
+    assert cli(args).returncode == 0
+
+
+@pytest.fixture
+def lease_of(s3_server, bucket, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(lease, "LEASE_SECONDS", 1.0)
+    monkeypatch.setattr(lease, "SKEW_SECONDS", 0.2)
+    monkeypatch.setattr(stops, "_GUARDS", [])  # a lease a test leaves held guards no later test
+    loc = Location(f"s3://{bucket}/s.zarr", s3_server["options"])
+    return lambda shared=False: lease.Lease(loc, lease.backend(loc), shared, "wait")
+
+
+def test_a_lease_is_taken_over_only_after_its_holder_stops_renewing(lease_of):
+    a = lease_of()
+    a.acquire()
+    assert a.guard() is None
+    time.sleep(1.5)  # a renews it meanwhile
+    with pytest.raises(lease.StoreInUse, match=r"in use by process \d+ on host .*renewed \d+ s ago"):
+        lease_of().acquire()
+    a.stop.set()  # a is killed: no renewal, no release
+    a.thread.join()
+    with pytest.raises(lease.StoreInUse, match="expires in"):
+        lease_of().acquire()
+    time.sleep(1.5)
+    b = lease_of()
+    b.acquire()  # expired: taken over
+    with pytest.raises(BlockcapError, match="lost its lease"):
+        a.guard()  # a, were it only paused, stops before its next write
+    a.release()  # its guard goes; the lease, b's now, is left alone
+    assert b.objects.read() is not None
+    b.release()
+    assert b.objects.read() is None
+
+
+def test_two_runs_racing_for_a_free_lease_one_wins(lease_of):
+    leases = [lease_of() for _ in range(6)]
+    won, lost = [], []
+
+    def take(x):
+        try:
+            x.acquire()
+            won.append(x)
+        except lease.StoreInUse:
+            lost.append(x)
+
+    threads = [threading.Thread(target=take, args=(x,)) for x in leases]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(won) == 1 and len(lost) == 5
+    won[0].release()
+
+
+def test_parts_share_a_lease_that_keeps_a_plain_run_out(lease_of):
+    p0, p1 = lease_of(shared=True), lease_of(shared=True)
+    p0.acquire()
+    p1.acquire()
+    with pytest.raises(lease.StoreInUse):
+        lease_of().acquire()
+    p0.release()
+    with pytest.raises(lease.StoreInUse):
+        lease_of().acquire()
+    p1.release()
+    plain = lease_of()
+    plain.acquire()
+    with pytest.raises(lease.StoreInUse):
+        lease_of(shared=True).acquire()
+    plain.release()
+
+
+def test_an_object_in_the_way_of_the_lease_is_named_not_waited_for(lease_of, s3_server, bucket):  # noqa: F811
+    s3_server["fs"].pipe_file(f"{bucket}/.s.zarr.lock", b"notes of mine")
+    with pytest.raises(lease.StoreInUse, match=r"\.s\.zarr\.lock, is not a blockcap lease; delete it"):
+        lease_of().acquire()
+    assert s3_server["fs"].cat_file(f"{bucket}/.s.zarr.lock") == b"notes of mine"

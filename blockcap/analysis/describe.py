@@ -16,8 +16,9 @@ from blockcap.storage.integrity import COMMITTED
 def describe(store: CaptureStore) -> str:
     """Layout, shapes, dtypes, codecs, stored vs raw bytes, state, statistics and provenance."""
     m, layout = store.meta, store.layout
-    records = store.opened.index.load_all()
-    done = sum(r.status == COMMITTED for r in records.values())
+    index = store.opened.index
+    listed, _ = index.listed()  # bounded by the records present, whatever unit count the root claims
+    done = sum(r.status == COMMITTED for r in index.load(listed).values())
     lines = [
         f"store {store.location}",
         f"  state: {m.get('state')} ({done}/{layout.n_units} units committed), "

@@ -8,8 +8,6 @@ not compared (there is nothing to compare against).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from blockcap.analysis.reader import CaptureStore
@@ -30,10 +28,9 @@ def _spec(opened: Opened) -> CaptureSpec:
                        dataset_sha256=p.get("dataset_sha256"))  # fmt: skip
 
 
-def dataset_windows(opened: Opened, token_cache: str | None = None) -> Windows | None:
-    """The windows the store's dataset gives today, or None when it is gone or changed."""
-    dataset = dataset_of(opened)
-    if not dataset or not (Path(dataset).exists() or "://" in str(dataset)):
+def dataset_windows(opened: Opened, dataset: str | None, token_cache: str | None = None) -> Windows | None:
+    """The windows ``dataset`` gives today for the store's spec, or None when it is gone or changed."""
+    if not dataset:
         return None
     spec = _spec(opened)
     try:
@@ -44,9 +41,10 @@ def dataset_windows(opened: Opened, token_cache: str | None = None) -> Windows |
     return corpus_windows(corpus, spec, opened.layout.dims.vocab_size)
 
 
-def check_tokens(opened: Opened, token_cache: str | None = None) -> list[str]:
-    """Problems with the stored tokens, offsets and sources against the dataset (none when it is gone)."""
-    windows = dataset_windows(opened, token_cache)
+def check_tokens(opened: Opened, dataset: str | None, token_cache: str | None = None) -> list[str]:
+    """Problems with the stored tokens, offsets and sources against ``dataset`` (the store's own, or
+    one the user names): none when it is gone or its content is not the store's."""
+    windows = dataset_windows(opened, dataset, token_cache)
     if windows is None:
         return []
     store, layout = CaptureStore(opened), opened.layout
@@ -58,16 +56,9 @@ def check_tokens(opened: Opened, token_cache: str | None = None) -> list[str]:
     for lo in range(0, n, step):
         hi = min(lo + step, n)
         if not np.array_equal(store.tokens.np[lo:hi].astype(np.int64), windows.get(lo, hi).numpy()):
-            return [
-                f"tokens of windows {lo}..{hi - 1} differ from the windows of dataset {dataset_of(opened)}"
-            ]
+            return [f"tokens of windows {lo}..{hi - 1} differ from the windows of dataset {dataset}"]
         if not np.array_equal(store.offsets.np[lo:hi], windows.offsets(lo, hi)):
             return [f"offsets of windows {lo}..{hi - 1} differ from the window starts"]
         if has_sources and not np.array_equal(store.sources.np[lo:hi], windows.sources(lo, hi)):
             return [f"sources of windows {lo}..{hi - 1} differ from the dataset's documents"]
     return []
-
-
-def dataset_of(opened: Opened) -> str | None:
-    """The dataset a store names (format 1 kept it apart)."""
-    return opened.meta.get("dataset", {}).get("path") or opened.meta.get("dataset_path")

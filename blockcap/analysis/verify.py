@@ -9,6 +9,9 @@ the statistics against the data.
 
 from __future__ import annotations
 
+import json
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +20,15 @@ import numpy as np
 from blockcap.analysis.reader import CaptureStore
 from blockcap.analysis.tokens import check_tokens
 from blockcap.core.errors import BlockcapError
-from blockcap.core.layout import site_path
+from blockcap.core.layout import CREATE, STATS_FINAL, object_key, site_path, stats_path
 from blockcap.core.spec import parse_storage_options
+from blockcap.data.inputs import is_url
 from blockcap.storage.codecs import digest
-from blockcap.storage.integrity import ABSENT, COMMITTED, DAMAGED
-from blockcap.storage.lifecycle import damaged_metadata, repair_metadata
+from blockcap.storage.integrity import ABSENT, COMMITTED, DAMAGED, OTHER_STORE, Record
+from blockcap.storage.lifecycle import damaged_metadata, final_stats
 from blockcap.storage.location import Location
 from blockcap.storage.lock import exclusive
-from blockcap.storage.metadata import COMPLETE, CREATING, Opened, open_location, read_meta
+from blockcap.storage.metadata import COMPLETE, CREATING, Opened, open_location, read_meta, recorded_keys
 from blockcap.storage.writer import as_float32
 
 STATS_RTOL = 1e-5  # stored statistics against a float64 recomputation (see blockcap.stats)
@@ -32,27 +36,36 @@ STATS_RTOL = 1e-5  # stored statistics against a float64 recomputation (see bloc
 
 def verify(
     path: str | Path, check_dataset: bool = True, check_stats: bool = False,
-    storage_options: dict[str, Any] | str | None = None, repair: bool = False,
+    storage_options: dict[str, Any] | str | None = None, repair: bool = False, dataset: str | None = None,
 ) -> list[str]:  # fmt: skip
     """Every problem found in the store at ``path`` (empty when it is whole).
 
     ``repair``: holding the store's lock, rewrite damaged metadata documents from the layout and
     delete every object (and commit record) found altered, so that re-running the capture
     recomputes exactly those units; a run only notices objects that are missing, not ones that
-    were altered (that takes reading everything).
+    were altered (that takes reading everything). Nothing is rewritten or deleted on the word of
+    a root document that the store's commit records do not confirm.
+
+    ``dataset``: the dataset to check the tokens against (default: the one the store names, when
+    it is a regular file or a directory that exists).
 
     Raises BlockcapError when ``path`` is not a blockcap store at all (nothing to verify); a
     store whose root document is missing or damaged is a problem found, not an error.
     """
     location = Location(str(path), parse_storage_options(storage_options))
+    named = _named_dataset(dataset)
     if not repair:
-        return _verify(location, check_dataset, check_stats, repair=False)[0]
+        return _verify(location, check_dataset, check_stats, False, named)[0]
+    location = location.resolved()
     if location.get("committed/zarr.json") is None:
         read_meta(location)  # not a store: one line, before any lock file appears beside it
     with exclusive(location, hint="wait for it to finish"):
-        problems, altered = _verify(location, check_dataset, check_stats, repair=True)
-        for key in altered:
-            location.delete(key)
+        try:
+            problems, altered = _verify(location, check_dataset, check_stats, True, named)
+            for key in altered:
+                location.delete(key)
+        except OSError as e:
+            raise BlockcapError(f"repair of {location} failed ({e}); nothing else was changed") from None
     if altered:
         problems.append(
             f"repair: deleted {len(altered)} altered objects; re-run the capture command to recompute them"
@@ -60,8 +73,59 @@ def verify(
     return problems
 
 
+def _named_dataset(dataset: str | None) -> Path | None:
+    if dataset is None:
+        return None
+    p = Path(str(dataset)).expanduser()
+    if _readable_dataset({}, p) is None:
+        raise BlockcapError(
+            f"dataset={dataset!r} is not a file or directory; pass the dataset the store was captured from"
+        )
+    return p
+
+
+def _readable_dataset(meta: dict[str, Any], named: Path | None = None) -> str | None:
+    """The dataset verify may read to check the tokens: ``named`` (the user's), else the one the
+    store names; a local one only when it is a regular file or a directory that exists, never a
+    device, FIFO or socket (which could feed endless bytes or block forever). URLs and globs are
+    listed by ``blockcap.data.inputs``, which reads regular files only."""
+    if named is None:
+        where = meta.get("dataset")
+        raw = where.get("path") if isinstance(where, dict) else meta.get("dataset_path")
+        if not isinstance(raw, str) or not raw or "\0" in raw:
+            return None
+        if is_url(raw) or any(c in raw for c in "*?["):
+            return raw
+        named = Path(raw)
+    try:
+        mode = os.stat(named).st_mode  # what reading it would read: symbolic links followed
+    except (OSError, ValueError):
+        return None
+    return str(named) if stat.S_ISREG(mode) or stat.S_ISDIR(mode) else None
+
+
+ROOT_NOT_CONFIRMED = (
+    "the root document zarr.json does not match the store's commit records (its model sizes, window "
+    "count, tokenizer, creation objects or parameters were edited, or it is another store's): nothing "
+    "in it can be trusted and repair changes nothing; re-run the capture command that made the store "
+    "to rebuild it"
+)
+
+
+def _root_trusted(opened: Opened, records: dict[int, Record]) -> bool | None:
+    """True when a commit record carries the tag of the root's fields (format 3: every field that
+    gives the bytes their meaning is as created); False when records exist and none carries it;
+    None when nothing can confirm the root (format 1 and 2, or nothing committed yet)."""
+    statuses = [r for r in records.values() if r.status != ABSENT]
+    if opened.index.version >= 2 and any(r.status == COMMITTED for r in statuses):
+        return True if opened.index.version >= 3 else None
+    if opened.index.version >= 2 and any(r.reason == OTHER_STORE for r in statuses):
+        return False
+    return None
+
+
 def _verify(
-    location: Location, check_dataset: bool, check_stats: bool, repair: bool
+    location: Location, check_dataset: bool, check_stats: bool, repair: bool, dataset: Path | None = None
 ) -> tuple[list[str], list[str]]:
     """``verify``'s checks: (problems, keys of the objects found altered). ``repair`` rewrites
     damaged metadata documents first, so that the data can still be checked."""
@@ -81,27 +145,63 @@ def _verify(
         problems.append(
             f"state is {meta.get('state')!r}, not 'complete': re-run the capture command to finish it"
         )
+    listed, strays = opened.index.listed()  # bounded by the objects present, not by the root
+    records = opened.index.load(listed)
+    trusted = _root_trusted(opened, records)
+    if trusted is False:
+        return [*problems, ROOT_NOT_CONFIRMED], []
+    if strays:
+        problems.append(
+            f"{len(strays)} commit record objects name no unit of the root's {opened.layout.n_units} "
+            f"(first: {strays[0]}): the root's window count is wrong, or they are foreign"
+        )
     damaged = _metadata(opened)
     problems += damaged
     if damaged and any("metadata document" in p for p in damaged):
         if not repair:  # the data checks read arrays through their metadata
             return problems, []
-        repair_metadata(location, opened.layout, meta)
+        fixed, kept = _repair_metadata(opened, trusted)
+        if fixed:
+            problems.append(f"repair: rewrote {fixed} metadata documents from the store's layout")
+        if kept:
+            problems.append(
+                f"repair: left {kept} metadata documents that disagree with the root document: no commit "
+                f"record confirms the root (format 2, or nothing committed), so it is not trusted over them"
+            )
+            return problems, []
         opened = open_location(location)
-        problems.append(f"repair: rewrote {len(damaged)} metadata documents from the store's layout")
     altered: list[str] = []
-    problems += _units(opened, altered)
+    problems += _units(opened, listed, records, altered)
     problems += _other_arrays(opened, altered)
+    if not problems:
+        problems += _final_stats(opened, altered)
     if problems:  # content checks read everything; they would only repeat the damage found
         return problems, altered
     try:
         if check_dataset:
-            problems += check_tokens(opened)
+            problems += check_tokens(opened, _readable_dataset(opened.meta, dataset))
         if check_stats:
             problems += _stats(opened)
     except BlockcapError as e:
         problems.append(str(e))
     return problems, altered
+
+
+def _repair_metadata(opened: Opened, trusted: bool | None) -> tuple[int, int]:
+    """Rewrite damaged array metadata documents: all of them under a root the commit records
+    confirm, else only those that are missing or unreadable. Returns (rewritten, left)."""
+    bad = damaged_metadata(opened.location, opened.layout, opened.meta)
+    fix = {k: doc for k, doc in bad.items() if trusted or _unreadable(opened.location.get(k))}
+    for key, doc in fix.items():
+        opened.location.put(key, doc)
+    return len(fix), len(bad) - len(fix)
+
+
+def _unreadable(raw: bytes | None) -> bool:
+    try:
+        return raw is None or not isinstance(json.loads(raw), dict)
+    except ValueError:
+        return True
 
 
 def _metadata(opened: Opened) -> list[str]:
@@ -120,17 +220,20 @@ def _metadata(opened: Opened) -> list[str]:
     return problems
 
 
-def _units(opened: Opened, altered: list[str]) -> list[str]:
-    """Commit records, presence of every object of committed units, and their digests."""
+def _units(opened: Opened, listed: list[int], records: dict[int, Record], altered: list[str]) -> list[str]:
+    """Commit records, presence of every object of committed units, and their digests (everything
+    held is bounded by the objects listed, whatever unit count the root claims)."""
     index, location, layout = opened.index, opened.location, opened.layout
-    records = index.load_all()
     problems = [f"{index.where('committed', u)}: commit record is damaged ({r.reason})"
                 for u, r in records.items() if r.status == DAMAGED]  # fmt: skip
     altered += [k for u, r in records.items() if r.status == DAMAGED for k in index.record_keys(u)]
-    absent = [u for u, r in records.items() if r.status == ABSENT]
-    if absent:
-        problems.append(f"{len(absent)} of {layout.n_units} units not committed (first: unit {absent[0]})")
-    committed = [u for u, r in records.items() if r.status == COMMITTED]
+    have = [u for u in listed if records[u].status != ABSENT]
+    if len(have) < layout.n_units:
+        first = next((i for i, u in enumerate(have) if u != i), len(have))
+        problems.append(
+            f"{layout.n_units - len(have)} of {layout.n_units} units not committed (first: unit {first})"
+        )
+    committed = [u for u in listed if records[u].status == COMMITTED]
     for path, i in index.objects.items():
         ndim = opened.array(path).ndim
         present = set(location.keys(f"{path}/c"))
@@ -162,16 +265,50 @@ def _decodes(opened: Opened, path: str, unit: int) -> list[str]:
 
 
 def _other_arrays(opened: Opened, altered: list[str]) -> list[str]:
-    """Objects written at creation and at finish: present, with the digests the root records."""
+    """Objects written at creation and at finish: the root names exactly the store's own (a name
+    it gives that is not one is never read), and each is present with the digest recorded."""
     digests = opened.meta.get("digests", {})
-    keys = sorted(digests)
-    problems = []
+    if opened.index.version == 1:
+        return []
+    arrays, recorded = {a.path: a for a in opened.layout.arrays()}, recorded_keys(opened.layout)
+    problems, keys, counts = [], [], dict.fromkeys(recorded, 0)
+    for key in sorted(digests):
+        path, _, coords = key.rpartition("/c/")
+        n = recorded.get(path, ("", 0))[1]
+        first = coords.split("/", 1)[0]
+        if not (first.isdigit() and int(first) < n and key == object_key(arrays[path], int(first))):
+            problems.append(f"the root document names an object {key!r} that is not one of the store's")
+            continue
+        counts[path] += 1
+        keys.append(key)
+    for path, (when, n) in recorded.items():
+        if counts[path] < n and (when == CREATE or opened.meta.get("state") == COMPLETE):
+            problems.append(
+                f"{path}: the root document lacks the digests of {n - counts[path]} of its objects"
+            )
     for key, data in zip(keys, opened.location.get_many(keys), strict=True):
         if data is None:
             problems.append(f"{key.rpartition('/c/')[0]}: its data object {key} is missing")
         elif digest(data) != digests[key]:
             problems.append(f"{key.rpartition('/c/')[0]}: object {key} differs from what was written")
             altered.append(key)
+    return problems
+
+
+def _final_stats(opened: Opened, altered: list[str]) -> list[str]:
+    """The final statistics of a complete store are the merge of its committed partials, exactly
+    (format 3): so they are authenticated by the commit records, not only by the root's digests."""
+    layout = opened.layout
+    if opened.index.version < 3 or not layout.stats or opened.meta.get("state") != COMPLETE:
+        return []
+    arrays, problems = {a.path: a for a in layout.arrays()}, []
+    for (b, site), st in final_stats(opened).items():
+        for name in STATS_FINAL:
+            path = stats_path(b, site, name)
+            stored = np.asarray(opened.array(path)[:])
+            if not np.array_equal(stored, np.asarray(getattr(st, name), "<f8"), equal_nan=True):
+                problems.append(f"{path}: the statistics differ from the merge of the committed partials")
+                altered.append(object_key(arrays[path], 0))
     return problems
 
 

@@ -99,7 +99,8 @@ def positive(name: str, value: Any, upper: int | None = None) -> int:
         hi = (
             " or more" if not upper else f"..2^{upper.bit_length() - 1}" if upper >= 1 << 30 else f"..{upper}"
         )
-        raise BlockcapError(f"{name}={value!r} is out of range; use an integer 1{hi}")
+        what = "is not an integer" if isinstance(value, str) else "is out of range"
+        raise BlockcapError(f"{name}={value!r} {what}; use an integer 1{hi}")
     return value
 
 
@@ -328,12 +329,25 @@ class RunOptions:
     progress: bool = _help("show a progress bar", True)
     verbose: bool = _help("per-rank progress lines in a distributed run", False)
     command: str | None = _help("the command line to show in the resume hint", None)
+    stall_timeout: float = _help(
+        "seconds a torchrun rank may make no progress before the job is ended on every rank (exit 1, "
+        "the store resumable)",
+        300,
+    )
+    fsync: bool = _help(
+        "fsync every local object before its commit record (False: faster on scratch disks, but a "
+        "power loss may then lose committed units)",
+        True,
+    )
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         set_(self, "out", _optional_text("out", self.out))
-        for name in ("overwrite", "dry_run", "force", "progress", "verbose"):
+        for name in ("overwrite", "dry_run", "force", "progress", "verbose", "fsync"):
             _flag(name, getattr(self, name))
+        t = self.stall_timeout
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 1 <= t <= 7 * 86400:
+            raise BlockcapError(f"stall_timeout={t!r} is not a number of seconds in 1..604800")
         positive("writers", self.writers, 64)
         parse_part(self.part)
         set_(self, "storage_options", parse_storage_options(self.storage_options))

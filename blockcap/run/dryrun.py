@@ -122,9 +122,17 @@ def check_free_space(p, pending_units: int) -> None:
     need = estimate(p).stored_bytes * share
     if need > free:
         raise BlockcapError(
-            f"out={p.location} needs about {need / 1e9:,.2f} GB, but its file system has "
-            f"{free / 1e9:,.2f} GB free; free some space, choose another out=PATH, or pass force=True"
+            f"out={p.location} needs about {_bytes(need)}, but its file system has {_bytes(free)} free; "
+            f"free some space, choose another out=PATH, or pass force=True"
         )
+
+
+def _bytes(n: float) -> str:
+    """``n`` bytes in the largest unit that keeps a digit before the point (``12.3 MB``)."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:,.1f} {unit}"
+    return f"{n:,.0f} bytes"
 
 
 @dataclass(frozen=True)

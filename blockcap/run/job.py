@@ -7,11 +7,9 @@ needing files) -> store (create or resume, under the store's lock) -> capture ->
 
 from __future__ import annotations
 
-import signal
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,13 +20,14 @@ from tqdm import tqdm
 from blockcap.core.errors import BlockcapError, Interrupted
 from blockcap.core.layout import Layout
 from blockcap.core.spec import split_kwargs
-from blockcap.run.dist import Group, from_env
+from blockcap.run.dist import DEFAULT_STALL_SECONDS, Group, JobError, from_env
 from blockcap.run.dryrun import DryRun, check_free_space, dry_run
 from blockcap.run.plan import Plan, forward_bytes, make_plan
-from blockcap.storage.integrity import store_tag
-from blockcap.storage.lifecycle import Prepared, finish, pending_units, prepare
-from blockcap.storage.lock import exclusive
-from blockcap.storage.metadata import open_location, spec_of
+from blockcap.storage.lifecycle import Prepared, finish, pending_units, planned, prepare
+from blockcap.storage.location import WRITE_HOOKS, Location
+from blockcap.storage.lock import exclusive, held_by
+from blockcap.storage.metadata import open_location, read_meta, spec_of, tag_of
+from blockcap.storage.stops import stop_signals
 from blockcap.storage.writer import SlabWriter, UnitSource
 
 PROGRESS_EVERY = 8  # batches between progress reductions across ranks
@@ -59,24 +58,6 @@ class Summary:
             f"ratio {ratio:.2f}x",
             f"  time {self.seconds:.1f} s, {rate:,.0f} {'distinct-prefix ' if self.dedup else ''}tokens/s",
         ]
-
-
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt in the main thread, so both stop the same clean way."""
-
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def part_units(todo: list[int], run_length: int, worker: int, workers: int) -> list[int]:
@@ -121,13 +102,23 @@ class Job:
 
     def __init__(self, **kw: Any) -> None:
         self.t0 = time.perf_counter()
-        spec, opts = split_kwargs(kw)
         self.stack = ExitStack()
-        self.stack.enter_context(_sigterm_as_interrupt())  # stops unwind the same way everywhere
-        self.group = from_env()
-        self.stack.callback(self.group.close)
+        self.stack.enter_context(stop_signals())  # stops unwind the same way everywhere
         try:
-            self.plan = make_plan(spec, opts, self.group)
+            spec, opts = split_kwargs(kw)
+            error = None
+        except BlockcapError as e:  # under torchrun, said once for the job (every rank's is checked)
+            spec = opts = None
+            error = e
+        try:
+            self.group = from_env(opts.stall_timeout if opts else DEFAULT_STALL_SECONDS)
+            self.stack.callback(self.group.close)
+            if error is None:
+                try:
+                    self.plan = make_plan(spec, opts, self.group)
+                except BlockcapError as e:
+                    error = e
+            self.group.agree(error)
         except BaseException:
             self.close()
             raise
@@ -143,24 +134,33 @@ class Job:
         self.stack.close()
 
     def open(self) -> Prepared:
-        """Create the store or find the one to resume (rank 0 only; the other ranks wait for it)."""
+        """Create the store or find the one to resume (rank 0 only; the other ranks wait for it).
+
+        Under torchrun the ranks first agree on what they capture and where (else every rank
+        stops before a write), and then each checks that the store it names is the one rank 0
+        locked and opened.
+        """
         p, group = self.plan, self.group
         k, n_parts = p.opts.parts
         if group.active and n_parts > 1:
-            raise BlockcapError(f"part={p.opts.part} and torchrun both split the work; use one of them")
-        prepared: Prepared | BlockcapError | None = None
+            raise JobError(f"part={p.opts.part} and torchrun both split the work; use one of them")
+        _check_agreement(group, p)
+        outcome: tuple[Prepared, str] | BlockcapError | None = None
         if group.leader:
-            self.stack.enter_context(exclusive(p.location, shared=n_parts > 1))
             try:
+                token = self.stack.enter_context(exclusive(p.location, shared=n_parts > 1))
                 check_free_space(p, _units_left(p))
                 creation = exclusive(p.location.sibling(".create")) if n_parts > 1 else nullcontext()
                 with creation:
-                    prepared = _prepare(p, sole=n_parts == 1)
+                    outcome = (_prepare(p, sole=n_parts == 1), token)
             except BlockcapError as e:
-                prepared = e
-        prepared = group.broadcast(prepared)
-        if isinstance(prepared, BlockcapError):
-            raise prepared
+                outcome = e
+        outcome = group.broadcast(outcome)
+        if isinstance(outcome, BlockcapError):
+            raise JobError(str(outcome)) if group.active else outcome
+        prepared, token = outcome
+        if group.active:
+            group.agree(None if group.leader else _same_store(p.location, token, prepared))
         self.prepared = prepared
         return prepared
 
@@ -210,13 +210,18 @@ class Job:
         source = UnitSource(
             offsets=p.windows.offsets,
             sources=p.windows.sources,
-            tag=store_tag(p.spec.identity()),
+            tag=prepared.tag,
             row_positions=getattr(p.schedule, "row_position", None),
             row_weights=getattr(p.schedule, "row_weight", None),
         )
         writer = SlabWriter(location, layout, source, mine, p.opts.writers, self.slabs_in_flight)
+        group.phase = "capture"  # from here the watchdog expects progress: a batch or a write
+        WRITE_HOOKS.append(group.progress)
         try:
             computed = _capture(p, writer, mine, bar, group)
+        except BlockcapError as e:
+            group.announce_failure(str(e))
+            raise
         except KeyboardInterrupt:
             writer.close()
             raise Interrupted(
@@ -239,12 +244,22 @@ class Job:
         finally:
             writer.close()
             bar.close()
+            WRITE_HOOKS.remove(group.progress)
+            group.phase = "finish"
         if p.opts.verbose and group.active:
             print(f"rank {group.rank}: {computed:,} items computed in {time.perf_counter() - self.t0:.1f} s",
                   file=sys.stderr, flush=True)  # fmt: skip
         computed = group.sum([computed])[0]  # also the barrier: every rank has written its units
-        status = _finish(p, prepared, n_parts) if group.leader else None
-        return self.summary(group.broadcast(status), computed)
+        status: str | BlockcapError | None = None
+        if group.leader:
+            try:
+                status = _finish(p, prepared, n_parts)
+            except BlockcapError as e:
+                status = e
+        status = group.broadcast(status)
+        if isinstance(status, BlockcapError):
+            raise JobError(str(status)) if group.active else status
+        return self.summary(status, computed)
 
 
 def run(**kw: Any) -> Summary | DryRun:
@@ -260,6 +275,53 @@ def run(**kw: Any) -> Summary | DryRun:
             return dry_run(job.plan)
         job.open()
         return job.capture()
+
+
+# what every rank must agree on before anything is written, and how to name a difference
+FACTS = {"target": "the target store", "capture": "what to capture", "tag": "the store's contents (model, "
+         "dataset, windows or tokenizer)", "part": "part"}  # fmt: skip
+
+
+def _check_agreement(group: Group, p: Plan) -> None:
+    """Every rank resolves the same target, spec, dataset, model and layout, or every rank stops."""
+    if not group.active:
+        return
+    target = str(p.location.root) if p.location.local else p.location.url  # absolute, links resolved
+    facts = {"target": target, "capture": p.spec.identity(),
+             "tag": tag_of(planned(p.meta, p.objects), p.layout), "part": p.opts.part}  # fmt: skip
+    every = group.gather(facts)
+    for rank, theirs in enumerate(every):
+        for name, value in theirs.items():
+            ours = every[0][name]
+            if value == ours:
+                continue
+            if name == "capture":
+                detail = ", ".join(
+                    f"{k} {ours.get(k)!r} -> {v!r}" for k, v in value.items() if ours.get(k) != v
+                )
+            else:
+                detail = f"{ours} vs {value}"
+            raise JobError(
+                f"rank {rank} disagrees with rank 0 on {FACTS[name]} ({detail}); every rank must run the "
+                f"same command on the same inputs and store (an absolute path on a file system every node "
+                f"shares, or a URL); nothing was written"
+            )
+
+
+def _same_store(location: Location, token: str, prepared: Prepared) -> BlockcapError | None:
+    """On a rank other than 0: why the store it names is not the one rank 0 locked and opened."""
+    if not held_by(location, token):
+        return BlockcapError(
+            f"no lock of rank 0 beside {location} here: the path does not name the same store on every "
+            f"node (use a file system every node shares, or a URL); nothing was written"
+        )
+    try:
+        run_id = read_meta(location).get("run_id")
+    except BlockcapError as e:
+        return BlockcapError(f"cannot read the store rank 0 opened ({e})")
+    if run_id != prepared.meta.get("run_id"):
+        return BlockcapError(f"another store than rank 0 opened is at {location} here; nothing was written")
+    return None
 
 
 def _items(layout: Layout, units: Any) -> int:

@@ -142,7 +142,10 @@ def make_plan(spec: CaptureSpec, opts: RunOptions, group: Group) -> Plan:
     layout = Layout.build(
         resolved, dims, len(windows), schedule.n_items if spec.dedup else None, len(tok_blob or b"")
     )
-    location = Location(opts.out or f"block{'_'.join(map(str, blocks))}_internals.zarr", opts.storage_options)
+    out = opts.out or f"block{'_'.join(map(str, blocks))}_internals.zarr"
+    location = Location(
+        out, opts.storage_options, durable=opts.fsync
+    ).resolved()  # named once: links resolved
     location.check_parent()
     create_arrays: dict[str, np.ndarray] = {}
     if tok_blob:

@@ -1,10 +1,14 @@
 """Commit records, and reads that never mistake missing or wrong data for zeros.
 
 A write unit is committed by one record object written after every object of the unit: a row of
-``committed`` holding a magic number, the unit's index, the store's tag (a digest of its spec)
-and the digest of each of the unit's objects, in the order ``committed.attrs["objects"]`` lists.
-Objects written at creation and at finish (tokenizer, a dedup store's index, final statistics)
-have their digests in the root document. Hence:
+``committed`` holding a magic number, the unit's index, the store's tag and the digest of each of
+the unit's objects, in the order ``committed.attrs["objects"]`` lists. The tag is a digest of
+what gives the store's bytes their meaning: in format 2 the spec's identity; from format 3 also
+the model's dimensions, the window and row counts, the tokenizer and the digests of the objects
+written at creation (``root_tag``), so an edit of any of these in the root document makes every
+record "of another store". Objects written at creation and at finish (tokenizer, a dedup store's
+index, final statistics) have their digests in the root document; final statistics are
+authenticated by ``verify``, which merges the committed partials again. Hence:
 
 * a unit without a record was never finished: its windows read as the fill value (zeros), unless
   the store is complete, where every record must exist;
@@ -18,6 +22,7 @@ stores have one uint8 flag per chunk and no digests: their chunks are checked fo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +34,7 @@ import numpy as np
 from zarr.storage import WrapperStore
 
 from blockcap.core.errors import BlockcapError
-from blockcap.core.layout import Layout
+from blockcap.core.layout import CREATE, FINISH, Layout
 from blockcap.storage.codecs import digest
 from blockcap.storage.location import Location
 
@@ -42,8 +47,15 @@ class DamagedError(BlockcapError):
 
 
 def store_tag(identity: dict[str, Any]) -> int:
-    """A store's tag in its commit records: a digest of what it holds (its spec's identity)."""
+    """A format-2 store's tag in its commit records: a digest of its spec's identity."""
     return int(google_crc32c.value(json.dumps(identity, sort_keys=True).encode()))
+
+
+def root_tag(covered: dict[str, Any]) -> int:
+    """A format-3 store's tag: the first 32 bits of the sha256 of the root fields that give its
+    bytes their meaning (a cryptographic digest: no edit of them keeps the tag by arithmetic)."""
+    raw = hashlib.sha256(json.dumps(covered, sort_keys=True).encode()).digest()
+    return int.from_bytes(raw[:4], "little")
 
 
 def encode_record(unit: int, tag: int, digests: list[int]) -> np.ndarray:
@@ -59,6 +71,7 @@ class Record:
 
 
 CHECKSUM_FAILS = "its checksum fails"  # damage that proves nothing about whose record it was
+OTHER_STORE = "it is a commit record of another store"  # or of this store, under an edited root
 
 
 def _decode_record(raw: bytes | None, unit: int, n_fields: int, version: int, tag: int) -> Record:
@@ -73,7 +86,7 @@ def _decode_record(raw: bytes | None, unit: int, n_fields: int, version: int, ta
     if row.size != n_fields or row[0] != MAGIC or row[1] != unit:
         return Record(DAMAGED, reason="it is not a commit record of this unit (forged or misplaced)")
     if row[2] != tag:
-        return Record(DAMAGED, reason="it is a commit record of another store")
+        return Record(DAMAGED, reason=OTHER_STORE)
     return Record(COMMITTED, tuple(int(x) for x in row[3:]))
 
 
@@ -92,6 +105,8 @@ class CommitIndex:
         self.tag = tag
         self.digests = dict(digests or {})  # objects outside the unit protocol that must be as recorded
         self.complete = complete  # then every unit must have its record
+        # arrays written at creation and at finish: from format 2 each of their objects has a digest
+        self.recorded = {a.path: a.when for a in layout.arrays() if a.when in (CREATE, FINISH)}
         self.records: dict[int, Record] = {}
         self.lock = threading.Lock()
 
@@ -117,14 +132,39 @@ class CommitIndex:
                 self.records[unit] = rec
         return rec
 
-    def load_all(self, threads: int = 16) -> dict[int, Record]:
-        """Every unit's record: cached ones as they are, the others read concurrently (object stores
-        have high latency); records that are absent are read again each time (a run may add them)."""
-        units = range(self.layout.n_units)
-        if len(self.records) == self.layout.n_units:
-            return dict(self.records)
+    def listed(self) -> tuple[list[int], list[str]]:
+        """(units with a record object, record objects that name no unit of this layout), from one
+        listing: bounded by the objects present, whatever the root document claims."""
+        k, units, strays = self.layout.shard_chunks, set(), []
+        for key in self.location.keys("committed/c"):
+            parts = key.split("/")[2:]
+            ok = parts and all(p.isdigit() for p in parts) and len(parts) == (1 if self.version == 1 else 2)
+            if self.version == 1:
+                ok = ok and int(parts[0]) < self.layout.n_chunks
+                unit = int(parts[0]) // k if ok else -1
+            else:
+                ok = ok and parts[1] == "0" and int(parts[0]) < self.layout.n_units
+                unit = int(parts[0]) if ok else -1
+            if ok:
+                units.add(unit)
+            else:
+                strays.append(key)
+        return sorted(units), strays
+
+    def load(self, units: list[int], threads: int = 16) -> dict[int, Record]:
+        """The records of ``units``, read concurrently (object stores have high latency)."""
         with ThreadPoolExecutor(max_workers=threads) as pool:
             return dict(zip(units, pool.map(self.record, units), strict=True))
+
+    def load_all(self, threads: int = 16) -> dict[int, Record]:
+        """Every unit's record: cached ones as they are, the listed others read concurrently,
+        the unlisted ones absent (absent records are listed again each time: a run may add them)."""
+        n = self.layout.n_units
+        if len(self.records) == n:
+            return dict(self.records)
+        listed, _ = self.listed()
+        found = self.load(listed, threads)
+        return {u: found.get(u) or Record(ABSENT) for u in range(n)}
 
     def committed_mask(self) -> np.ndarray:
         recs = self.load_all()
@@ -152,6 +192,10 @@ class CommitIndex:
                     raise DamagedError(f"{path}: its data object {key} is missing")
                 if whole and digest(data) != self.digests[key]:
                     raise DamagedError(f"{path}: object {key} differs from what was written")
+            elif self.version >= 2 and self.recorded.get(path) in (
+                (CREATE, FINISH) if self.complete else (CREATE,)
+            ):
+                raise DamagedError(f"{path}: the root document has no digest for its object {key}")
             return data
         unit = int(coords.split("/", 1)[0])
         rec = self.record(unit)

@@ -47,7 +47,7 @@ from blockcap.storage.aside import (
     set_aside,
 )
 from blockcap.storage.codecs import ChunkEncoder, digest
-from blockcap.storage.integrity import CHECKSUM_FAILS, COMMITTED, DAMAGED, CommitIndex, store_tag
+from blockcap.storage.integrity import CHECKSUM_FAILS, COMMITTED, DAMAGED, CommitIndex
 from blockcap.storage.location import Location
 from blockcap.storage.metadata import (
     COMPLETE,
@@ -55,12 +55,14 @@ from blockcap.storage.metadata import (
     INCOMPLETE,
     ROOT,
     Opened,
+    layout_of,
     now,
     open_location,
     put_root,
     read_meta,
     render_metadata,
     spec_of,
+    tag_of,
     unit_objects,
 )
 from blockcap.storage.stats import Stats, merge
@@ -75,14 +77,19 @@ def create(
     Every step rewrites whole documents with the same content, so it is safe to repeat after a
     kill at any point. Returns the metadata as written.
     """
-    digests = {key: digest(blob) for key, blob in objects.items()}
-    meta = {**meta, "format": FORMAT, "format_version": FORMAT_VERSION, "state": CREATING, "digests": digests}
+    meta = {**planned(meta, objects), "state": CREATING}
     docs = render_metadata(layout, meta)
     location.put_first(ROOT, docs.pop(ROOT))
     location.put_many({**docs, **objects})
     meta["state"] = INCOMPLETE
     put_root(location, meta)
     return meta
+
+
+def planned(meta: dict[str, Any], objects: dict[str, bytes]) -> dict[str, Any]:
+    """A new store's root fields as ``create`` writes them (its tag is ``tag_of`` these)."""
+    digests = {key: digest(blob) for key, blob in objects.items()}
+    return {**meta, "format": FORMAT, "format_version": FORMAT_VERSION, "digests": digests}
 
 
 def create_time_objects(layout: Layout, arrays: dict[str, np.ndarray]) -> dict[str, bytes]:
@@ -193,6 +200,7 @@ def finish(location: Location, meta: dict[str, Any]) -> dict[str, Any]:
             written[object_key(a, 0)] = digest(blob)
     meta = {**meta, "state": COMPLETE, "finished": now(), "digests": {**meta.get("digests", {}), **written}}
     put_root(location, meta)
+    location.sync()  # "complete" itself on disk before the run says so
     discard_aside(location, meta["run_id"])
     return meta
 
@@ -200,11 +208,12 @@ def finish(location: Location, meta: dict[str, Any]) -> dict[str, Any]:
 # --- opening a store for a capture ---------------------------------------------------------------------
 @dataclass
 class Prepared:
-    """A store ready to capture into: its metadata and the units still to compute."""
+    """A store ready to capture into: its metadata, the units still to compute, its records' tag."""
 
     meta: dict[str, Any]
     todo: list[int]
     status: str  # "new", "resumed" or "complete"
+    tag: int = 0
 
 
 def prepare(
@@ -215,6 +224,7 @@ def prepare(
 
     ``sole``: no other process writes the store now, so temporary files left by a kill can go.
     """
+    tag = tag_of(planned(meta, objects), layout)
     if sole:  # what a kill left beside the store or beside its set-aside copy
         for trash in location.stale_trash() + aside_of(location).stale_trash():
             Location(str(trash)).remove_tree()
@@ -222,16 +232,27 @@ def prepare(
     if not location.is_empty():
         try:
             old = read_meta(location)
+            old_spec, old_tag = spec_of(old), tag_of(old, layout_of(old))
         except BlockcapError as e:
-            if sole and _lost_root_of(location, layout, spec):
+            if sole and _lost_root_of(location, layout, tag):
                 new = create(location, layout, meta, objects)  # the data stays; every unit is checked
-                return Prepared(new, pending_units(open_location(location))[0], "resumed")
+                return Prepared(new, pending_units(open_location(location))[0], "resumed", tag)
             reason = str(e) if "damaged" in str(e) else f"{location} exists and is not a blockcap store"
             raise BlockcapError(f"{reason}; refusing to touch it; choose another out=PATH") from None
-        old_spec = spec_of(old)
         current = old.get("format_version") == FORMAT_VERSION
         if current and old_spec is not None and old_spec.identity() == spec.identity():
-            return _continue(location, layout, old, meta, objects, sole, overwrite)
+            if old_tag != tag:  # same capture, but the root says otherwise about what the bytes mean
+                if sole and _lost_root_of(location, layout, tag):
+                    new = create(
+                        location, layout, {**meta, "run_id": old.get("run_id", meta["run_id"])}, objects
+                    )
+                    return Prepared(new, pending_units(open_location(location))[0], "resumed", tag)
+                raise BlockcapError(
+                    f"store {location}: its root document zarr.json does not match this capture (model "
+                    f"sizes, window count, tokenizer or creation objects differ: edited or damaged); "
+                    f"refusing to touch it; choose another out=PATH"
+                )
+            return _continue(location, layout, old, meta, objects, sole, overwrite, tag)
         if not overwrite:
             if not current:
                 version = old.get("format_version")
@@ -239,11 +260,7 @@ def prepare(
                     f"store {location} was written by an older blockcap (format {version}); "
                     f"capture into another out=PATH, or replace it with overwrite=True"
                 )
-            raise BlockcapError(
-                f"store {location} holds a capture with other parameters "
-                f"({', '.join(spec.differences(old_spec))}); use another out=PATH, "
-                f"or overwrite=True to replace it"
-            )
+            raise BlockcapError(_other_capture(location, spec, old_spec))
         if old.get("state") == COMPLETE:
             set_aside(location, old, meta["run_id"])
         else:  # ours and never completed: nothing finished is lost
@@ -252,14 +269,31 @@ def prepare(
     if overwrite:  # this run now replaces whatever an earlier overwrite set aside
         check_aside_is_ours(location)
         restamp_aside(location, meta["run_id"])
-    return Prepared(create(location, layout, meta, objects), list(range(layout.n_units)), "new")
+    return Prepared(create(location, layout, meta, objects), list(range(layout.n_units)), "new", tag)
 
 
-def _lost_root_of(location: Location, layout: Layout, spec: CaptureSpec) -> bool:
-    """Whether ``location`` is a store of ``spec`` whose root document was lost or damaged: a commit
-    record carries ``spec``'s tag (a digest of its identity), and every other readable one does too."""
+def _other_capture(location: Location, spec: CaptureSpec, old: CaptureSpec) -> str:
+    """Why a store of ``old`` is not resumed by ``spec``: its inputs changed, or its parameters."""
+    changed = spec.differences(old)
+    inputs = {"dataset_sha256": "dataset", "model_sha256": "model weights"}
+    names = [f.split(" ", 1)[0] for f in changed]
+    if names and all(n in inputs for n in names):
+        what = " and ".join(inputs[n] for n in names)
+        return (
+            f"store {location} was started on other {what} ({', '.join(changed)}): the files changed "
+            f"since; restore them to resume, or capture into another out=PATH, or overwrite=True"
+        )
+    return (
+        f"store {location} holds a capture with other parameters ({', '.join(changed)}); use another "
+        f"out=PATH, or overwrite=True to replace it"
+    )
+
+
+def _lost_root_of(location: Location, layout: Layout, tag: int) -> bool:
+    """Whether ``location`` is a store of this capture whose root document was lost, damaged or
+    edited: a commit record carries its ``tag``, and every other readable one does too."""
     objects = unit_objects(layout, FORMAT_VERSION)
-    index = CommitIndex(location, layout, FORMAT_VERSION, objects, tag=store_tag(spec.identity()))
+    index = CommitIndex(location, layout, FORMAT_VERSION, objects, tag=tag)
     records = index.load_all().values()
     return any(r.status == COMMITTED for r in records) and all(
         r.status != DAMAGED or r.reason == CHECKSUM_FAILS for r in records
@@ -268,14 +302,14 @@ def _lost_root_of(location: Location, layout: Layout, spec: CaptureSpec) -> bool
 
 def _continue(
     location: Location, layout: Layout, old: dict[str, Any], meta: dict[str, Any], objects: dict[str, bytes],
-    sole: bool, overwrite: bool,
+    sole: bool, overwrite: bool, tag: int,
 ) -> Prepared:  # fmt: skip
     """Resume the store this spec started: finish creating it, or list the units left."""
     keep = {k: old[k] for k in ("run_id", "started") if k in old}
     if old.get("state") == COMPLETE:
         if intact(location, layout, old):
             discard_aside(location, old["run_id"])
-            return Prepared(old, [], "complete")
+            return Prepared(old, [], "complete", tag)
         old = {**old, "state": INCOMPLETE}  # data went missing: repair it like an interrupted run
         put_root(location, old)
     if overwrite:
@@ -285,10 +319,10 @@ def _continue(
         location.remove_partial_files()
     if old.get("state") == CREATING:
         new = create(location, layout, {**meta, **keep}, objects)
-        return Prepared(new, list(range(layout.n_units)), "new")
+        return Prepared(new, list(range(layout.n_units)), "new", tag)
     repair_metadata(location, layout, old)
     for key, blob in objects.items():  # objects written at creation: restore any that went missing
         if location.get(key) != blob:
             location.put(key, blob)
     todo, _ = pending_units(open_location(location))
-    return Prepared(old, todo, "resumed")
+    return Prepared(old, todo, "resumed", tag)

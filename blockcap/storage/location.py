@@ -2,16 +2,28 @@
 
 Every byte blockcap writes into a store passes through ``Location.put``, ``delete`` or
 ``rename_to``: one choke point, atomic per object (a local file is written to a temporary name
-and renamed into place; an object-store PUT is atomic by itself). Reading goes through zarr's own
-store for the same place (``zarr_store``). Tests register ``WRITE_HOOKS`` to count writes and
-kill the process after any one of them.
+and renamed into place; an object-store PUT is atomic by itself); when ``durable``, every object
+and the directory entries naming it are on disk before an object that vouches for it (a commit
+record, the root document: ``Location.commit``) appears, so on power loss a commit never
+outlives what it vouches for. Reading goes through zarr's own store for the same place
+(``zarr_store``). Tests register ``WRITE_HOOKS`` to count writes and kill the process after any
+one of them.
+
+Keys are confined: every key is checked to be a relative name of the store's own kind (no
+``..``, no absolute path, no odd characters) before any read, write or delete, and a local
+write or delete must land inside the store's real directory (no symbolic link inside a store
+leads a write out of it), so a hostile store's metadata cannot make blockcap touch anything
+outside the store. Before every mutation ``stops.check_stop`` honours a stop a signal requested
+and the guards that forbid writing (a lease lost).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
+import threading
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -19,15 +31,27 @@ from pathlib import Path
 from typing import Any
 
 from blockcap.core.errors import BlockcapError
+from blockcap.storage.stops import check_stop
 
 PARTIAL = ".partial"  # suffix of a local file not yet renamed into place
 # Called as hook(operation, key) after every mutation (and before a local rename: "put-partial").
 WRITE_HOOKS: list[Callable[[str, str], None]] = []
+_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,254}(/[A-Za-z0-9_][A-Za-z0-9_.\-]{0,254}){0,31}")
 
 
 def _wrote(op: str, key: str) -> None:
     for hook in WRITE_HOOKS:
         hook(op, key)
+
+
+def check_key(key: str) -> str:
+    """``key`` if it names an object inside a store (relative, no ``..``, the store's characters)."""
+    if key != "" and not (isinstance(key, str) and _KEY.fullmatch(key) and ".." not in key.split("/")):
+        raise BlockcapError(
+            f"the store names an object {key!r} that is not a name inside a store (absolute, '..' or "
+            f"odd characters); refusing to touch it: the store's metadata is damaged or hostile"
+        )
+    return key
 
 
 def is_url(out: str) -> bool:
@@ -37,10 +61,14 @@ def is_url(out: str) -> bool:
 class Location:
     """A store's place; ``key``s are relative to its root, with ``/`` separators."""
 
-    def __init__(self, out: str, storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(self, out: str, storage_options: dict[str, Any] | None = None, durable: bool = True) -> None:
         self.url = str(out)
         self.storage_options = dict(storage_options or {})
         self.local = not is_url(self.url)
+        self.durable = durable  # fsync local files and directories (object-store PUTs are durable)
+        self._real: str | None = None
+        self._pending: set[Path] = set()  # files and directories written since the last commit
+        self._lock, self._sync_lock = threading.Lock(), threading.Lock()
         if self.local:
             self.root = Path(self.url.removeprefix("file://")).expanduser()
             self.fs = None
@@ -48,6 +76,36 @@ class Location:
         else:
             self.fs, self.path = _filesystem(self.url, self.storage_options)
             self.root = None
+
+    def resolved(self) -> Location:
+        """This place named once and for all: a local path made absolute with every symbolic link
+        resolved (an overwrite then replaces the store behind a link, on its file system), a URL
+        as it is. Messages keep the name as given unless a link was resolved. A dangling link
+        stays as it is, for ``check_parent`` to refuse."""
+        if not self.local or (os.path.islink(self.root) and not self.root.exists()):
+            return self
+        try:
+            real = os.path.realpath(self.root)
+        except OSError as e:
+            raise BlockcapError(f"out={self.url!r} cannot be used ({e.strerror})") from None
+        linked = real != os.path.abspath(self.root)
+        out = Location(real if linked else self.url, self.storage_options, self.durable)
+        out.root, out.path = Path(real), real
+        return out
+
+    def _local_path(self, key: str, write: bool = False) -> Path:
+        """The file of ``key``; for a write or delete, checked to lie inside the store's real directory."""
+        path = self.root / check_key(key)
+        if write and key:
+            if self._real is None:
+                self._real = os.path.realpath(self.root)
+            where = os.path.realpath(path.parent)
+            if where != self._real and not where.startswith(self._real.rstrip(os.sep) + os.sep):
+                raise BlockcapError(
+                    f"store {self.url}: {key} leads outside the store (through a symbolic link to "
+                    f"{where}); refusing to write or delete it"
+                )
+        return path
 
     @property
     def name(self) -> str:
@@ -58,7 +116,12 @@ class Location:
 
     def sibling(self, suffix: str) -> Location:
         """The location named like this one plus ``suffix`` (e.g. ``out.replaced``)."""
-        return Location(self.url.rstrip("/") + suffix, self.storage_options)
+        return Location(self.url.rstrip("/") + suffix, self.storage_options, self.durable)
+
+    def beside(self, name: str) -> str:
+        """The full path of object ``name`` next to the store (``.<store>.lock``), outside it."""
+        parent = self.path.rstrip("/").rpartition("/")[0]
+        return f"{parent}/{name}" if parent else name
 
     def _remote(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         """An object-store call whose failures (credentials, network, permissions) are one line."""
@@ -83,20 +146,20 @@ class Location:
     def get(self, key: str) -> bytes | None:
         try:
             if self.local:
-                return (self.root / key).read_bytes()
-            return self._remote(self.fs.cat_file, f"{self.path}/{key}")
+                return self._local_path(key).read_bytes()
+            return self._remote(self.fs.cat_file, f"{self.path}/{check_key(key)}")
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
 
     def exists(self, key: str = "") -> bool:
         if self.local:
-            return (self.root / key).exists()
-        return self._remote(self.fs.exists, f"{self.path}/{key}".rstrip("/"))
+            return self._local_path(key).exists()
+        return self._remote(self.fs.exists, f"{self.path}/{check_key(key)}".rstrip("/"))
 
     def keys(self, prefix: str = "") -> list[str]:
         """Every object under ``prefix`` (relative keys, sorted); local temp files left out."""
         if self.local:
-            base = self.root / prefix
+            base = self._local_path(prefix)
             if not base.is_dir():
                 return []
             found = []
@@ -104,7 +167,7 @@ class Location:
                 rel = Path(dirpath).relative_to(self.root).as_posix()
                 found += [f if rel == "." else f"{rel}/{f}" for f in files if not f.endswith(PARTIAL)]
             return sorted(found)
-        base = f"{self.path}/{prefix}".rstrip("/")
+        base = f"{self.path}/{check_key(prefix)}".rstrip("/")
         self._remote(self.fs.invalidate_cache, base)  # other processes write too: no cached listing
         try:
             return sorted(p[len(self.path) + 1 :] for p in self._remote(self.fs.find, base))
@@ -148,9 +211,31 @@ class Location:
         return shutil.disk_usage(probe).free
 
     def check_parent(self) -> None:
-        """One line when a local store could not be created where asked."""
+        """One line when a store could not be created where asked."""
         if not self.local:
+            self._check_bucket()
             return
+        try:
+            self._check_local_parent()
+        except OSError as e:  # e.g. a name longer than the file system allows
+            raise BlockcapError(f"out={self.url[:80]!r}...: {e.strerror}; choose a shorter out=PATH"
+                                if e.errno == errno.ENAMETOOLONG else
+                                f"out={self.url!r} cannot be used ({e.strerror})") from None  # fmt: skip
+
+    def _check_bucket(self) -> None:
+        """A store in a bucket needs the bucket (else every write would fail, one by one)."""
+        if self.url.split("://", 1)[0] not in BUCKETS:
+            return
+        bucket = self.path.split("/", 1)[0]
+        try:
+            self._remote(self.fs.info, bucket)  # network and credential failures: their own line
+        except FileNotFoundError:
+            raise BlockcapError(
+                f"out={self.url!r}: bucket {bucket!r} does not exist or is not visible with these "
+                f"credentials; create it, or fix out= or storage_options="
+            ) from None
+
+    def _check_local_parent(self) -> None:
         if self.root.is_file():
             raise BlockcapError(f"out={self.url!r} is a file; pass a directory path for the store")
         if os.path.islink(self.root) and not self.root.exists():
@@ -165,18 +250,42 @@ class Location:
 
     # --- writing: every mutation of a store goes through here ---------------------------------
     def put(self, key: str, data: bytes | memoryview) -> None:
-        """Write one object atomically: readers see the old object, or the new one whole."""
+        """Write one object atomically: readers see the old object, or the new one whole. When
+        ``durable``, it is on disk, with the directory entries naming it, by the next ``commit``."""
+        check_stop()
         if self.local:
-            path = self.root / key
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path = self._local_path(key, write=True)
+            made = _makedirs(path.parent)
             tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}{PARTIAL}")
             with open(tmp, "wb") as f:
                 f.write(data)
             _wrote("put-partial", key)
             os.replace(tmp, path)
+            if self.durable:
+                with self._lock:
+                    self._pending.update([path, path.parent, *(m.parent for m in made)])
         else:
-            self._remote_write(self.fs.pipe_file, f"{self.path}/{key}", bytes(data))
+            self._remote_write(self.fs.pipe_file, f"{self.path}/{check_key(key)}", bytes(data))
         _wrote("put", key)
+
+    def commit(self, key: str, data: bytes | memoryview) -> None:
+        """Put an object that vouches for others (a commit record, the root document): when
+        ``durable``, everything put before it is on disk before it appears (one batch of
+        concurrent fsyncs per unit, not a flush per object)."""
+        self.sync()
+        self.put(key, data)
+
+    def sync(self) -> None:
+        """Make every object put since the last commit, and its directory entries, durable (local,
+        ``durable``): fsyncs issued concurrently, so the file system batches them."""
+        if not (self.local and self.durable):
+            return
+        with self._sync_lock:  # a commit waits for a sync another thread started
+            with self._lock:
+                todo, self._pending = self._pending, set()
+            if todo:
+                with ThreadPoolExecutor(max_workers=min(16, len(todo))) as pool:
+                    list(pool.map(_fsync_path, todo))
 
     def put_many(self, objects: dict[str, bytes]) -> None:
         """Write several independent objects: in key order locally, concurrently on object storage."""
@@ -200,28 +309,34 @@ class Location:
         (Otherwise a reader could find the directory already made and still empty.)
         """
         if not self.local or self.root.exists():
-            self.put(key, data)
+            self.commit(key, data)
             return
         staging = self.root.with_name(f".{self.root.name}.{uuid.uuid4().hex[:12]}.creating")
         try:
-            Location(str(staging)).put(key, data)
+            first = Location(str(staging), durable=self.durable)
+            first.put(key, data)
+            first.sync()
+            check_stop()
             os.rename(staging, self.root)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        if self.durable:
+            fsync_dir(self.root.parent)
         _wrote("rename", str(self.root))
 
     def delete(self, key: str) -> None:
+        check_stop()
         if self.local:
-            (self.root / key).unlink(missing_ok=True)
-        elif self._remote(self.fs.exists, f"{self.path}/{key}"):
+            self._local_path(key, write=True).unlink(missing_ok=True)
+        elif self._remote(self.fs.exists, f"{self.path}/{check_key(key)}"):
             self._remote_write(self.fs.rm_file, f"{self.path}/{key}")
         _wrote("delete", key)
 
     def remove_partial_files(self) -> int:
         files = self.partial_files()
         for p in files:
-            p.unlink(missing_ok=True)
+            self._local_path(p.relative_to(self.root).as_posix(), write=True).unlink(missing_ok=True)
             _wrote("delete", str(p))
         return len(files)
 
@@ -229,11 +344,15 @@ class Location:
         """Move the whole store (local: one atomic rename)."""
         if not (self.local and dst.local):
             raise ValueError("rename_to is for local stores; object stores copy")
+        check_stop()
         os.replace(self.root, dst.root)
+        if self.durable:
+            fsync_dir(dst.root.parent)
         _wrote("rename", str(dst.root))
 
     def remove_tree(self) -> None:
         """Delete the whole store. Local: renamed out of sight first, so it vanishes at once."""
+        check_stop()
         if self.local:
             if not self.root.exists():
                 return
@@ -282,6 +401,40 @@ class Location:
         from zarr.storage import FsspecStore
 
         return FsspecStore.from_url(self.url, storage_options=self.storage_options, read_only=read_only)
+
+
+BUCKETS = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")  # protocols whose first path part is a bucket
+
+
+def _makedirs(d: Path) -> list[Path]:
+    """``mkdir -p d``; returns the directories it created, outermost first."""
+    made = []
+    while not d.is_dir():
+        made.append(d)
+        d = d.parent
+    for m in reversed(made):
+        m.mkdir(exist_ok=True)
+    return made[::-1]
+
+
+def _fsync_path(p: Path) -> None:
+    try:
+        fd = os.open(p, os.O_RDONLY | (os.O_DIRECTORY if p.is_dir() else 0))
+    except FileNotFoundError:  # deleted or replaced since: nothing of it to keep
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(d: Path) -> None:
+    """Make the entries of directory ``d`` (files renamed or created in it) durable."""
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _filesystem(url: str, options: dict[str, Any]) -> tuple[Any, str]:

@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import zarr
 from zarr.storage import MemoryStore
 
 from blockcap.core.dims import ModelDims
 from blockcap.core.errors import BlockcapError
-from blockcap.core.layout import FORMAT, FORMAT_VERSION, Layout
-from blockcap.core.spec import CaptureSpec
+from blockcap.core.layout import CREATE, FINISH, FORMAT, FORMAT_VERSION, Layout
+from blockcap.core.spec import MAX_COUNT, CaptureSpec
 from blockcap.storage.codecs import compressors
-from blockcap.storage.integrity import CheckedStore, CommitIndex, DamagedError, store_tag
+from blockcap.storage.integrity import CheckedStore, CommitIndex, DamagedError, root_tag, store_tag
 from blockcap.storage.location import PARTIAL, Location
 
 ATTR = "blockcap"
@@ -97,22 +99,106 @@ def read_meta(location: Location) -> dict[str, Any]:
 
 
 def put_root(location: Location, meta: dict[str, Any]) -> None:
-    location.put(ROOT, render_metadata(None, meta)[ROOT])
+    location.commit(ROOT, render_metadata(None, meta)[ROOT])  # what it says of the rest holds
+
+
+# Bounds of the root's numbers: generous for any real model and corpus, and small enough that
+# nothing derived from them (a chunk, a shard, a listing) is allocated beyond what is present.
+DIM_LIMITS = {"n_layer": 1 << 12, "d_model": 1 << 20, "n_head": 1 << 12, "head_dim": 1 << 16,
+              "d_mlp": 1 << 22, "vocab_size": 1 << 32, "context": 1 << 24}  # fmt: skip
+MAX_OBJECT_BYTES = 1 << 34  # one chunk or shard, decoded
+
+
+def _number(name: str, value: Any, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise BlockcapError(
+            f"the store's metadata is damaged: {name} is {value!r}, not an integer in {lo}..{hi}"
+        )
+    return value
+
+
+def check_fields(meta: dict[str, Any]) -> None:
+    """Type and range of every root field a layout is built from (format 2 and later), before
+    anything is derived from them; one line naming the field otherwise."""
+    dims = meta.get("dims")
+    if not isinstance(dims, dict) or set(dims) != set(DIM_LIMITS):
+        raise BlockcapError(f"the store's metadata is damaged: dims is {dims!r}")
+    for name, hi in DIM_LIMITS.items():
+        _number(f"dims.{name}", dims[name], 1, hi)
+    _number("n_windows", meta.get("n_windows"), 1, MAX_COUNT)
+    if meta.get("n_rows") is not None:
+        _number("n_rows", meta["n_rows"], 1, MAX_COUNT)
+    _number("tokenizer_bytes", meta.get("tokenizer_bytes", 0), 0, 1 << 32)
+    if not isinstance(meta.get("params"), dict):
+        raise BlockcapError(f"the store's metadata is damaged: params is {meta.get('params')!r}")
+    digests = meta.get("digests", {})
+    if not isinstance(digests, dict) or not all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 64
+        for k, v in digests.items()
+    ):
+        raise BlockcapError("the store's metadata is damaged: digests is not a map of names to digests")
+    if meta.get("state") not in (CREATING, INCOMPLETE, COMPLETE):
+        raise BlockcapError(f"the store's metadata is damaged: state is {meta.get('state')!r}")
+
+
+def _check_layout(layout: Layout) -> None:
+    """Blocks, windows and objects within what the model and memory allow."""
+    bad = [b for b in layout.blocks if b >= layout.dims.n_layer]
+    if bad or layout.sample_len > layout.dims.context or not isinstance(layout.chunk_windows, int):
+        raise BlockcapError(
+            f"the store's metadata is damaged: blocks {layout.blocks}, sample_len {layout.sample_len} or "
+            f"chunk_windows {layout.chunk_windows!r} do not fit dims {layout.dims.to_dict()}"
+        )
+    for a in layout.arrays():
+        grid = a.shards or a.chunks
+        if math.prod(grid) * np.dtype(a.dtype).itemsize > MAX_OBJECT_BYTES:
+            raise BlockcapError(
+                f"the store's metadata is damaged: an object of {a.path} would hold "
+                f"{math.prod(grid) * np.dtype(a.dtype).itemsize:,} bytes"
+            )
 
 
 def layout_of(meta: dict[str, Any]) -> Layout:
-    """The layout a store's metadata describes."""
+    """The layout a store's metadata describes, every field checked first."""
     try:
         if meta["format_version"] == 1:
             return _layout_v1(meta)
+        check_fields(meta)
         spec = CaptureSpec.from_params(meta["params"])
         layout = Layout.build(spec, ModelDims(**meta["dims"]), meta["n_windows"], meta.get("n_rows"),
                               meta.get("tokenizer_bytes", 0))  # fmt: skip
-        return replace(layout, format_version=meta["format_version"])
+        layout = replace(layout, format_version=meta["format_version"])
     except (KeyError, TypeError, ValueError) as e:
         raise BlockcapError(
             f"the store's metadata is incomplete or damaged ({type(e).__name__}: {e})"
         ) from None
+    _check_layout(layout)
+    return layout
+
+
+def recorded_keys(layout: Layout) -> dict[str, tuple[str, int]]:
+    """Path -> (when, number of objects) of the arrays whose objects the root's digests cover."""
+    return {
+        a.path: (a.when, -(-a.shape[0] // a.chunks[0])) for a in layout.arrays() if a.when in (CREATE, FINISH)
+    }
+
+
+def tag_of(meta: dict[str, Any], layout: Layout) -> int:
+    """The tag the commit records of the store ``meta`` describes carry (``integrity.root_tag``)."""
+    version = meta["format_version"]
+    if version == 1:
+        return 0
+    identity = CaptureSpec.from_params(meta["params"]).identity()
+    if version == 2:
+        return store_tag(identity)
+    created = {p for p, (when, _) in recorded_keys(layout).items() if when == CREATE}
+    covered = {
+        "format_version": version, "identity": identity, "dims": meta["dims"],
+        "n_windows": meta["n_windows"], "n_rows": meta.get("n_rows"),
+        "tokenizer_bytes": meta.get("tokenizer_bytes", 0), "tokenizer": meta.get("tokenizer"),
+        "digests": {k: v for k, v in meta.get("digests", {}).items() if k.rpartition("/c/")[0] in created},
+    }  # fmt: skip
+    return root_tag(covered)
 
 
 def _layout_v1(meta: dict[str, Any]) -> Layout:
@@ -180,10 +266,9 @@ def open_location(location: Location, allow_creating: bool = False) -> Opened:
     if meta.get("state") == CREATING and not allow_creating:
         raise BlockcapError(f"store {location} is being created; try again in a moment")
     layout = layout_of(meta)
-    spec = spec_of(meta)
     index = CommitIndex(
         location, layout, meta["format_version"], unit_objects(layout, meta["format_version"]),
-        tag=store_tag(spec.identity()) if spec else 0,
+        tag=tag_of(meta, layout),
         digests=meta.get("digests", {}) if meta.get("state") != CREATING else {},
         complete=meta.get("state") == COMPLETE,
     )  # fmt: skip

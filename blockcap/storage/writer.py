@@ -137,7 +137,7 @@ class UnitSource:
 
     offsets: Callable[[int, int], np.ndarray]  # windows lo:hi -> start offsets
     sources: Callable[[int, int], np.ndarray]  # windows lo:hi -> (document, file, row, position)
-    tag: int  # the store's tag for its commit records (``integrity.store_tag``)
+    tag: int  # the store's tag for its commit records (``metadata.tag_of``)
     row_positions: np.ndarray | None = None  # dedup: position of each row's token
     row_weights: np.ndarray | None = None  # dedup: how many (window, position) pairs use each row
 
@@ -252,7 +252,7 @@ class SlabWriter:
                 with self.lock:
                     self.stored += len(blob)
             record = self.record_encoder.chunk(encode_record(slab.unit, self.source.tag, digests)[None])
-            self.location.put(f"committed/c/{slab.unit}/0", record)
+            self.location.commit(f"committed/c/{slab.unit}/0", record)
             del slab, data
             with self.lock:
                 self.units_written += 1

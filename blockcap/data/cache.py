@@ -38,8 +38,8 @@ from blockcap.core.encoding import token_dtype
 from blockcap.core.errors import BlockcapError
 from blockcap.data.digest import cache_dir
 from blockcap.data.encode import encoded
-from blockcap.data.inputs import TEXT, InputFile, content_digest
-from blockcap.data.records import DEFAULT_TEXT_COLUMN, documents
+from blockcap.data.inputs import InputFile, content_digest
+from blockcap.data.records import documents, text_column_of
 from blockcap.data.tokenizers import Tokenizer
 
 CACHE_VERSION = 1
@@ -56,7 +56,7 @@ def cache_root(path: str | None = None) -> Path:
 
 def cache_key(files: list[InputFile], tokenizer: Tokenizer, text_column: str | None) -> str:
     """The content key of a dataset's tokens (see the module docstring)."""
-    column = None if files[0].format == TEXT else text_column or DEFAULT_TEXT_COLUMN  # the column read
+    column = text_column_of(files, text_column)
     what = {"version": CACHE_VERSION, "dataset": content_digest(files), "tokenizer": tokenizer.sha256,
             "text_column": column}  # fmt: skip
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:32]

@@ -183,19 +183,26 @@ def _table(f: InputFile, column: str, options: dict[str, Any]) -> Iterator[tuple
         raise _bad(f, e, f" (at row {row})") from None
 
 
+def text_column_of(files: list[InputFile], text_column: str | None) -> str | None:
+    """The column documents are read from (None for .txt files, which have none)."""
+    if files[0].format == TEXT:
+        if text_column is not None:
+            raise BlockcapError(
+                f"text_column={text_column!r} is for .jsonl, .parquet and .arrow datasets, not .txt files"
+            )
+        return None
+    return text_column or DEFAULT_TEXT_COLUMN
+
+
 def documents(files: list[InputFile], text_column: str | None, options: dict[str, Any] | None = None
               ) -> Iterator[Document]:  # fmt: skip
     """Every document of the dataset, in file order, then record order."""
     opts = dict(options or {})
-    record_format = files[0].format != TEXT
-    if text_column is not None and not record_format:
-        raise BlockcapError(
-            f"text_column={text_column!r} is for .jsonl, .parquet and .arrow datasets, not .txt files"
-        )
-    column = text_column or DEFAULT_TEXT_COLUMN
+    column = text_column_of(files, text_column)
     for i, f in enumerate(files):
         if f.format == TEXT:
             yield Document(i, 0, None, _text(f, opts), f.size)
         else:
-            rows = _jsonl(f, column, opts) if f.format == JSONL else _table(f, column, opts)
+            name = column or DEFAULT_TEXT_COLUMN  # a record format always has one
+            rows = _jsonl(f, name, opts) if f.format == JSONL else _table(f, name, opts)
             yield from (Document(i, row, text, None, at) for row, text, at in rows)

@@ -26,11 +26,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding
 
 from blockcap.core.dims import ModelDims
 from blockcap.core.encoding import StorageDtype, storage_dtype, token_dtype
 from blockcap.core.sites import ATTENTION, TRANSFORMER_LENS, VECTOR_SITES, WIDTH_DIM, is_vector
-from blockcap.core.spec import CaptureSpec
+from blockcap.core.spec import EXACT, CaptureSpec, parse_precision
 
 FORMAT = "blockcap-store"
 FORMAT_VERSION = 3  # 1: blockcap 0.1, 2: 0.2; older stores open, read and verify
@@ -99,6 +100,7 @@ class Layout:
     n_rows: int | None = None  # distinct prefixes of a dedup store
     tokenizer_bytes: int = 0
     format_version: int = FORMAT_VERSION  # what an older store's arrays look like is kept here
+    precision: str = EXACT  # keep_bits:N rounds the vector sites (format 3)
 
     @property
     def dtype(self) -> StorageDtype:
@@ -144,9 +146,15 @@ class Layout:
             return (self.n_rows, self.dims.width(site))
         return (self.n_windows, T, self.dims.width(site))
 
+    @property
+    def keep_bits(self) -> int | None:
+        """Mantissa bits kept by a lossy ``precision`` (None: exact)."""
+        return parse_precision(self.precision, self.dtype_name)
+
     def partial_width(self, site: str) -> int:
-        """Per-unit statistics row: count, mean, m2, min, max (width each), norm sum and count (T each)."""
-        return 1 + 4 * self.dims.width(site) + 2 * self.sample_len
+        """Per-unit statistics row: count, mean, m2, min, max (width each), norm sum and count (T each),
+        and with a lossy precision the unit's worst relative error."""
+        return 1 + 4 * self.dims.width(site) + 2 * self.sample_len + (self.keep_bits is not None)
 
     def _unit_grid(self, shape: tuple[int, ...]) -> dict[str, Any]:
         chunks = (self.chunk_windows, *shape[1:])
@@ -188,6 +196,8 @@ class Layout:
                 "block": b,
                 "transformer_lens": TRANSFORMER_LENS[site].format(b=b),
             }
+            if self.keep_bits is not None and is_vector(site):
+                attrs["precision"] = self.precision
             grid = self._unit_grid(shape)
             zdtype = str(self.dtype.zarr_dtype)
             out.append(ArrayDef(site_path(b, site), shape, zdtype, dims=dims, codec=self.codec, when=UNIT,
@@ -225,7 +235,7 @@ class Layout:
             n_windows=n_windows, sample_len=spec.sample_len, blocks=spec.blocks, sites=spec.sites,
             dims=dims, dtype_name=spec.dtype, codec=spec.codec, chunk_windows=spec.chunk_windows,
             shard_chunks=spec.shard_chunks, stats=spec.stats, n_rows=n_rows,
-            tokenizer_bytes=tokenizer_bytes,
+            tokenizer_bytes=tokenizer_bytes, precision=spec.precision,
         )  # fmt: skip
 
 
@@ -233,9 +243,17 @@ def out_units(arrays: list[ArrayDef]) -> list[ArrayDef]:
     return [a for a in arrays if a.when == UNIT]
 
 
+CHUNK_KEYS = DefaultChunkKeyEncoding(separator="/")  # zarr's own: every array is created with it
+
+
+def chunk_key(path: str, ndim: int, chunk: int) -> str:
+    """The store key of chunk (or shard) ``chunk`` along axis 0 of the ``ndim``-d array at ``path``."""
+    return f"{path}/{CHUNK_KEYS.encode_chunk_key((chunk, *[0] * (ndim - 1)))}"
+
+
 def object_key(array: ArrayDef, chunk: int) -> str:
     """The store key of chunk (or shard) ``chunk`` along axis 0 of ``array``."""
-    return "/".join([array.path, "c", str(chunk), *["0"] * (len(array.shape) - 1)])
+    return chunk_key(array.path, len(array.shape), chunk)
 
 
 def pad_rows(data: np.ndarray, rows: int) -> np.ndarray:

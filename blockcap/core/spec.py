@@ -19,6 +19,8 @@ from blockcap.core.errors import BlockcapError
 from blockcap.core.sites import ATTENTION, DEFAULT_SITES, SITES, VECTOR_SITES
 
 SPLITS = ("train", "val", "all")
+EXACT = "exact"  # the default precision: values stored as computed
+FLOAT32_MANTISSA = 23
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 ALL = "all"
 
@@ -111,6 +113,22 @@ def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
     return value
 
 
+def parse_precision(spec: Any, dtype: str) -> int | None:
+    """Mantissa bits that ``precision`` keeps (``exact``: None), checked against the storage ``dtype``."""
+    if spec == EXACT:
+        return None
+    name, _, bits = str(spec).partition(":")
+    keep = int(bits) if name == "keep_bits" and bits.isdigit() else 0
+    if not 1 <= keep <= FLOAT32_MANTISSA - 1:
+        raise BlockcapError(
+            f"precision={spec!r} is unknown; use exact, or keep_bits:N with N in 1..{FLOAT32_MANTISSA - 1} "
+            f"(the float32 mantissa bits kept)"
+        )
+    if dtype != "float32":
+        raise BlockcapError(f"precision={spec!r} rounds float32 values; use it with dtype=float32")
+    return keep
+
+
 def _optional_text(name: str, value: Any) -> str | None:
     if value is None:
         return None
@@ -165,6 +183,11 @@ class CaptureSpec:
     stride: int = _help("tokens between window starts", 96)
     batch_size: int = _help("windows per forward pass", 64)
     dtype: str = _help("storage dtype: float32 (exact), float16 or bfloat16", DEFAULT_DTYPE)
+    precision: str = _help(
+        "exact, or keep_bits:N (lossy: float32 rounded to N mantissa bits, worst relative error "
+        "2^-(N+1), measured and kept with the statistics)",
+        EXACT,
+    )
     codec: str = _help("blosc-lz4, blosc-zstd, zstd or none, optionally name:level", DEFAULT_CODEC)
     device: str | None = _help("cpu, cuda or cuda:N (default: cuda when available)", None)
     compile: bool = _help("torch.compile(fullgraph=True) the capture module", False)
@@ -208,6 +231,10 @@ class CaptureSpec:
         positive("batch_size", self.batch_size, 1 << 62)
         storage_dtype(self.dtype)
         parse_codec(self.codec)
+        if parse_precision(self.precision, self.dtype) is not None and not self.stats:
+            raise BlockcapError(
+                f"precision={self.precision!r} keeps its measured error with the statistics; drop stats=False"
+            )
         for name in ("compile", "fused", "dedup", "stats"):
             _flag(name, getattr(self, name))
         if self.chunk_windows is not None:  # its fit with batch_size needs the window count: see plan
@@ -228,8 +255,15 @@ class CaptureSpec:
         return {k: v for k, v in self.to_params().items() if k not in self.LOCATORS}
 
     def to_params(self) -> dict[str, Any]:
-        """JSON-ready ``asdict``: what a store records as ``params``."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        """JSON-ready ``asdict``: what a store records as ``params``.
+
+        An exact ``precision`` is left out: stores from before the field have the same params
+        (and tag) as the exact stores of today.
+        """
+        params = json.loads(json.dumps(dataclasses.asdict(self)))
+        if params["precision"] == EXACT:
+            del params["precision"]
+        return params
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> CaptureSpec:

@@ -6,6 +6,11 @@ on the CPU, else a buffer (pinned on CUDA) that batches copy their rows into. Wo
 encode each array's object (``ChunkEncoder``), write it, and only then write the unit's commit
 record with the digest of every object, so a crash never counts a unit whose bytes are missing
 (``blockcap.integrity``). A semaphore bounds the slabs in flight, and with them memory.
+
+One pass per object: statistics read the slab once (in cache-sized blocks), the encoder
+compresses it straight into a buffer its thread reuses, with the checksum appended in place,
+and that checksum is the object's digest; the buffer is written as it is. Nothing of a unit's
+size is allocated per unit except the slab itself.
 """
 
 from __future__ import annotations
@@ -23,10 +28,11 @@ import numpy as np
 import torch
 
 from blockcap.core.layout import ArrayDef, Layout, object_key, pad_rows, site_path, stats_path
-from blockcap.storage.codecs import ChunkEncoder, digest
+from blockcap.storage.codecs import ChunkEncoder
 from blockcap.storage.integrity import encode_record
 from blockcap.storage.location import Location
-from blockcap.storage.stats import partial
+from blockcap.storage.precision import round_bits
+from blockcap.storage.stats import partial, widen
 
 
 @dataclass
@@ -100,35 +106,36 @@ def _set_policy(tids: set[int], policy: int) -> None:
 
 
 class _Background:
-    """The writer threads at idle CPU priority while a run computes.
+    """The writer threads' CPU priority while a run computes: idle (the default) or normal.
 
-    On a machine whose cores torch keeps busy, encoding then runs in the gaps instead of
-    preempting torch's worker threads, whose barriers stall whenever one of them is descheduled.
-    With spare cores (a GPU run) idle priority costs nothing. Restored when the run ends.
+    At idle priority, on a machine whose cores torch keeps busy, encoding runs in the gaps instead
+    of preempting torch's worker threads, whose barriers stall whenever one of them is
+    descheduled; with spare cores (a GPU run) it costs nothing. When torch is given a core fewer
+    (``blockcap.run.split``), the writers run at normal priority on the core left to them (idle
+    threads would starve behind any other process there). Restored when the run ends.
     """
 
     def __init__(self) -> None:
-        self.tids: set[int] = set()
+        self.tids: dict[int, bool] = {}  # thread -> idle
+        self.idle = True
         self.lock = threading.Lock()
 
     def claim(self) -> None:
         with self.lock:
             tid = threading.get_native_id()
-            if tid not in self.tids:
-                _set_policy({tid}, getattr(os, "SCHED_IDLE", 0))
-                self.tids.add(tid)
+            if self.tids.get(tid) is not self.idle:
+                _set_policy({tid}, getattr(os, "SCHED_IDLE" if self.idle else "SCHED_OTHER", 0))
+                self.tids[tid] = self.idle
 
     def release(self) -> None:
         with self.lock:
-            _set_policy(self.tids, getattr(os, "SCHED_OTHER", 0))
+            _set_policy(set(self.tids), getattr(os, "SCHED_OTHER", 0))
             self.tids.clear()
 
 
 def as_float32(data: np.ndarray, dtype_name: str) -> np.ndarray:
     """Stored values as float32 (bfloat16 bit patterns widened), for statistics."""
-    if dtype_name == "bfloat16":
-        return (data.astype(np.uint32) << 16).view(np.float32)
-    return data.astype(np.float32, copy=False)
+    return widen(data, dtype_name == "bfloat16")
 
 
 @dataclass
@@ -159,6 +166,10 @@ class SlabWriter:
         self.arrays = layout.unit_arrays()
         self.encoders = {a.path: ChunkEncoder(a.codec) for a in self.arrays}
         self.record_encoder = ChunkEncoder("none")
+        self.committed = next(a for a in layout.arrays() if a.path == "committed")
+        # lossy precision: each vector site is rounded as it is encoded; its partial takes the error
+        lossy = layout.stat_outputs() if layout.keep_bits is not None else []
+        self.rounded = {site_path(b, s): stats_path(b, s, "partial") for b, s in lossy}
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="blockcap-writer")
         self.background = _Background()
         self.slots = threading.BoundedSemaphore(max_pending)
@@ -215,25 +226,28 @@ class SlabWriter:
             data["offsets"] = self.source.offsets(slab.lo, slab.hi)
         for (b, s), buf in zip(layout.outputs(), slab.sites, strict=True):
             data[site_path(b, s)] = layout.dtype.to_numpy(buf)
-        T = layout.sample_len
+        T, bf16 = layout.sample_len, layout.dtype_name == "bfloat16"
         for b, s in layout.stat_outputs():
-            x = as_float32(data[site_path(b, s)], layout.dtype_name)
+            x = data[site_path(b, s)]
             if layout.dedup:
                 rows = slice(slab.lo, slab.hi)
-                row = partial(x, self.source.row_positions[rows], T, self.source.row_weights[rows])
+                row = partial(x, self.source.row_positions[rows], T, self.source.row_weights[rows], bf16)
             else:
-                row = partial(x.reshape(-1, x.shape[-1]), np.tile(np.arange(T), x.shape[0]), T)
+                row = partial(x.reshape(-1, x.shape[-1]), np.tile(np.arange(T), x.shape[0]), T, bfloat16=bf16)
+            if self.rounded:
+                row = np.append(row, 0.0)  # the unit's worst relative error, filled in as it is rounded
             data[stats_path(b, s, "partial")] = row[None]
         return data
 
     def _dtype(self, path: str) -> str:
         return next(a.dtype for a in self.arrays if a.path == path)
 
-    def _encode(self, a: ArrayDef, data: np.ndarray, slab: Slab) -> bytes:
+    def _encode(self, a: ArrayDef, data: np.ndarray, slab: Slab) -> tuple[memoryview, int]:
+        """(object, digest) of ``a``'s data of ``slab``, in this thread's scratch buffer."""
         enc = self.encoders[a.path]
         if a.shards is not None:
-            return enc.shard(pad_rows(data, a.shards[0]), a.chunks[0], slab.hi - slab.lo)
-        return enc.chunk(pad_rows(data, a.chunks[0]))
+            return enc.encode_shard(pad_rows(data, a.shards[0]), a.chunks[0], slab.hi - slab.lo)
+        return enc.encode(pad_rows(data, a.chunks[0]))
 
     def _write(self, slab: Slab) -> None:
         try:
@@ -241,17 +255,20 @@ class SlabWriter:
             if slab.event is not None:
                 slab.event.synchronize()
             data = self._arrays_of(slab)
-            digests = []
+            digests, stored = [], 0
             for a in self.arrays:
-                blob = self._encode(a, data[a.path], slab)
+                values = data[a.path]
+                if a.path in self.rounded:  # before its partial, which comes later in the record
+                    values, data[self.rounded[a.path]][0, -1] = round_bits(values, self.layout.keep_bits)
+                blob, value = self._encode(a, values, slab)
                 self.location.put(object_key(a, slab.unit), blob)
-                digests.append(digest(blob))
-                with self.lock:
-                    self.stored += len(blob)
+                digests.append(value)
+                stored += len(blob)
             record = self.record_encoder.chunk(encode_record(slab.unit, self.source.tag, digests)[None])
-            self.location.put(f"committed/c/{slab.unit}/0", record)
+            self.location.put(object_key(self.committed, slab.unit), record)
             del slab, data
             with self.lock:
+                self.stored += stored
                 self.units_written += 1
                 trim = self.units_written % TRIM_EVERY == 0
             if trim:

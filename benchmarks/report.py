@@ -65,12 +65,14 @@ def hf_table(benches: list[dict]) -> list[str]:
 
 
 def storage_table(benches: list[dict]) -> list[str]:
+    """Each writer against the codec limit of its own storage dtype, same run, same activations."""
     rows = [
-        "| workload | writer | ratio vs raw f32 | MB/s (raw f32 in, one thread) | vs codec limit |",
+        "| workload | writer | ratio vs raw f32 | MB/s (raw f32 in, one thread) | vs same-dtype limit |",
         "|---|---|---|---|---|",
     ]
     limits = {
-        b["group"]: b["extra_info"]["raw_bytes"] / b["stats"]["median"]
+        (b["group"], b["extra_info"].get("dtype", "float32")): b["extra_info"]["raw_bytes"]
+        / b["stats"]["median"]
         for b in benches
         if b["group"].startswith("storage-") and b["extra_info"]["variant"].startswith("limit")
     }
@@ -80,10 +82,24 @@ def storage_table(benches: list[dict]) -> list[str]:
             continue
         speed = info["raw_bytes"] / b["stats"]["median"]
         ratio = f"{info['ratio']:.2f}" if "ratio" in info else "-"
+        limit = limits.get((b["group"], info.get("dtype", "float32")))
         rows.append(
-            f"| {b['group'][8:]} | {info['variant']} | {ratio} | {speed / 1e6:,.0f} "
-            f"| {speed / limits[b['group']]:.2f} |"
+            f"| {b['group'][8:]} | {info['variant']} | {ratio} | {speed / 1e6:,.0f} | {speed / limit:.2f} |"
+            if limit
+            else "| - |"
         )
+    return rows
+
+
+def encoder_table(benches: list[dict]) -> list[str]:
+    """blockcap's encoder against zarr's codec pipeline: raw MB per CPU second, same bytes out."""
+    rows = ["| workload | encoder | MB per CPU second | CPU vs blockcap |", "|---|---|---|---|"]
+    found = {(b["group"], b["extra_info"]["variant"]): b["extra_info"] for b in benches
+             if b["group"].startswith("encoder-")}  # fmt: skip
+    for (group, how), info in sorted(found.items()):
+        ours = found.get((group, "blockcap " + how.split()[-1]))
+        vs = f"{info['cpu_s'] / ours['cpu_s']:.2f}" if ours else "-"
+        rows.append(f"| {group[8:]} | {how} | {info['raw_bytes'] / info['cpu_s'] / 1e6:,.0f} | {vs} |")
     return rows
 
 
@@ -140,7 +156,15 @@ def main(path: str) -> None:
         f"Machine: {machine.get('cpu', {}).get('brand_raw', machine.get('processor', '?'))}, "
         f"Python {machine.get('python_version', '?')}; {data.get('datetime', '')}\n"
     )
-    tables = (throughput_table, hf_table, storage_table, read_table, analysis_table, objectstore_table)
+    tables = (
+        throughput_table,
+        hf_table,
+        storage_table,
+        encoder_table,
+        read_table,
+        analysis_table,
+        objectstore_table,
+    )
     for table in tables:
         print("\n".join(table(data["benchmarks"])) + "\n")
     print("\n".join(memory_lines()))

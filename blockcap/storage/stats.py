@@ -108,7 +108,9 @@ def _moments(x: np.ndarray, bfloat16: bool) -> tuple[np.ndarray, ...]:
         part = wide[a : a + step]
         n = part.shape[0]
         xb = widen(part, bfloat16, None if x_buf is None else x_buf[:n])
-        y = np.subtract(xb, wide_shift, out=y_buf[:n])
+        y = y_buf[:n]
+        np.copyto(y, xb)  # cast, then subtract: faster than numpy's mixed-type subtract
+        y -= wide_shift
         total += np.add.reduce(y, axis=0)
         squares += np.einsum("ij,ij->j", y, y)
         np.minimum(lo, np.minimum.reduce(xb, axis=0), out=lo)

@@ -110,10 +110,12 @@ class ChunkReader:
         dest[...] = 0
         return dest
 
-    def read(self, lo: int, hi: int, rows: np.ndarray | None) -> np.ndarray:
-        """Rows ``lo:hi``, or only ``rows`` (sorted, unique), as zarr would return them."""
+    def read(self, lo: int, hi: int, rows: np.ndarray | None, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``lo:hi``, or only ``rows`` (sorted, unique), as zarr would return them; into ``out``
+        (C-contiguous, of their shape and dtype) when given."""
         want = np.arange(lo, hi) if rows is None else rows
-        out = np.empty((len(want), *self.shape[1:]), self.dtype)
+        if out is None:
+            out = np.empty((len(want), *self.shape[1:]), self.dtype)
         chunks = np.unique(want // self.rows).tolist()
         k, R = self.decoder.shard_chunks, self.rows
         bounds = {c: np.searchsorted(want, [c * R, (c + 1) * R]).tolist() for c in chunks}
@@ -166,6 +168,11 @@ class LazyArray:
     def _read(self, lo: int, hi: int, rows: np.ndarray | None) -> np.ndarray:
         """Rows ``lo:hi`` of the array, or only ``rows`` (sorted, unique) when given."""
         return self.chunks.read(lo, hi, rows)
+
+    def read_into(self, lo: int, hi: int, out: np.ndarray) -> None:
+        """Items ``lo:hi`` of a stored array decoded straight into ``out`` (C-contiguous, of their size and
+        the stored dtype): no copy of their own (a plain store's site; not a dedup store's view)."""
+        self.chunks.read(lo, hi, None, out.reshape(hi - lo, *self.chunks.shape[1:]))
 
     def _rows(self, lo: int, hi: int, rows: np.ndarray | None = None) -> np.ndarray:
         """Axis-0 items ``lo:hi`` (or ``rows`` among them), in this view's shape."""

@@ -36,6 +36,8 @@ from blockcap.core.spec import EXACT, CaptureSpec, parse_precision
 FORMAT = "blockcap-store"
 FORMAT_VERSION = 3  # 1: blockcap 0.1, 2: 0.2; older stores open, read and verify
 TARGET_CHUNK_BYTES = 4 << 20
+OBJECT_TARGET = 16 << 20  # object storage: a unit's objects average this many raw bytes (8 MB stored at 2x)
+OBJECT_MAX = 64 << 20  # object storage: no object above this, as long as one chunk fits
 CREATE, UNIT, COMMIT, FINISH = "create", "unit", "commit", "finish"  # when an array's objects are written
 STATS_FINAL = ("mean", "var", "min", "max", "norm_mean")
 SMALL_CODEC = "zstd"  # index, token and statistics arrays: small, compress well
@@ -66,6 +68,22 @@ def choose_chunk_windows(
         return min(want // batch_size, -(-n_windows // batch_size)) * batch_size
     small = [d for d in range(1, math.isqrt(batch_size) + 1) if batch_size % d == 0]
     return max(d for d in small + [batch_size // d for d in small] if d <= want)
+
+
+def choose_shard_chunks(layout: Layout) -> int:
+    """Chunks per shard on object storage: the fewest for which a write unit's objects (its commit
+    record included) average ``OBJECT_TARGET`` raw bytes, the largest at most ``OBJECT_MAX``.
+
+    Object stores bill and list per object and read each with one request's latency, so a store
+    of small objects is slow and costly there; a local disk reads a 4 MB chunk as fast, and a
+    read of one window fetches (and checks) its whole object, so local stores stay unsharded.
+    """
+    arrays = layout.unit_arrays()
+    per_chunk = [  # the arrays along the unit axis (a unit's statistics partial is one small row)
+        int(np.prod(a.chunks)) * np.dtype(a.dtype).itemsize for a in arrays if "/stats/" not in a.path
+    ]
+    k = -(-OBJECT_TARGET * (len(arrays) + 1) // max(1, sum(per_chunk)))
+    return max(1, min(k, OBJECT_MAX // max(1, max(per_chunk)), layout.n_chunks))
 
 
 @dataclass(frozen=True)
@@ -234,7 +252,7 @@ class Layout:
         return cls(
             n_windows=n_windows, sample_len=spec.sample_len, blocks=spec.blocks, sites=spec.sites,
             dims=dims, dtype_name=spec.dtype, codec=spec.codec, chunk_windows=spec.chunk_windows,
-            shard_chunks=spec.shard_chunks, stats=spec.stats, n_rows=n_rows,
+            shard_chunks=spec.shard_chunks or 1, stats=spec.stats, n_rows=n_rows,
             tokenizer_bytes=tokenizer_bytes, precision=spec.precision,
         )  # fmt: skip
 

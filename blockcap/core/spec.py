@@ -201,7 +201,11 @@ class CaptureSpec:
     chunk_windows: int | None = _help(
         "windows per chunk, a multiple or divisor of batch_size (default: ~4 MB chunks)", None
     )
-    shard_chunks: int = _help("chunks per file (Zarr v3 sharding), for object storage or huge runs", 1)
+    shard_chunks: int | None = _help(
+        "chunks per file (Zarr v3 sharding); default: 1 on a local disk, on object storage enough for "
+        "objects of ~16 MB on average (the largest at most 64 MB)",
+        None,
+    )
 
     LOCATORS = ("model", "revision", "weights", "dataset")
 
@@ -239,7 +243,8 @@ class CaptureSpec:
             _flag(name, getattr(self, name))
         if self.chunk_windows is not None:  # its fit with batch_size needs the window count: see plan
             positive("chunk_windows", self.chunk_windows, MAX_COUNT)
-        positive("shard_chunks", self.shard_chunks, 1 << 20)
+        if self.shard_chunks is not None:  # resolved where the store will live: see plan
+            positive("shard_chunks", self.shard_chunks, 1 << 20)
         if self.dedup and ATTENTION in self.sites:
             raise BlockcapError("sites with attention cannot be deduplicated; drop attention or dedup")
 

@@ -20,7 +20,7 @@ from blockcap.capture import Adapter, load_model
 from blockcap.core.dims import ModelDims
 from blockcap.core.encoding import storage_dtype
 from blockcap.core.errors import BlockcapError
-from blockcap.core.layout import Layout, choose_chunk_windows
+from blockcap.core.layout import Layout, choose_chunk_windows, choose_shard_chunks
 from blockcap.core.sites import ATTENTION
 from blockcap.core.spec import CaptureSpec, RunOptions, resolve_blocks
 from blockcap.core.version import __version__
@@ -133,20 +133,22 @@ def make_plan(spec: CaptureSpec, opts: RunOptions, group: Group) -> Plan:
         else choose_chunk_windows(spec.batch_size, _bytes_per_item(spec, adapter, itemsize), schedule.n_items)
     )
     n_chunks = -(-schedule.n_items // chunk)
-    if spec.shard_chunks > n_chunks:
+    if spec.shard_chunks is not None and spec.shard_chunks > n_chunks:
         raise BlockcapError(
             f"shard_chunks={spec.shard_chunks} is more chunks than the run has ({n_chunks}); "
             f"use 1..{n_chunks}"
         )
+    location = Location(opts.out or f"block{'_'.join(map(str, blocks))}_internals.zarr", opts.storage_options)
     resolved = replace(
         spec, block_idx=blocks, chunk_windows=chunk, dataset_sha256=dataset_sha256(data_path),
-        model_sha256=adapter.model_sha256, device=device.type,
+        model_sha256=adapter.model_sha256, device=device.type, shard_chunks=spec.shard_chunks or 1,
     )  # fmt: skip
     tok_record, tok_blob = adapter.tokenizer.record()
-    layout = Layout.build(
-        resolved, dims, len(windows), schedule.n_items if spec.dedup else None, len(tok_blob or b"")
-    )
-    location = Location(opts.out or f"block{'_'.join(map(str, blocks))}_internals.zarr", opts.storage_options)
+    build = (dims, len(windows), schedule.n_items if spec.dedup else None, len(tok_blob or b""))
+    layout = Layout.build(resolved, *build)
+    if spec.shard_chunks is None and not location.local:  # object storage: objects of a good size
+        resolved = replace(resolved, shard_chunks=choose_shard_chunks(layout))
+        layout = Layout.build(resolved, *build)
     location.check_parent()
     create_arrays: dict[str, np.ndarray] = {}
     if tok_blob:

@@ -29,6 +29,7 @@ class Estimate:
     stored_bytes: int  # expected after compression
     ratio: float  # raw / stored on the first batch
     objects: int  # files or objects the store will hold
+    site_objects: int  # of which hold captured sites (a write unit's object of each)
     object_bytes: int  # expected stored bytes of the largest object (a write unit's widest site)
     seconds: float  # compute and encoding of every batch, from the first one
     batches: int
@@ -75,13 +76,13 @@ def estimate(p) -> Estimate:
     return Estimate(
         n_windows=layout.n_windows, tokens=layout.n_windows * layout.sample_len, raw_bytes=raw,
         stored_bytes=stored, ratio=raw / max(1, stored), objects=objects, object_bytes=largest,
+        site_objects=layout.n_units * len(layout.outputs()),
         seconds=(seconds + encode_seconds) * n_batches, batches=n_batches,
     )  # fmt: skip
 
 
 def report_lines(p, e: Estimate) -> list[str]:
-    layout = p.layout
-    data = layout.n_units * len(layout.outputs())  # objects of the captured sites
+    layout, data = p.layout, e.site_objects
     lines = [
         f"dry run: {p.location} would hold {e.n_windows:,} windows x {layout.sample_len} tokens "
         f"({e.tokens:,} tokens)" + (f", {layout.n_rows:,} distinct prefix rows" if layout.dedup else ""),

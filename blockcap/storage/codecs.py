@@ -110,8 +110,9 @@ class ChunkEncoder:
         """Encode ``raw`` (C order, little endian) into ``out[at:]``; returns the end offset."""
         if self.blosc is not None and _C_BLOSC is not None:
             cname, level = self.blosc
+            room = raw.nbytes + BLOSC_OVERHEAD  # as numcodecs: else a frame may exceed its input
             n = _C_BLOSC[0](level, BITSHUFFLE, raw.itemsize, raw.nbytes, raw.ctypes.data,
-                            out.ctypes.data + at, out.size - at, cname, 0, 1)  # fmt: skip
+                            out.ctypes.data + at, room, cname, 0, 1)  # fmt: skip
             if n <= 0:
                 raise RuntimeError(f"blosc compression failed ({n})")
             return at + n

@@ -29,10 +29,10 @@ def _ratio(v: dict, a: str, b: str) -> str:
 
 def throughput_table(benches: list[dict]) -> list[str]:
     rows = [
-        "| model-workload | windows x tokens | bare tok/s | f32 / bare | bf16 / bare | dedup / bare "
-        "| fused / fused bare | f32 / original | whole: f32 / bare | whole: f32 / original "
-        "| whole: dedup / original |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model-workload | windows x tokens | bare tok/s | f32 / bare | f32 / f32 no stats | bf16 / bare "
+        "| dedup / bare | fused / fused bare | f32 / original | whole: f32 / bare | whole: f32 / original "
+        "| whole: dedup / original | split chosen (f32) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for group, v in sorted(_groups(benches).items()):
         if group.startswith("hf-") or "bare-steady" not in v:
@@ -41,13 +41,15 @@ def throughput_table(benches: list[dict]) -> list[str]:
         rows.append(
             f"| {group} | {b['windows']} x {b['tokens'] // b['windows']} | {b['tps']:,.0f} "
             f"| {_ratio(v, 'blockcap-float32-steady', 'bare-steady')} "
+            f"| {_ratio(v, 'blockcap-float32-steady', 'blockcap-nostats-steady')} "
             f"| {_ratio(v, 'blockcap-bfloat16-steady', 'bare-steady')} "
             f"| {_ratio(v, 'blockcap-dedup-steady', 'bare-steady')} "
             f"| {_ratio(v, 'blockcap-fused-steady', 'bare-fused-steady')} "
             f"| {_ratio(v, 'blockcap-float32-steady', 'original-steady')} "
             f"| {_ratio(v, 'blockcap-float32-whole', 'bare-whole')} "
             f"| {_ratio(v, 'blockcap-float32-whole', 'original-whole')} "
-            f"| {_ratio(v, 'blockcap-dedup-whole', 'original-whole')} |"
+            f"| {_ratio(v, 'blockcap-dedup-whole', 'original-whole')} "
+            f"| {v.get('blockcap-float32-steady', {}).get('split', '-')} |"
         )
     return rows
 
@@ -65,12 +67,14 @@ def hf_table(benches: list[dict]) -> list[str]:
 
 
 def storage_table(benches: list[dict]) -> list[str]:
+    """Each writer against the codec limit of its own storage dtype, same run, same activations."""
     rows = [
-        "| workload | writer | ratio vs raw f32 | MB/s (raw f32 in, one thread) | vs codec limit |",
+        "| workload | writer | ratio vs raw f32 | MB/s (raw f32 in, one thread) | vs same-dtype limit |",
         "|---|---|---|---|---|",
     ]
     limits = {
-        b["group"]: b["extra_info"]["raw_bytes"] / b["stats"]["median"]
+        (b["group"], b["extra_info"].get("dtype", "float32")): b["extra_info"]["raw_bytes"]
+        / b["stats"]["median"]
         for b in benches
         if b["group"].startswith("storage-") and b["extra_info"]["variant"].startswith("limit")
     }
@@ -80,10 +84,54 @@ def storage_table(benches: list[dict]) -> list[str]:
             continue
         speed = info["raw_bytes"] / b["stats"]["median"]
         ratio = f"{info['ratio']:.2f}" if "ratio" in info else "-"
+        limit = limits.get((b["group"], info.get("dtype", "float32")))
         rows.append(
-            f"| {b['group'][8:]} | {info['variant']} | {ratio} | {speed / 1e6:,.0f} "
-            f"| {speed / limits[b['group']]:.2f} |"
+            f"| {b['group'][8:]} | {info['variant']} | {ratio} | {speed / 1e6:,.0f} | {speed / limit:.2f} |"
+            if limit
+            else "| - |"
         )
+    return rows
+
+
+def encoder_table(benches: list[dict]) -> list[str]:
+    """blockcap's encoder against zarr's codec pipeline: raw MB per CPU second, same bytes out."""
+    rows = ["| workload | encoder | MB per CPU second | CPU vs blockcap |", "|---|---|---|---|"]
+    found = {(b["group"], b["extra_info"]["variant"]): b["extra_info"] for b in benches
+             if b["group"].startswith("encoder-")}  # fmt: skip
+    for (group, how), info in sorted(found.items()):
+        ours = found.get((group, "blockcap " + how.split()[-1]))
+        vs = f"{info['cpu_s'] / ours['cpu_s']:.2f}" if ours else "-"
+        rows.append(f"| {group[8:]} | {how} | {info['raw_bytes'] / info['cpu_s'] / 1e6:,.0f} | {vs} |")
+    return rows
+
+
+def precision_table(benches: list[dict]) -> list[str]:
+    """Lossy storage: ratio against the worst relative error measured, speed against exact."""
+    rows = [
+        "| codec | precision | ratio vs raw f32 | worst relative error | bound 2^-(N+1) | speed vs exact |",
+        "|---|---|---|---|---|---|",
+    ]
+    found = [b for b in benches if b["group"].startswith("precision-")]
+    exact = {b["group"]: b["stats"]["median"] for b in found if b["extra_info"]["variant"] == "exact"}
+    for b in sorted(found, key=lambda b: (b["group"], -b["extra_info"]["stored_bytes"])):
+        i = b["extra_info"]
+        speed = f"{exact[b['group']] / b['stats']['median']:.2f}" if b["group"] in exact else "-"
+        err = f"{i['max_rel_error']:.2e}" if i["max_rel_error"] else "0 (exact)"
+        bound = f"{i['bound']:.2e}" if i["bound"] else "-"
+        rows.append(f"| {i['codec']} | {i['variant']} | {i['raw_bytes'] / i['stored_bytes']:.2f} | {err} "
+                    f"| {bound} | {speed} |")  # fmt: skip
+    return rows
+
+
+def objects_table(benches: list[dict]) -> list[str]:
+    rows = ["| store | objects | site objects | average site object | largest |", "|---|---|---|---|---|"]
+    for b in benches:
+        if b["group"] == "objects":
+            i = b["extra_info"]
+            rows.append(
+                f"| {i['variant']} | {i['objects']:,} | {i['site_objects']:,} "
+                f"| {i['average'] / 1e6:,.1f} MB | {i['largest'] / 1e6:,.1f} MB |"
+            )
     return rows
 
 
@@ -140,7 +188,15 @@ def main(path: str) -> None:
         f"Machine: {machine.get('cpu', {}).get('brand_raw', machine.get('processor', '?'))}, "
         f"Python {machine.get('python_version', '?')}; {data.get('datetime', '')}\n"
     )
-    tables = (throughput_table, hf_table, storage_table, read_table, analysis_table, objectstore_table)
+    tables = (
+        throughput_table,
+        hf_table,
+        storage_table,
+        encoder_table,
+        read_table,
+        analysis_table,
+        objectstore_table,
+    )
     for table in tables:
         print("\n".join(table(data["benchmarks"])) + "\n")
     print("\n".join(memory_lines()))

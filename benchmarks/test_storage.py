@@ -1,11 +1,17 @@
-"""Storage: blockcap's writer against the codec's own limit, every codec and dtype; read speed.
+"""Storage: blockcap's writer against the codec's own limit, every codec and dtype; the encoder
+against zarr's codec pipeline; read speed.
 
 Activations are real captures of the trained bundled model on TinyShakespeare when
 ``--bench-real-text`` (or ``BLOCKCAP_TEST_DATASET``) is given, else on synthetic text.
 
-* limit: numcodecs' Blosc lz4-bitshuffle encode of each chunk plus a plain file write, one thread;
+* limit: numcodecs' Blosc lz4-bitshuffle encode of each chunk plus a plain file write, one thread,
+  for each storage dtype;
 * writer: blockcap's own path for the same chunks (encode, checksum, digest, atomic write, commit
-  record, statistics), one writer thread; reported per codec and dtype with the compression ratio.
+  record; statistics unless "no stats"), one writer thread; reported per codec and dtype with the
+  compression ratio, and against the limit of its dtype;
+* encoder: blockcap's ``ChunkEncoder`` and zarr's ``BatchedCodecPipeline`` (``ShardingCodec`` for
+  shards) encoding the same chunks to the same bytes (checked), CPU seconds of the process (zarr
+  encodes on its own threads): the measurement behind encoding chunks ourselves.
 """
 
 from __future__ import annotations
@@ -54,10 +60,12 @@ def _chunk_windows(activations: dict, dtype: str) -> int:
     return choose_chunk_windows(64, T * C * DTYPES[dtype].zarr_dtype.itemsize, n)
 
 
-def test_codec_limit(benchmark, activations, tmp_path):
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_codec_limit(benchmark, activations, tmp_path, dtype):
     """The floor of writing: Blosc lz4-bitshuffle encode plus a plain file write per chunk, one core."""
-    outs = [o.numpy() for o in activations["outs"]]
-    cw = _chunk_windows(activations, "float32")
+    sd = DTYPES[dtype]
+    outs = [sd.to_numpy(o.to(sd.torch_dtype)) for o in activations["outs"]]
+    cw = _chunk_windows(activations, dtype)
     codec = numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.BITSHUFFLE)
     out = tmp_path / "raw"
 
@@ -72,14 +80,19 @@ def test_codec_limit(benchmark, activations, tmp_path):
 
     benchmark.group = f"storage-{activations['workload']}"
     benchmark.extra_info.update(
-        variant="limit: numcodecs blosc-lz4 + file write", raw_bytes=sum(o.nbytes for o in outs)
-    )
+        variant=f"limit: numcodecs blosc-lz4 + file write/{dtype}", dtype=dtype,
+        raw_bytes=sum(o.numel() * 4 for o in activations["outs"]),
+    )  # fmt: skip
     benchmark.pedantic(write, setup=fresh, rounds=ROUNDS, warmup_rounds=1, iterations=1)
 
 
-@pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("codec", CODECS)
-def test_writer(benchmark, activations, tmp_path, codec, dtype):
+WRITERS = [(c, d, True) for c in CODECS for d in DTYPES] + [("blosc-lz4", d, False) for d in DTYPES]
+
+
+@pytest.mark.parametrize(
+    "codec, dtype, stats", WRITERS, ids=[f"{c}-{d}" + ("" if s else "-nostats") for c, d, s in WRITERS]
+)
+def test_writer(benchmark, activations, tmp_path, codec, dtype, stats):
     """blockcap's writer, one thread, on the same chunks: encode, checksum, write, commit, statistics."""
     sd = DTYPES[dtype]
     outs = [o.to(sd.torch_dtype) for o in activations["outs"]]
@@ -87,7 +100,7 @@ def test_writer(benchmark, activations, tmp_path, codec, dtype):
     n, T, C = outs[0].shape
     cw = _chunk_windows(activations, dtype)
     spec = CaptureSpec(block_idx=0, sites=SITES, sample_len=T, dtype=dtype, codec=codec, chunk_windows=cw,
-                       batch_size=cw)  # fmt: skip
+                       batch_size=cw, stats=stats)  # fmt: skip
     dims = ModelDims(n_layer=1, d_model=C, n_head=6, head_dim=C // 6, d_mlp=4 * C, vocab_size=256, context=T)
     layout = Layout.build(spec, dims, n)
     out = tmp_path / "w.zarr"
@@ -114,7 +127,8 @@ def test_writer(benchmark, activations, tmp_path, codec, dtype):
 
     raw = sum(o.numel() * 4 for o in activations["outs"])
     benchmark.group = f"storage-{activations['workload']}"
-    benchmark.extra_info.update(variant=f"writer {codec}/{dtype}", raw_bytes=raw)
+    name = f"writer {codec}/{dtype}" + ("" if stats else ", no stats")
+    benchmark.extra_info.update(variant=name, dtype=dtype, raw_bytes=raw)
     benchmark.pedantic(write, setup=fresh, rounds=ROUNDS, warmup_rounds=1, iterations=1)
     stored = sum(
         p.stat().st_size for p in out.rglob("*") if p.is_file() and "/c/" in str(p) and "block0/" in str(p)
@@ -122,6 +136,66 @@ def test_writer(benchmark, activations, tmp_path, codec, dtype):
     benchmark.extra_info.update(stored_bytes=stored, ratio=raw / stored)
     back = CaptureStore(open_location(Location(str(out))))
     assert torch.equal(back.site("ffwd_output", 0)[:], outs[2])
+
+
+ENCODERS = ["blockcap chunk", "zarr chunk", "blockcap shard", "zarr shard"]
+SHARD_CHUNKS = 4
+
+
+def _zarr_pipeline(chunk: tuple[int, ...], shard: tuple[int, ...] | None):
+    """zarr's own codec pipeline for float32 [bytes, blosc-lz4, crc32c] chunks (in shards)."""
+    from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
+    from zarr.core.array_spec import ArrayConfig, ArraySpec
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.codec_pipeline import BatchedCodecPipeline
+    from zarr.core.dtype import parse_dtype
+
+    from blockcap.storage.codecs import compressors
+
+    codecs = [BytesCodec(), *compressors("blosc-lz4")]
+    if shard is not None:
+        codecs = [ShardingCodec(chunk_shape=chunk, codecs=codecs, index_codecs=[BytesCodec(), Crc32cCodec()])]
+    dt = parse_dtype(np.dtype("float32"), zarr_format=3)
+    spec = ArraySpec(shape=shard or chunk, dtype=dt, fill_value=dt.cast_scalar(0),
+                     config=ArrayConfig.from_dict({}), prototype=default_buffer_prototype())  # fmt: skip
+    return BatchedCodecPipeline.from_codecs([c.evolve_from_array_spec(spec) for c in codecs]), spec
+
+
+@pytest.mark.parametrize("how", ENCODERS)
+def test_encoder(benchmark, activations, how):
+    """Encoding the same float32 chunks (shards of 4) to the same bytes: CPU seconds per byte."""
+    from zarr.core.buffer.cpu import NDBuffer
+    from zarr.core.sync import sync
+
+    from blockcap.storage.codecs import ChunkEncoder
+
+    outs = [o.numpy() for o in activations["outs"]]
+    cw = _chunk_windows(activations, "float32")
+    rows = cw * SHARD_CHUNKS if "shard" in how else cw
+    pieces = [o[lo : lo + rows] for o in outs for lo in range(0, len(o) - rows + 1, rows)]
+    enc = ChunkEncoder("blosc-lz4")
+    inner = outs[0].shape[1:]
+    pipe, spec = _zarr_pipeline((cw, *inner), (rows, *inner) if "shard" in how else None)
+
+    def ours(x):
+        return bytes(enc.encode_shard(x, cw, rows)[0] if "shard" in how else enc.encode(x)[0])
+
+    def theirs(x):
+        return sync(pipe.encode([(NDBuffer.from_numpy_array(x), spec)]))[0].to_bytes()
+
+    fn = ours if how.startswith("blockcap") else theirs
+    assert all(ours(x) == theirs(x) for x in pieces[:2])
+    cpu: list[float] = []
+
+    def encode_all():
+        c0 = time.process_time()
+        for x in pieces:
+            fn(x)
+        cpu.append(time.process_time() - c0)
+
+    benchmark.group = f"encoder-{activations['workload']}"
+    benchmark.pedantic(encode_all, rounds=ROUNDS, warmup_rounds=1, iterations=1)
+    benchmark.extra_info.update(variant=how, raw_bytes=sum(x.nbytes for x in pieces), cpu_s=min(cpu))
 
 
 @pytest.fixture(scope="module")

@@ -81,6 +81,7 @@ def test_original(benchmark, setup, tmp_path, how):
 
 VARIANTS = {
     "float32": {"dtype": "float32"},
+    "nostats": {"stats": False},
     "bfloat16": {"dtype": "bfloat16"},
     "dedup": {"dedup": True},
     "fused": {"fused": True},
@@ -93,7 +94,7 @@ def test_blockcap(benchmark, setup, tmp_path, variant, how):
     long = setup.workload.sample_len >= 16
     if (variant == "dedup" and long) or (variant == "fused" and not long):
         pytest.skip("dedup is for short windows, fused attention for long ones")
-    if how == "whole" and variant in ("bfloat16", "fused"):
+    if how == "whole" and variant in ("bfloat16", "fused", "nostats"):
         pytest.skip("whole-run figures for float32 and dedup only")
     out = tmp_path / "s.zarr"
     args = setup.run_args(out, **VARIANTS[variant])
@@ -122,4 +123,6 @@ def test_blockcap(benchmark, setup, tmp_path, variant, how):
     for job in jobs:
         job.close()
     assert summary.status == "complete" and summary.n_windows == len(setup.windows)
-    assert blockcap.open_store(out).tokens[:].long().equal(setup.windows)
+    store = blockcap.open_store(out)
+    assert store.tokens[:].long().equal(setup.windows)
+    benchmark.extra_info["split"] = store.meta.get("split", {}).get("chosen", "-")  # the last round's

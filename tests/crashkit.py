@@ -18,7 +18,7 @@ from pathlib import Path
 
 _CTX = mp.get_context("forkserver")
 _CTX.set_forkserver_preload(["blockcap.cli", "tests.crashkit"])
-VOLATILE = ("run_id", "started", "finished", "command")  # root metadata that differs between runs
+VOLATILE = ("run_id", "started", "finished", "command", "split")  # root metadata that differs between runs
 
 
 def _child(

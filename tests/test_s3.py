@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def args(ckpt, text_file, s3_server, bucket) -> list[str]:  # noqa: F811
     return [
         "run", f"--weights={ckpt}", f"--dataset={text_file}", "--split=all", "--sample_len=8", "--stride=20",
-        "--batch_size=16", "--chunk_windows=16", "--sites=heads_output,ffwd_output", "--progress=False",
+        "--batch_size=16", "--chunk_windows=16", "--shard_chunks=1", "--sites=heads_output,ffwd_output",
+        "--progress=False",
         f"--out=s3://{bucket}/s.zarr", f"--storage_options={s3_server['json']}",
     ]  # fmt: skip
 

@@ -12,6 +12,7 @@ import torch
 import zarr
 
 from blockcap.core.errors import BlockcapError
+from blockcap.core.layout import chunk_key
 from blockcap.storage.codecs import ChunkDecoder
 from blockcap.storage.integrity import DamagedError
 from blockcap.storage.metadata import Opened
@@ -54,14 +55,15 @@ def _pool() -> ThreadPoolExecutor:
 
 
 class ChunkReader:
-    """Whole objects of an array straight from the store: read, commit check, decode.
+    """Whole objects of an array straight from the store: read, commit check, decode. The one read
+    path of every blockcap array, format 1 (from its own metadata, sharded or not) included.
 
     Shapes, dtype and codec come from the store's layout, not from the array's metadata document,
     so an altered ``zarr.json`` cannot change what blockcap reads (``verify`` reports it). Every
     object is read whole and checked against its digest, a shard included (a read of one window
     of a sharded store fetches its shard). zarr's own read path costs about a millisecond a chunk
     here (its event loop, copies); objects are fetched and decoded two at a time (decoding
-    releases the GIL).
+    releases the GIL), each chunk that a read covers whole straight into the result.
     """
 
     def __init__(self, opened: Opened, array: zarr.Array, path: str) -> None:
@@ -72,42 +74,61 @@ class ChunkReader:
             self.shape, chunks = spec.shape, spec.chunks
             per = (spec.shards[0] // spec.chunks[0]) if spec.shards else 1
             self.decoder = ChunkDecoder(spec.codec, np.dtype(spec.dtype), chunks, per)
-        else:  # format 1: its own metadata, unsharded arrays only
-            self.shape, chunks = tuple(array.shape), tuple(array.chunks)
-            self.decoder = ChunkDecoder.for_array(array)
+        else:  # format 1: its own metadata
+            self.shape = tuple(array.shape)
+            decoder = ChunkDecoder.for_array(array)
+            if decoder is None:
+                raise BlockcapError(
+                    f"array {path}: its codecs are not ones blockcap wrote; read it with zarr"
+                )
+            self.decoder, chunks = decoder, decoder.chunk_shape
         self.rows = int(chunks[0])
-        self.fill = np.zeros(chunks, array.dtype if self.decoder is None else self.decoder.dtype)
+        self.dtype = self.decoder.dtype
 
-    def _object(self, unit: int, chunks: list[int]) -> list[np.ndarray]:
-        """Chunks ``chunks`` of object ``unit`` (a chunk, or a shard of ``shard_chunks`` chunks)."""
-        key = "/".join([self.path, "c", str(unit), *["0"] * (len(self.shape) - 1)])
+    def _object(self, unit: int, chunks: list[int], dests: list[np.ndarray | None]) -> list[np.ndarray]:
+        """Chunks ``chunks`` of object ``unit`` (a chunk, or a shard of ``shard_chunks`` chunks), each
+        decoded into its ``dests`` entry when there is one."""
+        key = chunk_key(self.path, len(self.shape), unit)
         data = self.opened.index.check(key, self.opened.location.get(key), whole=True)
-        if data is None:
-            return [self.fill] * len(chunks)  # never committed: the fill value
+        if data is None:  # never committed: the fill value
+            return [self._fill(d) for d in dests]
         k = self.decoder.shard_chunks
         try:
             if k == 1:
-                return [self.decoder.decode(data)]
-            inner = self.decoder.decode_shard(data, [c - unit * k for c in chunks])
-            return [self.fill if x is None else x for x in inner]
+                return [self.decoder.decode(data, dests[0])]
+            inner = self.decoder.decode_shard(data, [c - unit * k for c in chunks], dests)
+            return [self._fill(d) if x is None else x for x, d in zip(inner, dests, strict=True)]
         except ValueError as e:
             lo, hi = chunks[0] * self.rows, min((chunks[-1] + 1) * self.rows, self.shape[0])
             raise DamagedError(
                 f"{self.path}: object {key} (windows {lo}..{hi - 1}) is damaged ({e})"
             ) from None
 
-    def read(self, lo: int, hi: int, rows: np.ndarray | None) -> np.ndarray:
-        """Rows ``lo:hi``, or only ``rows`` (sorted, unique), as zarr would return them."""
+    def _fill(self, dest: np.ndarray | None) -> np.ndarray:
+        if dest is None:
+            return np.zeros((self.rows, *self.shape[1:]), self.dtype)
+        dest[...] = 0
+        return dest
+
+    def read(self, lo: int, hi: int, rows: np.ndarray | None, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``lo:hi``, or only ``rows`` (sorted, unique), as zarr would return them; into ``out``
+        (C-contiguous, of their shape and dtype) when given."""
         want = np.arange(lo, hi) if rows is None else rows
+        if out is None:
+            out = np.empty((len(want), *self.shape[1:]), self.dtype)
         chunks = np.unique(want // self.rows).tolist()
-        k = self.decoder.shard_chunks
+        k, R = self.decoder.shard_chunks, self.rows
+        bounds = {c: np.searchsorted(want, [c * R, (c + 1) * R]).tolist() for c in chunks}
+        # a chunk the read covers whole (never the array's padded last one) is decoded in place
+        direct = {c: out[a:z] if rows is None and z - a == R else None for c, (a, z) in bounds.items()}
         units = sorted({c // k for c in chunks})
         groups = [[c for c in chunks if c // k == u] for u in units]
-        out = np.empty((len(want), *self.shape[1:]), self.fill.dtype)
-        for group, datas in zip(groups, _pool().map(self._object, units, groups), strict=True):
+        dests = [[direct[c] for c in g] for g in groups]
+        for group, datas in zip(groups, _pool().map(self._object, units, groups, dests), strict=True):
             for c, data in zip(group, datas, strict=True):
-                start, stop = np.searchsorted(want, [c * self.rows, (c + 1) * self.rows])
-                out[start:stop] = data[want[start:stop] - c * self.rows]
+                if direct[c] is None:
+                    a, z = bounds[c]
+                    out[a:z] = data[want[a:z] - c * R]
         return out
 
 
@@ -126,7 +147,7 @@ class LazyArray:
         self.name = name
         self.bfloat16 = bfloat16
         self.split_last = split_last  # view the last axis as (a, b): per-head views
-        self.chunks = chunks if chunks is not None and chunks.decoder is not None else None
+        self.chunks = chunks
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -145,26 +166,13 @@ class LazyArray:
         return self.shape[0]
 
     def _read(self, lo: int, hi: int, rows: np.ndarray | None) -> np.ndarray:
-        """Rows ``lo:hi`` of the zarr array, or only ``rows`` (sorted, unique) when given."""
-        if self.chunks is not None:
-            return self.chunks.read(lo, hi, rows)
-        try:
-            if rows is None:
-                return np.asarray(self.zarr[lo:hi])
-            return np.asarray(self.zarr.oindex[rows])
-        except BlockcapError:
-            raise
-        except Exception as e:  # a chunk that fails to decode (e.g. inside a shard): name it
-            raise DamagedError(f"{self.name}: {self._locate(lo, hi, rows)} is damaged ({e})") from None
+        """Rows ``lo:hi`` of the array, or only ``rows`` (sorted, unique) when given."""
+        return self.chunks.read(lo, hi, rows)
 
-    def _locate(self, lo: int, hi: int, rows: np.ndarray | None) -> str:
-        cw = self.chunk_windows
-        for c in sorted({int(r) // cw for r in (range(lo, hi) if rows is None else rows)}):
-            try:
-                self.zarr[c * cw : (c + 1) * cw]
-            except Exception:
-                return f"chunk {c} (windows {c * cw}..{min((c + 1) * cw, self.zarr.shape[0]) - 1})"
-        return "a chunk"
+    def read_into(self, lo: int, hi: int, out: np.ndarray) -> None:
+        """Items ``lo:hi`` of a stored array decoded straight into ``out`` (C-contiguous, of their size and
+        the stored dtype): no copy of their own (a plain store's site; not a dedup store's view)."""
+        self.chunks.read(lo, hi, None, out.reshape(hi - lo, *self.chunks.shape[1:]))
 
     def _rows(self, lo: int, hi: int, rows: np.ndarray | None = None) -> np.ndarray:
         """Axis-0 items ``lo:hi`` (or ``rows`` among them), in this view's shape."""

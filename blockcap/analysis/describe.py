@@ -59,6 +59,7 @@ def describe(store: CaptureStore) -> str:
             lines.append(
                 f"    block{b}/{site:24} mean {np.mean(st.mean):+.4g}, std {np.mean(st.std):.4g}, "
                 f"min {st.min.min():+.4g}, max {st.max.max():+.4g}, mean norm {np.nanmean(st.norm_mean):.4g}"
+                + ("" if st.max_rel_error is None else f", stored within {st.max_rel_error:.3g} relative")
             )
     family = (m.get("model") or {}).get("family")
     meanings = SITE_MEANINGS.get(family, {})

@@ -103,17 +103,34 @@ class ActivationLoader(IterableDataset):
             self._site = self.store.site(self.site, self.block)
         return self._site
 
-    def _read(self, lo: int) -> tuple[np.ndarray, ...]:
+    def _rows_of(self, lo: int) -> int:
+        return int(self.committed[lo : lo + self.unit].sum()) * self.positions.size
+
+    def _whole(self, lo: int) -> bool:
+        """Unit ``lo`` is every position of committed windows of a plain float32 site: its vectors
+        can be decoded straight into the shuffle buffer."""
+        arr = self._array()
+        return (
+            not self.store.dedup and not arr.bfloat16 and arr.chunks.dtype == np.float32
+            and self.positions.size == arr.shape[1] and bool(self.committed[lo : lo + self.unit].all())
+        )  # fmt: skip
+
+    def _read(self, lo: int, into: tuple[np.ndarray, ...] | None = None) -> tuple[np.ndarray, ...]:
         """The unit's vectors (chosen positions of committed windows); with ids also their token ids
-        and (window, position). Numpy throughout: single-threaded copies, whatever torch's threads."""
+        and (window, position); written into ``into`` (a ``_whole`` unit) when given. Numpy
+        throughout: single-threaded copies, whatever torch's threads."""
         hi = min(lo + self.unit, self.committed.size)
         keep = np.flatnonzero(self.committed[lo:hi])
-        data = self._array().np[lo:hi].astype(np.float32, copy=False)
-        if keep.size < hi - lo:
-            data = data[keep]
-        if self.positions.size < data.shape[1]:
-            data = data[:, self.positions]
-        x = data.reshape(-1, data.shape[-1])
+        if into is not None:
+            self._array().read_into(lo, hi, into[0])
+            x = into[0]
+        else:
+            data = self._array().np[lo:hi].astype(np.float32, copy=False)
+            if keep.size < hi - lo:
+                data = data[keep]
+            if self.positions.size < data.shape[1]:
+                data = data[:, self.positions]
+            x = data.reshape(-1, data.shape[-1])
         if self.scale is not None:
             x -= self.scale[0]
             x /= self.scale[1]
@@ -123,14 +140,20 @@ class ActivationLoader(IterableDataset):
         where = np.stack(
             [np.repeat(lo + keep, self.positions.size), np.tile(self.positions, keep.size)], axis=1
         )
+        if into is not None:
+            into[1][:], into[2][:] = ids, where
         return x, ids, where
 
     def __iter__(self) -> Iterator[Any]:
         units, rng = self._part_units()
         out = _Batches(self.batch_size)
         rows = sum(int(self.committed[lo : lo + self.unit].sum()) for lo in units) * self.positions.size
-        mixer = _Mixer(min(self.buffer_rows, rows), rng, out) if self.shuffle else None
+        mixer = _Mixer(min(self.buffer_rows, rows), rng, out, self._like()) if self.shuffle else None
         for lo in units:
+            into = mixer.reserve(self._rows_of(lo)) if mixer is not None and self._whole(lo) else None
+            if into is not None:  # decoded into the buffer's free rows: nothing to emit yet
+                self._read(lo, into)
+                continue
             parts = self._read(lo)
             for batch in mixer.add(parts) if mixer is not None else out.take(parts, None):
                 yield self._batch(batch)
@@ -139,6 +162,12 @@ class ActivationLoader(IterableDataset):
         if not self.drop_last:
             for batch in out.rest():
                 yield self._batch(batch)
+
+    def _like(self) -> tuple[np.ndarray, ...]:
+        """Empty arrays of the shapes and dtypes that ``_read`` returns."""
+        width = self._array().shape[-1]
+        x = np.empty((0, width), np.float32)
+        return (x, np.empty(0, np.int64), np.empty((0, 2), np.int64)) if self.with_ids else (x,)
 
     def _batch(self, arrays: tuple[np.ndarray, ...]) -> Any:
         tensors = tuple(torch.from_numpy(a) for a in arrays)
@@ -178,12 +207,25 @@ class _Batches:
 
 
 class _Mixer:
-    """A shuffle buffer of ``capacity`` rows: each row arriving at a full buffer evicts a random one."""
+    """A shuffle buffer of ``capacity`` rows: each row arriving at a full buffer evicts a random one.
 
-    def __init__(self, capacity: int, rng: np.random.Generator, out: _Batches) -> None:
-        self.capacity, self.rng, self.out = capacity, rng, out
+    While it fills, units are decoded straight into its free rows (``reserve``): one copy fewer.
+    """
+
+    def __init__(
+        self, capacity: int, rng: np.random.Generator, out: _Batches, like: tuple[np.ndarray, ...]
+    ) -> None:
+        self.capacity, self.rng, self.out, self.like = capacity, rng, out, like
         self.rows: tuple[np.ndarray, ...] | None = None  # allocated on first use
         self.fill = 0
+
+    def reserve(self, m: int) -> tuple[np.ndarray, ...] | None:
+        """The next ``m`` free rows, counted as filled (the caller writes them); None when full."""
+        if self.fill + m > self.capacity:
+            return None
+        buf = self._buffer(self.like)
+        self.fill += m
+        return tuple(b[self.fill - m : self.fill] for b in buf)
 
     def add(self, new: tuple[np.ndarray, ...]) -> Iterator[tuple[np.ndarray, ...]]:
         m = new[0].shape[0]

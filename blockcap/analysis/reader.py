@@ -161,7 +161,10 @@ class CaptureStore(Interop):
             )
         values = {n: np.asarray(self.opened.array(stats_path(block, site, n))[:]) for n in STATS_FINAL}
         count = self.n_windows * self.sample_len
-        return Stats(count=count, **values)
+        worst = None  # a lossy store's worst relative error: the last value of every unit's partial
+        if self.layout.keep_bits is not None:
+            worst = float(np.asarray(self.opened.array(stats_path(block, site, "partial"))[:, -1]).max())
+        return Stats(count=count, **values, max_rel_error=worst)
 
     def _block(self, block: int | None) -> int:
         if block is None:

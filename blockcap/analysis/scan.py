@@ -201,13 +201,16 @@ def threads_beside_reader() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+AHEAD = 2  # spans read ahead of the one being scored: the reader never waits for the scorer
+
+
 def prefetched(jobs: Sequence[Callable[[], Span]]) -> Iterator[Span]:
-    """Each job's result in order, the next one running in the background meanwhile."""
+    """Each job's result in order, the next ``AHEAD`` running in the background meanwhile."""
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending: deque = deque()
         for job in jobs:
             pending.append(pool.submit(job))
-            if len(pending) > 1:
+            if len(pending) > AHEAD:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()

@@ -129,10 +129,18 @@ def _matches(store: CaptureStore, hits: Hits, nq: int) -> list[list[Match]]:
         windows, at = np.unique(hits.window, return_inverse=True)
         tokens = store.tokens.np[windows][at.reshape(-1)] if windows.size else np.zeros((0, 0), np.int64)
     out: list[list[Match]] = [[] for _ in range(nq)]
+    decode = _char_decoder(store.tokenizer) or (lambda ids: store.tokenizer.prefixes(ids.tolist())[-1])
     for q, w, p, score, ids in zip(hits.query, hits.window, hits.position, hits.score, tokens, strict=True):
-        text = store.tokenizer.prefixes(ids[: p + 1].tolist())[-1]
-        out[q].append(Match(int(w), int(p), float(score), text))
+        out[q].append(Match(int(w), int(p), float(score), decode(ids[: p + 1])))
     return out
+
+
+def _char_decoder(tokenizer: Any) -> Any:
+    """For a character tokenizer, a decoder of id arrays in one table lookup (no per-id Python)."""
+    if getattr(tokenizer, "kind", None) != "char":
+        return None
+    codes = np.frombuffer("".join(tokenizer.vocab).encode("utf-32-le"), np.uint32)
+    return lambda ids: codes[ids].tobytes().decode("utf-32-le")
 
 
 def nearest(

@@ -27,24 +27,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding
 
 from blockcap.core.dims import ModelDims
 from blockcap.core.encoding import StorageDtype, storage_dtype, token_dtype
 from blockcap.core.sites import ATTENTION, TRANSFORMER_LENS, VECTOR_SITES, WIDTH_DIM, is_vector
-from blockcap.core.spec import CaptureSpec
+from blockcap.core.spec import EXACT, CaptureSpec, parse_precision
 
 FORMAT = "blockcap-store"
 FORMAT_VERSION = 3  # 1: blockcap 0.1, 2: 0.2; older stores open, read and verify
 TARGET_CHUNK_BYTES = 4 << 20
+OBJECT_TARGET = 16 << 20  # object storage: a unit's objects average this many raw bytes (8 MB stored at 2x)
+OBJECT_MAX = 64 << 20  # object storage: no object above this, as long as one chunk fits
 CREATE, UNIT, COMMIT, FINISH = "create", "unit", "commit", "finish"  # when an array's objects are written
 STATS_FINAL = ("mean", "var", "min", "max", "norm_mean")
-SMALL_CODEC = "zstd"
-SOURCE_FIELDS = (
-    "document",
-    "file",
-    "row",
-    "position",
-)  # columns of ``sources``  # index, token and statistics arrays: small, compress well
+SMALL_CODEC = "zstd"  # index, token, source and statistics arrays: small, compress well
+SOURCE_FIELDS = ("document", "file", "row", "position")  # columns of ``sources``
 
 
 def site_path(block: int, site: str) -> str:
@@ -72,6 +70,22 @@ def choose_chunk_windows(
         return min(want // batch_size, -(-n_windows // batch_size)) * batch_size
     small = [d for d in range(1, math.isqrt(batch_size) + 1) if batch_size % d == 0]
     return max(d for d in small + [batch_size // d for d in small] if d <= want)
+
+
+def choose_shard_chunks(layout: Layout) -> int:
+    """Chunks per shard on object storage: the fewest for which a write unit's objects (its commit
+    record included) average ``OBJECT_TARGET`` raw bytes, the largest at most ``OBJECT_MAX``.
+
+    Object stores bill and list per object and read each with one request's latency, so a store
+    of small objects is slow and costly there; a local disk reads a 4 MB chunk as fast, and a
+    read of one window fetches (and checks) its whole object, so local stores stay unsharded.
+    """
+    arrays = layout.unit_arrays()
+    per_chunk = [  # the arrays along the unit axis (a unit's statistics partial is one small row)
+        int(np.prod(a.chunks)) * np.dtype(a.dtype).itemsize for a in arrays if "/stats/" not in a.path
+    ]
+    k = -(-OBJECT_TARGET * (len(arrays) + 1) // max(1, sum(per_chunk)))
+    return max(1, min(k, OBJECT_MAX // max(1, max(per_chunk)), layout.n_chunks))
 
 
 @dataclass(frozen=True)
@@ -106,6 +120,7 @@ class Layout:
     n_rows: int | None = None  # distinct prefixes of a dedup store
     tokenizer_bytes: int = 0
     format_version: int = FORMAT_VERSION  # what an older store's arrays look like is kept here
+    precision: str = EXACT  # keep_bits:N rounds the vector sites (format 3)
 
     @property
     def dtype(self) -> StorageDtype:
@@ -151,9 +166,15 @@ class Layout:
             return (self.n_rows, self.dims.width(site))
         return (self.n_windows, T, self.dims.width(site))
 
+    @property
+    def keep_bits(self) -> int | None:
+        """Mantissa bits kept by a lossy ``precision`` (None: exact)."""
+        return parse_precision(self.precision, self.dtype_name)
+
     def partial_width(self, site: str) -> int:
-        """Per-unit statistics row: count, mean, m2, min, max (width each), norm sum and count (T each)."""
-        return 1 + 4 * self.dims.width(site) + 2 * self.sample_len
+        """Per-unit statistics row: count, mean, m2, min, max (width each), norm sum and count (T each),
+        and with a lossy precision the unit's worst relative error."""
+        return 1 + 4 * self.dims.width(site) + 2 * self.sample_len + (self.keep_bits is not None)
 
     def _unit_grid(self, shape: tuple[int, ...]) -> dict[str, Any]:
         chunks = (self.chunk_windows, *shape[1:])
@@ -200,6 +221,8 @@ class Layout:
             attrs = {"blockcap_dtype": self.dtype_name, "site": site, "block": b}
             if site in TRANSFORMER_LENS:  # router_logits has no TransformerLens name
                 attrs["transformer_lens"] = TRANSFORMER_LENS[site].format(b=b)
+            if self.keep_bits is not None and is_vector(site):
+                attrs["precision"] = self.precision
             grid = self._unit_grid(shape)
             zdtype = str(self.dtype.zarr_dtype)
             out.append(ArrayDef(site_path(b, site), shape, zdtype, dims=dims, codec=self.codec, when=UNIT,
@@ -238,8 +261,8 @@ class Layout:
         return cls(
             n_windows=n_windows, sample_len=spec.sample_len, blocks=spec.blocks, sites=spec.sites,
             dims=dims, dtype_name=spec.dtype, codec=spec.codec, chunk_windows=spec.chunk_windows,
-            shard_chunks=spec.shard_chunks, stats=spec.stats, n_rows=n_rows,
-            tokenizer_bytes=tokenizer_bytes,
+            shard_chunks=spec.shard_chunks or 1, stats=spec.stats, n_rows=n_rows,
+            tokenizer_bytes=tokenizer_bytes, precision=spec.precision,
         )  # fmt: skip
 
 
@@ -247,9 +270,17 @@ def out_units(arrays: list[ArrayDef]) -> list[ArrayDef]:
     return [a for a in arrays if a.when == UNIT]
 
 
+CHUNK_KEYS = DefaultChunkKeyEncoding(separator="/")  # zarr's own: every array is created with it
+
+
+def chunk_key(path: str, ndim: int, chunk: int) -> str:
+    """The store key of chunk (or shard) ``chunk`` along axis 0 of the ``ndim``-d array at ``path``."""
+    return f"{path}/{CHUNK_KEYS.encode_chunk_key((chunk, *[0] * (ndim - 1)))}"
+
+
 def object_key(array: ArrayDef, chunk: int) -> str:
     """The store key of chunk (or shard) ``chunk`` along axis 0 of ``array``."""
-    return "/".join([array.path, "c", str(chunk), *["0"] * (len(array.shape) - 1)])
+    return chunk_key(array.path, len(array.shape), chunk)
 
 
 def pad_rows(data: np.ndarray, rows: int) -> np.ndarray:

@@ -22,6 +22,8 @@ SPLITS = ("train", "val", "all")
 SEPARATORS = ("eos", "bos", "none")
 JOINED, DOCUMENTS = "joined", "documents"
 WINDOW_MODES = (JOINED, DOCUMENTS)
+EXACT = "exact"  # the default precision: values stored as computed
+FLOAT32_MANTISSA = 23
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 ALL = "all"
 
@@ -116,6 +118,22 @@ def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
     return str(value)
 
 
+def parse_precision(spec: Any, dtype: str) -> int | None:
+    """Mantissa bits that ``precision`` keeps (``exact``: None), checked against the storage ``dtype``."""
+    if spec == EXACT:
+        return None
+    name, _, bits = str(spec).partition(":")
+    keep = int(bits) if name == "keep_bits" and bits.isdigit() else 0
+    if not 1 <= keep <= FLOAT32_MANTISSA - 1:
+        raise BlockcapError(
+            f"precision={spec!r} is unknown; use exact, or keep_bits:N with N in 1..{FLOAT32_MANTISSA - 1} "
+            f"(the float32 mantissa bits kept)"
+        )
+    if dtype != "float32":
+        raise BlockcapError(f"precision={spec!r} rounds float32 values; use it with dtype=float32")
+    return keep
+
+
 def _optional_text(name: str, value: Any) -> str | None:
     if value is None:
         return None
@@ -180,6 +198,11 @@ class CaptureSpec:
     stride: int = _help("tokens between window starts", 96)
     batch_size: int = _help("windows per forward pass", 64)
     dtype: str = _help("storage dtype: float32 (exact), float16 or bfloat16", DEFAULT_DTYPE)
+    precision: str = _help(
+        "exact, or keep_bits:N (lossy: float32 rounded to N mantissa bits, worst relative error "
+        "2^-(N+1), measured and kept with the statistics)",
+        EXACT,
+    )
     codec: str = _help("blosc-lz4, blosc-zstd, zstd or none, optionally name:level", DEFAULT_CODEC)
     device: str | None = _help("cpu, cuda or cuda:N (default: cuda when available)", None)
     compile: bool = _help("torch.compile(fullgraph=True) the capture module", False)
@@ -193,10 +216,14 @@ class CaptureSpec:
     chunk_windows: int | None = _help(
         "windows per chunk, a multiple or divisor of batch_size (default: ~4 MB chunks)", None
     )
-    shard_chunks: int = _help("chunks per file (Zarr v3 sharding), for object storage or huge runs", 1)
+    shard_chunks: int | None = _help(
+        "chunks per file (Zarr v3 sharding); default: 1 on a local disk, on object storage enough for "
+        "objects of ~16 MB on average (the largest at most 64 MB)",
+        None,
+    )
 
     LOCATORS = ("model", "revision", "weights", "dataset")
-    LATER = ("separator", "windows", "prepend_bos")
+    LATER = ("separator", "windows", "prepend_bos", "precision")
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # normalise in place, as a frozen dataclass allows
@@ -229,11 +256,16 @@ class CaptureSpec:
         positive("batch_size", self.batch_size, 1 << 62)
         storage_dtype(self.dtype)
         parse_codec(self.codec)
+        if parse_precision(self.precision, self.dtype) is not None and not self.stats:
+            raise BlockcapError(
+                f"precision={self.precision!r} keeps its measured error with the statistics; drop stats=False"
+            )
         for name in ("compile", "fused", "dedup", "stats", "prepend_bos"):
             _flag(name, getattr(self, name))
         if self.chunk_windows is not None:  # its fit with batch_size needs the window count: see plan
             positive("chunk_windows", self.chunk_windows, MAX_COUNT)
-        positive("shard_chunks", self.shard_chunks, 1 << 20)
+        if self.shard_chunks is not None:  # resolved where the store will live: see plan
+            positive("shard_chunks", self.shard_chunks, 1 << 20)
         if self.dedup and ATTENTION in self.sites:
             raise BlockcapError("sites with attention cannot be deduplicated; drop attention or dedup")
 

@@ -15,8 +15,10 @@ import torch
 
 from blockcap.core.errors import BlockcapError
 from blockcap.core.layout import COMMIT, UNIT, site_path
+from blockcap.core.sites import is_vector
 from blockcap.storage.codecs import ChunkEncoder
 from blockcap.storage.metadata import render_metadata
+from blockcap.storage.precision import round_bits
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,8 @@ class Estimate:
     stored_bytes: int  # expected after compression
     ratio: float  # raw / stored on the first batch
     objects: int  # files or objects the store will hold
+    site_objects: int  # of which hold captured sites (a write unit's object of each)
+    object_bytes: int  # expected stored bytes of the largest object (a write unit's widest site)
     seconds: float  # compute and encoding of every batch, from the first one
     batches: int
     first_batch: float  # seconds to read and compute the first batch
@@ -55,15 +59,18 @@ def estimate(p) -> Estimate:
     first, seconds, outs, batch = _timed_batch(p)
     layout = p.layout
     arrays = {a.path: a for a in layout.arrays()}
-    raw = stored = 0
+    raw = stored = largest = 0
     t0 = time.perf_counter()
     for (b, s), out in zip(layout.outputs(), outs, strict=True):
         a = arrays[site_path(b, s)]
         data = layout.dtype.to_numpy(out)
-        encoded = len(ChunkEncoder(a.codec).chunk(data))
+        if layout.keep_bits is not None and is_vector(s):
+            data = round_bits(data, layout.keep_bits)[0]
+        ratio = len(ChunkEncoder(a.codec).chunk(data)) / max(1, data.nbytes)
         full = int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
         raw += full
-        stored += int(full * encoded / max(1, data.nbytes))
+        stored += int(full * ratio)
+        largest = max(largest, int(full * ratio * min(1.0, layout.unit_windows / a.shape[0])))
     encode_seconds = time.perf_counter() - t0
     n_batches = -(-p.schedule.n_items // max(1, batch.hi - batch.lo)) if batch.hi > batch.lo else 1
     objects = len(render_metadata(layout, {}))  # zarr.json documents of the groups and arrays
@@ -72,13 +79,14 @@ def estimate(p) -> Estimate:
         objects += layout.n_units if a.when in (UNIT, COMMIT) else -(-a.shape[0] // per_object)
     return Estimate(
         n_windows=layout.n_windows, tokens=layout.n_windows * layout.sample_len, raw_bytes=raw,
-        stored_bytes=stored, ratio=raw / max(1, stored), objects=objects,
+        stored_bytes=stored, ratio=raw / max(1, stored), objects=objects, object_bytes=largest,
+        site_objects=layout.n_units * len(layout.outputs()),
         seconds=(seconds + encode_seconds) * n_batches, batches=n_batches, first_batch=first,
     )  # fmt: skip
 
 
 def report_lines(p, e: Estimate) -> list[str]:
-    layout = p.layout
+    layout, data = p.layout, e.site_objects
     lines = [
         f"dry run: {p.location} would hold {e.n_windows:,} windows x {layout.sample_len} tokens "
         f"({e.tokens:,} tokens)" + (f", {layout.n_rows:,} distinct prefix rows" if layout.dedup else ""),
@@ -103,7 +111,10 @@ def report_lines(p, e: Estimate) -> list[str]:
     lines += [
         f"  bytes: raw {e.raw_bytes / 1e6:,.1f} MB, expected stored {e.stored_bytes / 1e6:,.1f} MB "
         f"(ratio {e.ratio:.2f}x, {p.spec.codec} on the first batch)",
-        f"  objects: {e.objects:,} ({layout.n_units:,} write units)",
+        f"  objects: {e.objects:,}; {layout.n_units:,} write unit{'s' * (layout.n_units > 1)} of "
+        f"{layout.unit_windows:,} {'rows' if layout.dedup else 'windows'} with {data:,} site objects, "
+        f"{e.stored_bytes / max(1, data) / 1e6:,.1f} MB on average, the largest "
+        f"{e.object_bytes / 1e6:,.1f} MB",
         f"  time on {p.device}: about {e.seconds:,.1f} s for {e.batches:,} batches (measured on the first); "
         f"first batch after {corpus.seconds + e.first_batch:,.1f} s (tokens {corpus.seconds:,.1f} s)",
     ]

@@ -23,6 +23,7 @@ from blockcap.core.spec import split_kwargs
 from blockcap.run.dist import DEFAULT_STALL_SECONDS, Group, JobError, from_env
 from blockcap.run.dryrun import DryRun, check_free_space, dry_run
 from blockcap.run.plan import Plan, forward_bytes, make_plan
+from blockcap.run.split import SplitTrial
 from blockcap.storage.lifecycle import Prepared, finish, pending_units, planned, prepare
 from blockcap.storage.location import WRITE_HOOKS, Location
 from blockcap.storage.lock import exclusive, held_by
@@ -65,8 +66,9 @@ def part_units(todo: list[int], run_length: int, worker: int, workers: int) -> l
     return [u for u in todo if (u // run_length) % workers == worker]
 
 
-def _capture(p: Plan, writer: SlabWriter, units: list[int], bar: tqdm, group: Group) -> int:
-    """Compute the batches that cover ``units`` and hand their items to the writer. Returns items computed.
+def _capture(p: Plan, writer: SlabWriter, units: list[int], bar: tqdm, group: Group) -> tuple[int, dict]:
+    """Compute the batches that cover ``units`` and hand their items to the writer. Returns items
+    computed and the split of cores chosen (``blockcap.run.split``).
 
     Under torchrun every rank loops the same number of rounds so that the progress reductions
     (every ``PROGRESS_EVERY`` rounds) stay collective.
@@ -75,23 +77,30 @@ def _capture(p: Plan, writer: SlabWriter, units: list[int], bar: tqdm, group: Gr
     batches = schedule.batches_for(units, p.layout.unit_windows)
     rounds = group.max(len(batches))
     done, shown, computed, t0 = 0, 0, 0, time.perf_counter()
-    with torch.inference_mode():
-        for r in range(rounds):
-            if r < len(batches):
-                batch = schedule.batch(batches[r])
-                outs = list(p.module(batch.ids.to(p.device, non_blocking=True)))
-                outs = [o.to(storage) for o in (batch.select(outs) if batch.select else outs)]
-                done += writer.add_batch(batch.lo, batch.hi, batch.tokens, outs)
-                computed += batch.hi - batch.lo
-            if not group.active or r % PROGRESS_EVERY == PROGRESS_EVERY - 1 or r == rounds - 1:
-                total = group.sum([done])[0]
-                bar.update(total - shown)
-                shown = total
-                rate = total * p.spec.sample_len / max(1e-9, time.perf_counter() - t0)
-                bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
-        writer.close()
-        writer.raise_error()
-    return computed
+    per_unit = -(-p.layout.unit_windows // p.spec.batch_size)  # batches that fill one unit
+    split = SplitTrial(p.device, len(batches), max(2, per_unit), writer.background)
+    try:
+        with torch.inference_mode():
+            for r in range(rounds):
+                if r < len(batches):
+                    split.before(r)
+                    batch = schedule.batch(batches[r])
+                    outs = list(p.module(batch.ids.to(p.device, non_blocking=True)))
+                    outs = [o.to(storage) for o in (batch.select(outs) if batch.select else outs)]
+                    done += writer.add_batch(batch.lo, batch.hi, batch.tokens, outs)
+                    computed += batch.hi - batch.lo
+                    split.after(r, batch.hi - batch.lo)
+                if not group.active or r % PROGRESS_EVERY == PROGRESS_EVERY - 1 or r == rounds - 1:
+                    total = group.sum([done])[0]
+                    bar.update(total - shown)
+                    shown = total
+                    rate = total * p.spec.sample_len / max(1e-9, time.perf_counter() - t0)
+                    bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
+            writer.close()
+            writer.raise_error()
+    finally:
+        split.restore()
+    return computed, split.record()
 
 
 class Job:
@@ -218,7 +227,8 @@ class Job:
         group.phase = "capture"  # from here the watchdog expects progress: a batch or a write
         WRITE_HOOKS.append(group.progress)
         try:
-            computed = _capture(p, writer, mine, bar, group)
+            computed, split = _capture(p, writer, mine, bar, group)
+            prepared.meta = {**prepared.meta, "split": split}  # provenance, written when finishing
         except BlockcapError as e:
             group.announce_failure(str(e))
             raise

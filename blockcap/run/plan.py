@@ -20,7 +20,7 @@ from blockcap.capture import Adapter, load_model
 from blockcap.core.dims import ModelDims
 from blockcap.core.encoding import storage_dtype
 from blockcap.core.errors import BlockcapError
-from blockcap.core.layout import Layout, choose_chunk_windows
+from blockcap.core.layout import Layout, choose_chunk_windows, choose_shard_chunks
 from blockcap.core.sites import ATTENTION
 from blockcap.core.spec import CaptureSpec, RunOptions, resolve_blocks
 from blockcap.core.version import __version__
@@ -129,23 +129,25 @@ def make_plan(spec: CaptureSpec, opts: RunOptions, group: Group) -> Plan:
         else choose_chunk_windows(spec.batch_size, _bytes_per_item(spec, adapter, itemsize), schedule.n_items)
     )
     n_chunks = -(-schedule.n_items // chunk)
-    if spec.shard_chunks > n_chunks:
+    if spec.shard_chunks is not None and spec.shard_chunks > n_chunks:
         raise BlockcapError(
             f"shard_chunks={spec.shard_chunks} is more chunks than the run has ({n_chunks}); "
             f"use 1..{n_chunks}"
         )
-    resolved = replace(
-        spec, block_idx=blocks, chunk_windows=chunk, dataset_sha256=corpus.sha256,
-        model_sha256=adapter.model_sha256, device=device.type,
-    )  # fmt: skip
-    tok_record, tok_blob = adapter.tokenizer.record()
-    layout = Layout.build(
-        resolved, dims, len(windows), schedule.n_items if spec.dedup else None, len(tok_blob or b"")
-    )
     out = opts.out or f"block{'_'.join(map(str, blocks))}_internals.zarr"
     location = Location(
         out, opts.storage_options, durable=opts.fsync
     ).resolved()  # named once: links resolved
+    resolved = replace(
+        spec, block_idx=blocks, chunk_windows=chunk, dataset_sha256=corpus.sha256,
+        model_sha256=adapter.model_sha256, device=device.type, shard_chunks=spec.shard_chunks or 1,
+    )  # fmt: skip
+    tok_record, tok_blob = adapter.tokenizer.record()
+    build = (dims, len(windows), schedule.n_items if spec.dedup else None, len(tok_blob or b""))
+    layout = Layout.build(resolved, *build)
+    if spec.shard_chunks is None and not location.local:  # object storage: objects of a good size
+        resolved = replace(resolved, shard_chunks=choose_shard_chunks(layout))
+        layout = Layout.build(resolved, *build)
     location.check_parent()
     create_arrays: dict[str, np.ndarray] = {}
     if tok_blob:

@@ -1,11 +1,17 @@
 """Background unit writer: encodes and writes finished units while the next batches compute.
 
 A *slab* holds one write unit (a chunk of windows, a shard of chunks, or a chunk of rows of a
-dedup store) of every per-unit array: views of a batch's outputs when the unit lies in one batch
-on the CPU, else a buffer (pinned on CUDA) that batches copy their rows into. Worker threads
+dedup store) of every per-unit array: on the CPU the outputs of the batches that lie inside the
+unit, as they are (the writer assembles them, off the forward's thread), and a buffer (pinned on
+CUDA) that batches copy their rows into when the unit is only part of a batch. Worker threads
 encode each array's object (``ChunkEncoder``), write it, and only then write the unit's commit
 record with the digest of every object, so a crash never counts a unit whose bytes are missing
 (``blockcap.integrity``). A semaphore bounds the slabs in flight, and with them memory.
+
+One pass per object: statistics read the slab once (in cache-sized blocks), the encoder
+compresses it straight into a buffer its thread reuses, with the checksum appended in place,
+and that checksum is the object's digest; the buffer is written as it is. Nothing of a unit's
+size is allocated per unit except the slab itself.
 """
 
 from __future__ import annotations
@@ -23,10 +29,11 @@ import numpy as np
 import torch
 
 from blockcap.core.layout import ArrayDef, Layout, object_key, pad_rows, site_path, stats_path
-from blockcap.storage.codecs import ChunkEncoder, digest
+from blockcap.storage.codecs import ChunkEncoder
 from blockcap.storage.integrity import encode_record
 from blockcap.storage.location import Location
-from blockcap.storage.stats import partial
+from blockcap.storage.precision import round_bits
+from blockcap.storage.stats import partial, widen
 
 
 @dataclass
@@ -38,6 +45,7 @@ class Slab:
     hi: int
     tokens: torch.Tensor | None = None  # (n, T), windows only
     sites: list[torch.Tensor] = field(default_factory=list)  # per layout.outputs(), storage dtype
+    parts: list[tuple[int, list[torch.Tensor]]] = field(default_factory=list)  # whole batches: (row, outs)
     event: torch.cuda.Event | None = None  # recorded after the device-to-host copies
     filled: int = 0
 
@@ -48,26 +56,40 @@ class Slab:
     def put(self, row: int, tokens: torch.Tensor | None, outs: list[torch.Tensor], whole_batch: bool) -> None:
         """Add items ``row:row+n`` of the unit from a batch (``outs`` already in storage dtype).
 
-        Views are kept only when the unit is a whole batch; a unit that is part of a batch is
+        A batch that lies inside the unit (on the CPU) is kept as it is: the writer copies it, off
+        the forward's thread, if the unit has other parts. A unit that is part of a batch is
         copied out, so the batch's outputs are freed once routed (memory: the slabs in flight,
         not the batches they came from).
         """
-        n = outs[0].shape[0]
-        if whole_batch and n == self.hi - self.lo and not outs[0].is_cuda:
-            self.tokens, self.sites = tokens, outs
+        n, size = outs[0].shape[0], self.hi - self.lo
+        if tokens is not None and n == size:
+            self.tokens = tokens
+        elif tokens is not None:
+            if self.tokens is None:
+                self.tokens = torch.empty((size, *tokens.shape[1:]), dtype=tokens.dtype)
+            self.tokens[row : row + n] = tokens
+        if whole_batch and not outs[0].is_cuda:
+            self.parts.append((row, outs))
         else:
-            size = self.hi - self.lo
             if not self.sites:
-                if tokens is not None:
-                    self.tokens = torch.empty((size, *tokens.shape[1:]), dtype=tokens.dtype)
                 self.sites = [
                     torch.empty((size, *o.shape[1:]), dtype=o.dtype, pin_memory=o.is_cuda) for o in outs
                 ]
-            if tokens is not None:
-                self.tokens[row : row + n] = tokens
             for buf, o in zip(self.sites, outs, strict=True):
                 buf[row : row + n].copy_(o, non_blocking=True)
         self.filled += n
+
+
+_ASSEMBLY = threading.local()
+
+
+def _assembly(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """This thread's reusable buffer for assembling one site of a unit from its batches."""
+    size = int(np.prod(shape)) * dtype.itemsize
+    buf = getattr(_ASSEMBLY, "buf", None)
+    if buf is None or buf.size < size:
+        buf = _ASSEMBLY.buf = np.empty(size, np.uint8)
+    return buf[:size].view(dtype).reshape(shape)
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -100,35 +122,36 @@ def _set_policy(tids: set[int], policy: int) -> None:
 
 
 class _Background:
-    """The writer threads at idle CPU priority while a run computes.
+    """The writer threads' CPU priority while a run computes: idle (the default) or normal.
 
-    On a machine whose cores torch keeps busy, encoding then runs in the gaps instead of
-    preempting torch's worker threads, whose barriers stall whenever one of them is descheduled.
-    With spare cores (a GPU run) idle priority costs nothing. Restored when the run ends.
+    At idle priority, on a machine whose cores torch keeps busy, encoding runs in the gaps instead
+    of preempting torch's worker threads, whose barriers stall whenever one of them is
+    descheduled; with spare cores (a GPU run) it costs nothing. When torch is given a core fewer
+    (``blockcap.run.split``), the writers run at normal priority on the core left to them (idle
+    threads would starve behind any other process there). Restored when the run ends.
     """
 
     def __init__(self) -> None:
-        self.tids: set[int] = set()
+        self.tids: dict[int, bool] = {}  # thread -> idle
+        self.idle = True
         self.lock = threading.Lock()
 
     def claim(self) -> None:
         with self.lock:
             tid = threading.get_native_id()
-            if tid not in self.tids:
-                _set_policy({tid}, getattr(os, "SCHED_IDLE", 0))
-                self.tids.add(tid)
+            if self.tids.get(tid) is not self.idle:
+                _set_policy({tid}, getattr(os, "SCHED_IDLE" if self.idle else "SCHED_OTHER", 0))
+                self.tids[tid] = self.idle
 
     def release(self) -> None:
         with self.lock:
-            _set_policy(self.tids, getattr(os, "SCHED_OTHER", 0))
+            _set_policy(set(self.tids), getattr(os, "SCHED_OTHER", 0))
             self.tids.clear()
 
 
 def as_float32(data: np.ndarray, dtype_name: str) -> np.ndarray:
     """Stored values as float32 (bfloat16 bit patterns widened), for statistics."""
-    if dtype_name == "bfloat16":
-        return (data.astype(np.uint32) << 16).view(np.float32)
-    return data.astype(np.float32, copy=False)
+    return widen(data, dtype_name == "bfloat16")
 
 
 @dataclass
@@ -160,6 +183,11 @@ class SlabWriter:
         self.arrays = layout.unit_arrays()
         self.encoders = {a.path: ChunkEncoder(a.codec) for a in self.arrays}
         self.record_encoder = ChunkEncoder("none")
+        self.committed = next(a for a in layout.arrays() if a.path == "committed")
+        # lossy precision: each vector site is rounded as it is encoded; its partial takes the error
+        self.sites = {site_path(b, s): i for i, (b, s) in enumerate(layout.outputs())}
+        self.partials = {site_path(b, s): stats_path(b, s, "partial") for b, s in layout.stat_outputs()}
+        self.rounded = self.partials if layout.keep_bits is not None else {}
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="blockcap-writer")
         self.background = _Background()
         self.slots = threading.BoundedSemaphore(max_pending)
@@ -209,52 +237,79 @@ class SlabWriter:
                 self.pool.submit(self._write, self.open.pop(slab.unit))
         return taken
 
-    def _arrays_of(self, slab: Slab) -> dict[str, np.ndarray]:
-        layout, data = self.layout, {}
-        if not layout.dedup:
-            data["tokens"] = slab.tokens.numpy().astype(self._dtype("tokens"), copy=False)
-            data["offsets"] = self.source.offsets(slab.lo, slab.hi)
-            if "sources" in self.encoders:
-                data["sources"] = self.source.sources(slab.lo, slab.hi)
-        for (b, s), buf in zip(layout.outputs(), slab.sites, strict=True):
-            data[site_path(b, s)] = layout.dtype.to_numpy(buf)
-        T = layout.sample_len
-        for b, s in layout.stat_outputs():
-            x = as_float32(data[site_path(b, s)], layout.dtype_name)
-            if layout.dedup:
-                rows = slice(slab.lo, slab.hi)
-                row = partial(x, self.source.row_positions[rows], T, self.source.row_weights[rows])
-            else:
-                row = partial(x.reshape(-1, x.shape[-1]), np.tile(np.arange(T), x.shape[0]), T)
-            data[stats_path(b, s, "partial")] = row[None]
-        return data
+    def _small(self, slab: Slab) -> dict[str, np.ndarray]:
+        """The unit's token ids, window offsets and sources (not in a dedup store's units)."""
+        if self.layout.dedup:
+            return {}
+        tokens = slab.tokens.numpy().astype(self._dtype("tokens"), copy=False)
+        small = {"tokens": tokens, "offsets": self.source.offsets(slab.lo, slab.hi)}
+        if "sources" in self.encoders:
+            small["sources"] = self.source.sources(slab.lo, slab.hi)
+        return small
+
+    def _site(self, slab: Slab, i: int) -> np.ndarray:
+        """Site ``i`` of the unit as one array: a kept batch's outputs or the slab's buffer as they are,
+        else its kept batches copied into the buffer (or this thread's assembly buffer)."""
+        to_numpy = self.layout.dtype.to_numpy
+        size = slab.hi - slab.lo
+        if not slab.parts:
+            return to_numpy(slab.sites[i])
+        if not slab.sites and len(slab.parts) == 1:
+            return to_numpy(slab.parts[0][1][i])
+        first = to_numpy(slab.parts[0][1][i])
+        out = to_numpy(slab.sites[i]) if slab.sites else _assembly((size, *first.shape[1:]), first.dtype)
+        for row, outs in slab.parts:
+            x = to_numpy(outs[i])
+            out[row : row + x.shape[0]] = x
+        return out
+
+    def _partial(self, slab: Slab, x: np.ndarray) -> np.ndarray:
+        """The statistics partial row of one site's data of ``slab``."""
+        T, bf16 = self.layout.sample_len, self.layout.dtype_name == "bfloat16"
+        if self.layout.dedup:
+            rows = slice(slab.lo, slab.hi)
+            row = partial(x, self.source.row_positions[rows], T, self.source.row_weights[rows], bf16)
+        else:
+            row = partial(x.reshape(-1, x.shape[-1]), np.tile(np.arange(T), x.shape[0]), T, bfloat16=bf16)
+        if self.rounded:
+            row = np.append(row, 0.0)  # the unit's worst relative error, filled in as it is rounded
+        return row[None]
 
     def _dtype(self, path: str) -> str:
         return next(a.dtype for a in self.arrays if a.path == path)
 
-    def _encode(self, a: ArrayDef, data: np.ndarray, slab: Slab) -> bytes:
+    def _encode(self, a: ArrayDef, data: np.ndarray, slab: Slab) -> tuple[memoryview, int]:
+        """(object, digest) of ``a``'s data of ``slab``, in this thread's scratch buffer."""
         enc = self.encoders[a.path]
         if a.shards is not None:
-            return enc.shard(pad_rows(data, a.shards[0]), a.chunks[0], slab.hi - slab.lo)
-        return enc.chunk(pad_rows(data, a.chunks[0]))
+            return enc.encode_shard(pad_rows(data, a.shards[0]), a.chunks[0], slab.hi - slab.lo)
+        return enc.encode(pad_rows(data, a.chunks[0]))
 
     def _write(self, slab: Slab) -> None:
         try:
             self.background.claim()
             if slab.event is not None:
                 slab.event.synchronize()
-            data = self._arrays_of(slab)
-            digests = []
-            for a in self.arrays:
-                blob = self._encode(a, data[a.path], slab)
+            data = self._small(slab)
+            digests, stored = [], 0
+            for a in self.arrays:  # sites come before their partials in the record's order
+                if a.path in self.sites:
+                    values = self._site(slab, self.sites[a.path])
+                    if a.path in self.partials:
+                        data[self.partials[a.path]] = self._partial(slab, values)
+                    if a.path in self.rounded:
+                        values, data[self.rounded[a.path]][0, -1] = round_bits(values, self.layout.keep_bits)
+                else:
+                    values = data[a.path]
+                blob, value = self._encode(a, values, slab)
                 self.location.put(object_key(a, slab.unit), blob)
-                digests.append(digest(blob))
-                with self.lock:
-                    self.stored += len(blob)
+                digests.append(value)
+                stored += len(blob)
             record = self.record_encoder.chunk(encode_record(slab.unit, self.source.tag, digests)[None])
-            self.location.commit(f"committed/c/{slab.unit}/0", record)
+            self.location.commit(object_key(self.committed, slab.unit), record)
             del slab, data
             with self.lock:
+                self.stored += stored
                 self.units_written += 1
                 trim = self.units_written % TRIM_EVERY == 0
             if trim:

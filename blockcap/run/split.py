@@ -1,0 +1,98 @@
+"""How a CPU run divides its cores between the forward pass and the writers, measured on its first
+batches.
+
+Two splits are candidates: torch keeps every core and the writers run at idle priority in its
+gaps (best when the forward leaves gaps and the machine is otherwise idle), or torch gets one
+thread fewer and the writers run at normal priority on the core left (best when the writers'
+work is heavy, or when other processes share the machine: OpenMP teams stall at every barrier
+whose thread is descheduled, and idle-priority writers starve behind any busy process). Which
+wins depends on the model, the window length, the codec and the machine's load at the time, so
+no fixed rule decides it: the run times both on its first batches, in the order A B B A (a trend
+in the machine's load cancels out), and keeps the faster for the rest. Every trial batch is real
+work; a run too short to spare eight trial windows keeps the first split. Activations do not
+depend on the thread count (tested bitwise), so a resumed run that chooses otherwise writes the
+same bytes. On a GPU the forward does not use the CPU's cores: no trial.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+ORDER = (0, 1, 1, 0)  # candidate of each trial window
+
+
+@dataclass(frozen=True)
+class Split:
+    threads: int  # torch's intra-op threads
+    idle: bool  # writers at idle CPU priority
+
+    def label(self) -> str:
+        return f"{self.threads} torch threads, writers at {'idle' if self.idle else 'normal'} priority"
+
+
+class SplitTrial:
+    """Applies each candidate split to its trial batches, then the fastest to the rest of the run.
+
+    ``window``: batches per trial window (those of a write unit, at least two: each window hands
+    the writers whole units, so a split whose writers fall behind is slowed by them).
+    """
+
+    def __init__(self, device: torch.device, n_batches: int, window: int, background: Any) -> None:
+        self.background = background
+        self.original = torch.get_num_threads()
+        n = self.original
+        self.candidates = [Split(n, True), Split(n - 1, False)] if device.type == "cpu" and n >= 2 else []
+        self.window = max(1, window)
+        if n_batches < 2 * len(ORDER) * self.window:
+            self.candidates = self.candidates[:0]
+        self.seconds = [0.0, 0.0]
+        self.items = [0, 0]
+        self.chosen = Split(n, True)
+        self.started = 0.0
+
+    def _apply(self, split: Split) -> None:
+        torch.set_num_threads(split.threads)
+        self.background.idle = split.idle
+
+    def _trial(self, r: int) -> int | None:
+        """The candidate batch ``r`` is a trial of, or None once the trials are over."""
+        k = r // self.window
+        return ORDER[k] if self.candidates and k < len(ORDER) else None
+
+    def before(self, r: int) -> None:
+        c = self._trial(r)
+        if c is not None:
+            if r % self.window == 0:
+                self._apply(self.candidates[c])
+            self.started = time.perf_counter()
+        elif r == len(ORDER) * self.window and self.candidates:
+            rates = [i / max(s, 1e-9) for i, s in zip(self.items, self.seconds, strict=True)]
+            self.chosen = self.candidates[max(range(len(rates)), key=rates.__getitem__)]
+            self._apply(self.chosen)
+
+    def after(self, r: int, items: int) -> None:
+        c = self._trial(r)
+        if c is not None:
+            self.seconds[c] += time.perf_counter() - self.started
+            self.items[c] += items
+
+    def restore(self) -> None:
+        torch.set_num_threads(self.original)
+        self.background.idle = True
+
+    def record(self) -> dict[str, Any]:
+        """What was chosen and why, for the store's provenance."""
+        out: dict[str, Any] = {"chosen": self.chosen.label()}
+        if self.candidates and all(self.items):
+            out["items_per_s"] = {
+                c.label(): round(i / max(s, 1e-9), 1)
+                for c, i, s in zip(self.candidates, self.items, self.seconds, strict=True)
+            }
+            out["trial_batches"] = len(ORDER) * self.window
+        else:
+            out["why"] = "no trial: a GPU run, one thread, or a run too short to compare"
+        return out

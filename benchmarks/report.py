@@ -193,6 +193,8 @@ def main(path: str) -> None:
         hf_table,
         storage_table,
         encoder_table,
+        precision_table,
+        objects_table,
         read_table,
         analysis_table,
         objectstore_table,

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,6 +47,10 @@ def test_run_info_verify(run_args, capsys):
     out = capsys.readouterr().out
     for word in ("state: complete", "block1/ffwd_output", "blosc+crc32c", "raw", "stored", "provenance"):
         assert word in out
+    assert (
+        f"dataset: {Path(a['dataset']).absolute()}" in out and " documents, " in out
+    )  # what it was made from
+    assert "hard cuts" in out and '"digests": "' in out  # digests summed up, not one line per object
     cli("verify", a["out"])
     assert "ok:" in capsys.readouterr().out
 

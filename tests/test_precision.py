@@ -14,7 +14,8 @@ import blockcap
 from blockcap.core.errors import BlockcapError
 from blockcap.core.layout import object_key
 from blockcap.storage.codecs import ChunkEncoder, crc32c
-from blockcap.storage.integrity import encode_record, store_tag
+from blockcap.storage.integrity import encode_record
+from blockcap.storage.metadata import tag_of
 from blockcap.storage.precision import bound, round_bits
 from tests.conftest import small_store
 
@@ -70,7 +71,8 @@ def pair(ckpt, text_file, tmp_path_factory):
 
 def test_a_lossy_store_reads_rounded_values_and_keeps_exact_statistics(pair):
     exact, lossy = pair
-    assert lossy.spec.precision == "keep_bits:8" and "precision" not in exact.meta["params"]
+    assert lossy.spec.precision == "keep_bits:8" and "precision" in lossy.spec.identity()
+    assert "precision" not in exact.spec.identity()  # exact at the default: the tag of stores from before it
     for site in ("heads_output", "ffwd_output"):
         x, r = exact.site(site).np[:], lossy.site(site).np[:]
         assert np.array_equal(r, round_bits(x, 8)[0])
@@ -106,7 +108,7 @@ def test_verify_stats_finds_values_that_were_not_rounded(pair, tmp_path):
     ]
     digests[3 + arrays.index(a)] = crc32c(blob[:-4])
     record = ChunkEncoder("none").chunk(
-        encode_record(unit, store_tag(lossy.spec.identity()), digests[3:])[None]
+        encode_record(unit, tag_of(lossy.meta, lossy.layout), digests[3:])[None]
     )
     Path(out, "committed", "c", str(unit), "0").write_bytes(record)
     assert blockcap.verify(out) == []  # every object matches its record

@@ -66,10 +66,41 @@ def describe(store: CaptureStore) -> str:
     if meanings:
         lines.append(f"  sites, in {family} blocks:")
         lines += [f"    {site:14} {meanings[site]}" for site in layout.sites if site in meanings]
-    prov = {k: v for k, v in m.items() if k not in ("tokenizer",)}
+    lines += _dataset_lines(m.get("dataset"))
+    prov = {k: v for k, v in m.items() if k not in ("tokenizer", "dataset")}
+    if isinstance(prov.get("digests"), dict):  # one per object written at creation: a count says enough
+        prov["digests"] = f"{len(prov['digests']):,} objects"
     lines.append("  provenance:")
     lines += ["    " + line for line in json.dumps(prov, indent=2, sort_keys=True).splitlines()]
     return "\n".join(lines)
+
+
+SHOWN_FILES = 5  # input files listed by name; a sharded corpus has thousands
+
+
+def _dataset_lines(record: object) -> list[str]:
+    """The dataset a store was captured from: where, its identity, its size, its first input files
+    (values shown as they are: a store is data, a damaged record still prints)."""
+    if not isinstance(record, dict):
+        return [f"  dataset: {record}"] if record else []
+    files = record["files"] if isinstance(record.get("files"), list) else []
+    lines = [f"  dataset: {record.get('path')}", f"    sha256 {record.get('sha256')}"]
+    if "documents" in record:
+        lines.append(
+            f"    {_count(record.get('documents'))} documents, {_count(record.get('tokens'))} tokens in "
+            f"{len(files):,} input files; token cache {record.get('token_cache')}, "
+            f"{_count(record.get('hard_cuts', 0))} hard cuts"
+        )
+    for f in files[:SHOWN_FILES]:
+        if isinstance(f, dict):
+            lines.append(f"    {f.get('path')} ({_count(f.get('size'))} bytes, {f.get('format')})")
+    if len(files) > SHOWN_FILES:
+        lines.append(f"    ... and {len(files) - SHOWN_FILES:,} more files")
+    return lines
+
+
+def _count(value: object) -> str:
+    return f"{value:,}" if isinstance(value, int) else str(value)
 
 
 def _array_paths(store: CaptureStore) -> list[str]:

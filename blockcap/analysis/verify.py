@@ -234,10 +234,10 @@ def _units(opened: Opened, listed: list[int], records: dict[int, Record], altere
             f"{layout.n_units - len(have)} of {layout.n_units} units not committed (first: unit {first})"
         )
     committed = [u for u in listed if records[u].status == COMMITTED]
+    arrays = {a.path: a for a in layout.arrays()}
     for path, i in index.objects.items():
-        ndim = opened.array(path).ndim
         present = set(location.keys(f"{path}/c"))
-        keys = {u: "/".join([path, "c", str(u), *["0"] * (ndim - 1)]) for u in committed}
+        keys = {u: object_key(arrays[path], u) for u in committed}
         for u in committed:
             if keys[u] not in present:
                 problems.append(
@@ -248,7 +248,7 @@ def _units(opened: Opened, listed: list[int], records: dict[int, Record], altere
             for u in have:
                 problems += _decodes(opened, path, u)
             continue
-        for u, data in zip(have, location.get_many([keys[u] for u in have]), strict=True):
+        for u, data in zip(have, location.get_each(keys[u] for u in have), strict=True):
             if data is None or digest(data) != records[u].digests[i]:
                 problems.append(f"{index.where(path, u)}: object {keys[u]} differs from what was committed")
                 altered.append(keys[u])
@@ -286,7 +286,7 @@ def _other_arrays(opened: Opened, altered: list[str]) -> list[str]:
             problems.append(
                 f"{path}: the root document lacks the digests of {n - counts[path]} of its objects"
             )
-    for key, data in zip(keys, opened.location.get_many(keys), strict=True):
+    for key, data in zip(keys, opened.location.get_each(keys), strict=True):
         if data is None:
             problems.append(f"{key.rpartition('/c/')[0]}: its data object {key} is missing")
         elif digest(data) != digests[key]:

@@ -25,14 +25,16 @@ import re
 import shutil
 import threading
 import uuid
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from blockcap.core.errors import BlockcapError
 from blockcap.storage.stops import check_stop
 
+READ_AHEAD = 16  # objects read concurrently, and held at most, by ``get_each`` on object storage
 PARTIAL = ".partial"  # suffix of a local file not yet renamed into place
 # Called as hook(operation, key) after every mutation (and before a local rename: "put-partial").
 WRITE_HOOKS: list[Callable[[str, str], None]] = []
@@ -296,12 +298,21 @@ class Location:
         with ThreadPoolExecutor(max_workers=16) as pool:
             list(pool.map(lambda kv: self.put(*kv), sorted(objects.items())))
 
-    def get_many(self, keys: list[str]) -> list[bytes | None]:
-        """Read several objects (concurrently on object storage, where each read is a round trip)."""
+    def get_each(self, keys: Iterable[str]) -> Iterator[bytes | None]:
+        """Each object of ``keys`` in order (None where missing), read ahead ``READ_AHEAD`` at a time
+        on object storage, where each read is a round trip: never more held, so a scan of a whole
+        array (``verify``) streams in bounded memory."""
         if self.local:
-            return [self.get(k) for k in keys]
-        with ThreadPoolExecutor(max_workers=16) as pool:
-            return list(pool.map(self.get, keys))
+            yield from map(self.get, keys)
+            return
+        with ThreadPoolExecutor(max_workers=READ_AHEAD) as pool:
+            ahead: deque[Future[bytes | None]] = deque()
+            for key in keys:
+                ahead.append(pool.submit(self.get, key))
+                if len(ahead) >= READ_AHEAD:
+                    yield ahead.popleft().result()
+            while ahead:
+                yield ahead.popleft().result()
 
     def put_first(self, key: str, data: bytes) -> None:
         """Write the first object of a new store; a local store directory appears with it, atomically.

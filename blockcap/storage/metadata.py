@@ -106,6 +106,7 @@ def put_root(location: Location, meta: dict[str, Any]) -> None:
 # nothing derived from them (a chunk, a shard, a listing) is allocated beyond what is present.
 DIM_LIMITS = {"n_layer": 1 << 12, "d_model": 1 << 20, "n_head": 1 << 12, "head_dim": 1 << 16,
               "d_mlp": 1 << 22, "vocab_size": 1 << 32, "context": 1 << 24}  # fmt: skip
+MAY_BE_ZERO = ("n_head", "head_dim", "d_mlp")  # unknown where only block inputs and outputs are captured
 OPTIONAL_DIMS = {"n_experts": 1 << 16}  # recorded only where the model has them (ModelDims.to_dict)
 MAX_OBJECT_BYTES = 1 << 34  # one chunk or shard, decoded
 
@@ -126,7 +127,7 @@ def check_fields(meta: dict[str, Any]) -> None:
         raise BlockcapError(f"the store's metadata is damaged: dims is {dims!r}")
     for name, hi in {**DIM_LIMITS, **OPTIONAL_DIMS}.items():
         if name in dims:
-            _number(f"dims.{name}", dims[name], 1, hi)
+            _number(f"dims.{name}", dims[name], 0 if name in MAY_BE_ZERO else 1, hi)
     _number("n_windows", meta.get("n_windows"), 1, MAX_COUNT)
     if meta.get("n_rows") is not None:
         _number("n_rows", meta["n_rows"], 1, MAX_COUNT)

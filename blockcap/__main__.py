@@ -8,7 +8,7 @@ at any moment, even while torch loads, ends with one line and exit status 130, n
 import signal
 import sys
 
-_stopped = []
+_stopped: list[int] = []  # signals received while starting
 
 
 def _interrupt(signum, frame):

@@ -141,7 +141,7 @@ class LazyArray:
 
     def __init__(
         self, array: zarr.Array, name: str, bfloat16: bool = False, split_last: tuple[int, int] | None = None,
-        chunks: ChunkReader | None = None,
+        *, chunks: ChunkReader,
     ) -> None:  # fmt: skip
         self.zarr = array
         self.name = name
@@ -255,7 +255,7 @@ class DedupArray(LazyArray):
     def __init__(
         self, rows: LazyArray, prefix_rows: LazyArray, split_last: tuple[int, int] | None = None
     ) -> None:
-        super().__init__(rows.zarr, rows.name, rows.bfloat16, split_last, rows.chunks)
+        super().__init__(rows.zarr, rows.name, rows.bfloat16, split_last, chunks=rows.chunks)
         self.prefix_rows = prefix_rows
 
     @property

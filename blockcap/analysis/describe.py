@@ -6,6 +6,8 @@ import json
 from collections import defaultdict
 
 import numpy as np
+from zarr.abc.codec import BytesBytesCodec
+from zarr.core.metadata import ArrayV3Metadata
 
 from blockcap.analysis.reader import CaptureStore
 from blockcap.core.errors import BlockcapError
@@ -41,8 +43,11 @@ def describe(store: CaptureStore) -> str:
             continue
         nbytes, stored = arr.nbytes, sizes.get(path, 0)
         raw_total, stored_total = raw_total + nbytes, stored_total + stored
-        codecs = "+".join(c.to_dict()["name"] for c in arr.compressors) or "none"
-        dims = ",".join(arr.metadata.dimension_names or ())
+        meta = arr.metadata
+        assert isinstance(meta, ArrayV3Metadata)  # the store's group is opened as zarr v3
+        compressors = [c for c in arr.compressors if isinstance(c, BytesBytesCodec)]  # a v3 array's are
+        codecs = "+".join(str(c.to_dict()["name"]) for c in compressors) or "none"
+        dims = ",".join(str(d) for d in meta.dimension_names or ())
         kind = arr.attrs.get("blockcap_dtype", str(arr.dtype))
         lines.append(
             f"    {path:34} {str(tuple(arr.shape)):22} {kind:9} ({dims}) chunks {tuple(arr.chunks)} "
@@ -62,7 +67,7 @@ def describe(store: CaptureStore) -> str:
                 + ("" if st.max_rel_error is None else f", stored within {st.max_rel_error:.3g} relative")
             )
     family = (m.get("model") or {}).get("family")
-    meanings = SITE_MEANINGS.get(family, {})
+    meanings = SITE_MEANINGS.get(family, {}) if isinstance(family, str) else {}
     if meanings:
         lines.append(f"  sites, in {family} blocks:")
         lines += [f"    {site:14} {meanings[site]}" for site in layout.sites if site in meanings]

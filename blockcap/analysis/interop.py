@@ -79,6 +79,7 @@ def _block_windows(store: Any, lazy: LazyArray) -> int:
 
 def _site_variable(store: Any, block: int, site: str, key: str) -> tuple[tuple[str, ...], Any]:
     lazy = store.site(site, block)
+    dims: tuple[str, ...]
     if site == ATTENTION:
         dims, split = ("window", "head", "query", "key"), None
     else:

@@ -110,6 +110,7 @@ def text_vectors(
                 f"query {text[:40]!r}... is {i.size} tokens, longer than the model's context of "
                 f"{context}; shorten it"
             )
+    assert store.spec is not None  # load_store_model refuses a store without one (format 1)
     module = adapter.capture_module((block,), (site,), fused=store.spec.fused)
     with torch.inference_mode():
         return torch.stack([module(torch.as_tensor(i)[None])[0][0, -1].float() for i in ids])

@@ -148,7 +148,7 @@ class CaptureStore(Interop):
             return DedupArray(
                 LazyArray(base.zarr, base.name, base.bfloat16, chunks=base.chunks), self.prefix_rows, split
             )
-        return LazyArray(base.zarr, base.name, base.bfloat16, split, base.chunks)
+        return LazyArray(base.zarr, base.name, base.bfloat16, split, chunks=base.chunks)
 
     def stats(self, site: str, block: int | None = None) -> Stats:
         """Per-channel statistics of a site over every stored token (needs a complete store with stats)."""

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -108,27 +109,40 @@ class Hits:
     tokens: np.ndarray | None  # (n, T) token ids of each hit's window (plain stores)
     row: np.ndarray | None  # dedup stores: the row of each hit
 
-    def fields(self) -> tuple[np.ndarray | None, ...]:
-        return self.query, self.key, self.score, self.window, self.position, self.tokens, self.row
-
     def take(self, i: np.ndarray) -> Hits:
-        return Hits(*(None if f is None else f[i] for f in self.fields()))
+        return Hits(
+            self.query[i], self.key[i], self.score[i], self.window[i], self.position[i],
+            None if self.tokens is None else self.tokens[i], None if self.row is None else self.row[i],
+        )  # fmt: skip
 
     def plus(self, other: Hits) -> Hits:
-        pairs = zip(self.fields(), other.fields(), strict=True)
-        return Hits(*(None if a is None else np.concatenate([a, b]) for a, b in pairs))
+        return Hits(
+            np.concatenate([self.query, other.query]), np.concatenate([self.key, other.key]),
+            np.concatenate([self.score, other.score]), np.concatenate([self.window, other.window]),
+            np.concatenate([self.position, other.position]),
+            _cat(self.tokens, other.tokens), _cat(self.row, other.row),
+        )  # fmt: skip
 
     def ranked(self, k: int, nq: int, unique: bool) -> Hits:
         """Best first per query (key, then lower window, then position); at most k each, and with
         ``unique`` only the best of each distinct prefix (token ids up to the hit)."""
         h = self.take(np.lexsort((self.position, self.window, -self.key, self.query)))
         if unique:
+            assert h.tokens is not None  # unique ranks a plain store's hits (dedup rows are distinct)
             prefixes = np.empty(h.query.size, object)
             prefixes[:] = [t[: p + 1].tobytes() for t, p in zip(h.tokens, h.position, strict=True)]
             codes = np.unique(prefixes, return_inverse=True)[1].reshape(-1)
             first = np.unique(h.query * (codes.max(initial=0) + 1) + codes, return_index=True)[1]
             h = h.take(np.sort(first))
         return h.take(np.flatnonzero(_offsets(np.bincount(h.query, minlength=nq)) < k))
+
+
+def _cat(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
+    """A field of two sets of hits of one store: both arrays, or both None (a field the store lacks)."""
+    if a is None:
+        return None
+    assert b is not None
+    return np.concatenate([a, b])
 
 
 class Best:
@@ -250,7 +264,7 @@ class WindowSource:
         n, T, C = self.arr.shape
         step = _span_items(4 * T * C, self.arr.chunk_windows)
         spans = [(lo, min(lo + step, n)) for lo in range(0, n, step)]
-        return [lambda lo=lo, hi=hi: self._read(lo, hi) for lo, hi in spans if self.committed[lo:hi].any()]
+        return [partial(self._read, lo, hi) for lo, hi in spans if self.committed[lo:hi].any()]
 
     def _read(self, lo: int, hi: int) -> Span:
         data = self.arr[lo:hi].float()
@@ -298,9 +312,7 @@ class DedupSource:
         n, C = self.rows.shape
         step = _span_items(4 * C, self.rows.chunk_windows)
         spans = [(lo, min(lo + step, n)) for lo in range(0, n, step)]
-        return [
-            lambda lo=lo, hi=hi: self._read(lo, hi) for lo, hi in spans if (self.first[lo:hi] < _NO_ROW).any()
-        ]
+        return [partial(self._read, lo, hi) for lo, hi in spans if (self.first[lo:hi] < _NO_ROW).any()]
 
     def _read(self, lo: int, hi: int) -> Span:
         first = self.first[lo:hi]
@@ -314,6 +326,7 @@ class DedupSource:
         if self.unique or h.query.size == 0:
             return h
         rows = h.row
+        assert rows is not None  # a dedup store's hits carry their rows
         start = np.searchsorted(self.occ_rows, rows, "left")
         count = np.minimum(np.searchsorted(self.occ_rows, rows, "right") - start, self.k)
         which = np.repeat(np.arange(rows.size), count)

@@ -77,7 +77,7 @@ def _stamp(st: os.stat_result) -> list[int]:
     return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
-def sha256_file(path: str | os.PathLike) -> str:
+def sha256_file(path: str | os.PathLike[str]) -> str:
     """Hex sha256 of a file's bytes, remembered (see the module docstring) so big files hash once."""
     p = Path(path).resolve()
     fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block here: it is refused below
@@ -91,8 +91,9 @@ def sha256_file(path: str | os.PathLike) -> str:
         known = _load(cache) if key is not None and _private(cache) else {}
         hit = known.get(str(p))
         if (
-            isinstance(hit, list) and len(hit) == 3 and hit[0] == entry
-            and isinstance(hit[2], str) and hmac.compare_digest(hit[2], _mac(key, [*entry, hit[1]]))
+            key is not None and isinstance(hit, list) and len(hit) == 3 and hit[0] == entry
+            and isinstance(hit[1], str) and isinstance(hit[2], str)
+            and hmac.compare_digest(hit[2], _mac(key, [*entry, hit[1]]))
         ):  # fmt: skip
             return hit[1]
         f.seek(0)

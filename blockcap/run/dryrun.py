@@ -16,6 +16,8 @@ import torch
 from blockcap.core.errors import BlockcapError
 from blockcap.core.layout import COMMIT, UNIT, site_path
 from blockcap.core.sites import is_vector
+from blockcap.run.plan import Plan
+from blockcap.run.schedule import Batch
 from blockcap.storage.codecs import ChunkEncoder
 from blockcap.storage.metadata import render_metadata
 from blockcap.storage.precision import round_bits
@@ -36,7 +38,7 @@ class Estimate:
     first_batch: float  # seconds to read and compute the first batch
 
 
-def _timed_batch(p) -> tuple[float, float, list[torch.Tensor], object]:
+def _timed_batch(p: Plan) -> tuple[float, float, list[torch.Tensor], Batch]:
     """Seconds to read and compute the first batch, seconds for a batch (after one warm-up call),
     its outputs in storage dtype, the batch."""
     t_first = time.perf_counter()
@@ -54,7 +56,7 @@ def _timed_batch(p) -> tuple[float, float, list[torch.Tensor], object]:
     return first, time.perf_counter() - t0, outs, batch
 
 
-def estimate(p) -> Estimate:
+def estimate(p: Plan) -> Estimate:
     """Measure the first batch of plan ``p`` and extrapolate to the whole run."""
     first, seconds, outs, batch = _timed_batch(p)
     layout = p.layout

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from blockcap.core.errors import BlockcapError, Interrupted
 from blockcap.core.layout import Layout
-from blockcap.core.spec import split_kwargs
+from blockcap.core.spec import CaptureSpec, RunOptions, split_kwargs
 from blockcap.run.dist import DEFAULT_STALL_SECONDS, Group, JobError, from_env
 from blockcap.run.dryrun import DryRun, check_free_space, dry_run
 from blockcap.run.plan import Plan, forward_bytes, make_plan
@@ -113,16 +113,17 @@ class Job:
         self.t0 = time.perf_counter()
         self.stack = ExitStack()
         self.stack.enter_context(stop_signals())  # stops unwind the same way everywhere
+        spec: CaptureSpec | None = None
+        opts: RunOptions | None = None
+        error: BlockcapError | None = None
         try:
             spec, opts = split_kwargs(kw)
-            error = None
         except BlockcapError as e:  # under torchrun, said once for the job (every rank's is checked)
-            spec = opts = None
             error = e
         try:
             self.group = from_env(opts.stall_timeout if opts else DEFAULT_STALL_SECONDS)
             self.stack.callback(self.group.close)
-            if error is None:
+            if spec is not None and opts is not None:  # the arguments were understood
                 try:
                     self.plan = make_plan(spec, opts, self.group)
                 except BlockcapError as e:
@@ -201,6 +202,7 @@ class Job:
     def capture(self) -> Summary:
         """Compute, write and commit this process's pending units; finish the store when all are in."""
         p, group, prepared = self.plan, self.group, self.prepared
+        assert prepared is not None, "Job.open() comes before Job.capture()"
         if prepared.status == "complete":
             return self.summary("already complete", 0)
         layout, location = p.layout, p.location

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -41,7 +42,7 @@ class Plan:
     spec: CaptureSpec  # resolved: blocks, chunking, hashes and device type concrete
     opts: RunOptions
     adapter: Adapter
-    module: torch.nn.Module
+    module: Callable[[torch.Tensor], Sequence[torch.Tensor]]  # the capture module, compiled with ``compile``
     schedule: WindowSchedule | DedupSchedule
     windows: Windows
     layout: Layout
@@ -156,6 +157,7 @@ def make_plan(spec: CaptureSpec, opts: RunOptions, group: Group) -> Plan:
         create_arrays["tokens"] = windows.get(0, len(windows)).numpy()
         create_arrays["offsets"] = windows.offsets(0, len(windows))
         create_arrays["sources"] = windows.sources(0, len(windows))
+        assert isinstance(schedule, DedupSchedule)  # chosen by spec.dedup above
         create_arrays["prefix_rows"] = schedule.prefix_rows
     meta = {
         "run_id": uuid.uuid4().hex[:12],
@@ -178,9 +180,8 @@ def make_plan(spec: CaptureSpec, opts: RunOptions, group: Group) -> Plan:
         "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     adapter.to(device, getattr(torch, spec.model_dtype))
-    module = adapter.capture_module(blocks, spec.sites, spec.fused).to(device)
-    if spec.compile:
-        module = torch.compile(module, fullgraph=True)
+    capture = adapter.capture_module(blocks, spec.sites, spec.fused).to(device)
+    module = torch.compile(capture, fullgraph=True) if spec.compile else capture
     return Plan(
         resolved, opts, adapter, module, schedule, windows, layout, location, meta,
         create_time_objects(layout, create_arrays), device, corpus,

@@ -43,7 +43,7 @@ class WindowSchedule:
 
     def batches_for(self, units: list[int], unit_items: int) -> list[int]:
         """Batches whose windows overlap ``units`` (batches start at multiples of batch_size)."""
-        bs, out = self.batch_size, set()
+        bs, out = self.batch_size, set[int]()
         for u in units:
             first, last = u * unit_items, min((u + 1) * unit_items, self.n_items) - 1
             out.update(range(first // bs, last // bs + 1))
@@ -90,7 +90,7 @@ class DedupSchedule:
         self.n_unique = m
 
     def batches_for(self, units: list[int], unit_items: int) -> list[int]:
-        bs, out = self.batch_size, set()
+        bs, out = self.batch_size, set[int]()
         for u in units:
             lo, hi = u * unit_items, min((u + 1) * unit_items, self.n_items)
             out.update(range(self.row_window[lo] // bs, self.row_window[hi - 1] // bs + 1))

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import ctypes
 import threading
+from collections.abc import Callable
+from typing import Any
 
 import google_crc32c
 import numcodecs
@@ -26,7 +28,9 @@ import numcodecs.abc
 import numcodecs.blosc
 import numpy as np
 from zarr.abc.codec import BytesBytesCodec
-from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+from zarr.codecs import BloscCname, BloscCodec, Crc32cCodec, ZstdCodec
+from zarr.core.metadata import ArrayV3Metadata
+from zarr.types import ArrayV3
 
 from blockcap.core.encoding import parse_codec
 
@@ -42,13 +46,15 @@ def compressors(spec: str) -> list[BytesBytesCodec]:
     name, level = parse_codec(spec)
     chain: list[BytesBytesCodec] = []
     if name.startswith("blosc-"):
-        chain.append(BloscCodec(cname=name[6:], clevel=level, shuffle="bitshuffle"))
+        assert level is not None  # parse_codec gives every codec but "none" its level
+        chain.append(BloscCodec(cname=BloscCname(name[6:]), clevel=level, shuffle="bitshuffle"))
     elif name == "zstd":
+        assert level is not None
         chain.append(ZstdCodec(level=level))
     return [*chain, Crc32cCodec()]
 
 
-def _c_blosc() -> tuple[ctypes._CFuncPtr, ctypes._CFuncPtr] | None:
+def _c_blosc() -> tuple[Callable[..., int], Callable[..., int]] | None:
     """numcodecs' bundled c-blosc ``(compress_ctx, decompress_ctx)``, or None when not exported."""
     try:
         lib = ctypes.CDLL(numcodecs.blosc.__file__)
@@ -79,7 +85,7 @@ _SCRATCH = threading.local()
 
 def scratch(nbytes: int) -> np.ndarray:
     """This thread's reusable output buffer, at least ``nbytes`` long (valid until its next use)."""
-    buf = getattr(_SCRATCH, "buf", None)
+    buf: np.ndarray | None = getattr(_SCRATCH, "buf", None)
     if buf is None or buf.size < nbytes:
         buf = _SCRATCH.buf = np.empty(max(nbytes, 1 << 20), np.uint8)
     return buf
@@ -90,7 +96,7 @@ def crc32c(data: bytes | memoryview | np.ndarray) -> int:
 
 
 def _crc(data: bytes | memoryview | np.ndarray) -> bytes:
-    return np.uint32(crc32c(data)).astype("<u4").tobytes()
+    return crc32c(data).to_bytes(4, "little")
 
 
 class ChunkEncoder:
@@ -133,7 +139,7 @@ class ChunkEncoder:
         end = self._body_into(raw, out, 0)
         value = crc32c(out[:end])
         out[end : end + 4] = np.frombuffer(np.uint32(value).astype("<u4").tobytes(), np.uint8)
-        return memoryview(out[: end + 4]), value
+        return out[: end + 4].data, value
 
     def chunk(self, data: np.ndarray) -> bytes:
         """``data`` (already padded to the chunk shape) encoded and checksummed, as bytes."""
@@ -160,7 +166,7 @@ class ChunkEncoder:
         out[at : at + table.size] = table
         out[at + table.size : at + table.size + 4] = np.frombuffer(_crc(table), np.uint8)
         end = at + table.size + 4
-        return memoryview(out[:end]), crc32c(out[: end - 4])
+        return out[:end].data, crc32c(out[: end - 4])
 
     def shard(self, data: np.ndarray, chunk_rows: int, stored_rows: int) -> bytes:
         return bytes(self.encode_shard(data, chunk_rows, stored_rows)[0])
@@ -192,20 +198,24 @@ class ChunkDecoder:
         self.shard_chunks = shard_chunks
 
     @classmethod
-    def for_array(cls, arr) -> ChunkDecoder | None:
+    def for_array(cls, arr: ArrayV3) -> ChunkDecoder | None:
         """From a zarr array's own metadata (format-1 stores): chunks, or shards of them along axis 0
         with the index at the end; None for a codec chain of another kind."""
-        codecs = [c.to_dict() for c in arr.metadata.codecs]
+        metadata = arr.metadata
+        assert isinstance(metadata, ArrayV3Metadata)  # stores are opened as zarr v3 groups
+        codecs: list[dict[str, Any]] = [c.to_dict() for c in metadata.codecs]
         shard_chunks = 1
         if codecs and codecs[0]["name"] == "sharding_indexed":
-            config = codecs[0]["configuration"]
+            config: dict[str, Any] = codecs[0]["configuration"]
             index = [c["name"] for c in config["index_codecs"]]
             inner = tuple(config["chunk_shape"])
             if index != ["bytes", "crc32c"] or config.get("index_location", "end") != "end":
                 return None
-            if inner[1:] != tuple(arr.shards[1:]) or arr.shards[0] % inner[0]:
+            shards = arr.shards
+            assert shards is not None  # zarr reads them from this sharding_indexed codec
+            if inner[1:] != tuple(shards[1:]) or shards[0] % inner[0]:
                 return None
-            shard_chunks, codecs, chunks = arr.shards[0] // inner[0], config["codecs"], inner
+            shard_chunks, codecs, chunks = shards[0] // inner[0], config["codecs"], inner
         else:
             chunks = tuple(arr.chunks)
         names = [c["name"] for c in codecs]
@@ -264,7 +274,7 @@ class ChunkDecoder:
         given; ValueError when damaged."""
         raw = np.frombuffer(obj, np.uint8)
         index = self.shard_index(raw)
-        result = []
+        result: list[np.ndarray | None] = []
         for j, i in enumerate(inner):
             offset, length = (int(x) for x in index[i])
             if offset == EMPTY:

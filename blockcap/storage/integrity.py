@@ -27,10 +27,12 @@ import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import google_crc32c
 import numpy as np
+from zarr.abc.store import ByteRequest, Store
+from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.storage import WrapperStore
 
 from blockcap.core.errors import BlockcapError
@@ -214,17 +216,19 @@ class CommitIndex:
         return data
 
 
-class CheckedStore(WrapperStore):
+class CheckedStore(WrapperStore[Store]):
     """zarr store wrapper applying ``CommitIndex.check`` to every chunk read."""
 
-    def __init__(self, store: Any, index: CommitIndex) -> None:
+    def __init__(self, store: Store, index: CommitIndex) -> None:
         super().__init__(store)
         self.index = index
 
-    def _with_store(self, store: Any) -> CheckedStore:
+    def _with_store(self, store: Store) -> Self:
         return type(self)(store, self.index)
 
-    async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+    async def get(
+        self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None
+    ) -> Buffer | None:
         buf = await self._store.get(key, prototype, byte_range)
         if "/c/" not in key:
             return buf

@@ -79,15 +79,18 @@ class S3Objects:
                 return await body.read(), r["ETag"]
 
         try:
-            return self.location._remote(sync, self.fs.loop, get)
+            found: tuple[bytes, str] = self.location._remote(sync, self.fs.loop, get)
+            return found
         except FileNotFoundError:
             return None
 
     def create(self, data: bytes) -> str:
-        return self._call("put_object", Body=data, IfNoneMatch="*")["ETag"]
+        etag: str = self._call("put_object", Body=data, IfNoneMatch="*")["ETag"]
+        return etag
 
     def replace(self, data: bytes, version: str) -> str:
-        return self._call("put_object", Body=data, IfMatch=version)["ETag"]
+        etag: str = self._call("put_object", Body=data, IfMatch=version)["ETag"]
+        return etag
 
     def delete(self, version: str) -> None:
         self._call("delete_object", IfMatch=version)

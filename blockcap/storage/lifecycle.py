@@ -260,6 +260,7 @@ def prepare(
                     f"store {location} was written by an older blockcap (format {version}); "
                     f"capture into another out=PATH, or replace it with overwrite=True"
                 )
+            assert old_spec is not None  # a store of the current format records its spec
             raise BlockcapError(_other_capture(location, spec, old_spec))
         if old.get("state") == COMPLETE:
             set_aside(location, old, meta["run_id"])
@@ -305,7 +306,7 @@ def _continue(
     sole: bool, overwrite: bool, tag: int,
 ) -> Prepared:  # fmt: skip
     """Resume the store this spec started: finish creating it, or list the units left."""
-    keep = {k: old[k] for k in ("run_id", "started") if k in old}
+    keep: dict[str, Any] = {k: old[k] for k in ("run_id", "started") if k in old}
     if old.get("state") == COMPLETE:
         if intact(location, layout, old):
             discard_aside(location, old["run_id"])

@@ -71,13 +71,25 @@ class Location:
         self._real: str | None = None
         self._pending: set[Path] = set()  # files and directories written since the last commit
         self._lock, self._sync_lock = threading.Lock(), threading.Lock()
+        self._root: Path | None = None  # a local store's directory
+        self._fs: Any = None  # an object store's fsspec file system (fsspec ships no types)
         if self.local:
-            self.root = Path(self.url.removeprefix("file://")).expanduser()
-            self.fs = None
-            self.path = str(self.root)
+            self._root = Path(self.url.removeprefix("file://")).expanduser()
+            self.path = str(self._root)
         else:
-            self.fs, self.path = _filesystem(self.url, self.storage_options)
-            self.root = None
+            self._fs, self.path = _filesystem(self.url, self.storage_options)
+
+    @property
+    def root(self) -> Path:
+        """The store's directory (a local location's only)."""
+        assert self._root is not None, f"{self.url} is on object storage: it has no local directory"
+        return self._root
+
+    @property
+    def fs(self) -> Any:
+        """The fsspec file system of an object-store location."""
+        assert self._fs is not None, f"{self.url} is local: it has no fsspec file system"
+        return self._fs
 
     def resolved(self) -> Location:
         """This place named once and for all: a local path made absolute with every symbolic link
@@ -92,7 +104,7 @@ class Location:
             raise BlockcapError(f"out={self.url!r} cannot be used ({e.strerror})") from None
         linked = real != os.path.abspath(self.root)
         out = Location(real if linked else self.url, self.storage_options, self.durable)
-        out.root, out.path = Path(real), real
+        out._root, out.path = Path(real), real
         return out
 
     def _local_path(self, key: str, write: bool = False) -> Path:
@@ -149,14 +161,16 @@ class Location:
         try:
             if self.local:
                 return self._local_path(key).read_bytes()
-            return self._remote(self.fs.cat_file, f"{self.path}/{check_key(key)}")
+            data: bytes = self._remote(self.fs.cat_file, f"{self.path}/{check_key(key)}")
+            return data
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
 
     def exists(self, key: str = "") -> bool:
         if self.local:
             return self._local_path(key).exists()
-        return self._remote(self.fs.exists, f"{self.path}/{check_key(key)}".rstrip("/"))
+        found: bool = self._remote(self.fs.exists, f"{self.path}/{check_key(key)}".rstrip("/"))
+        return found
 
     def keys(self, prefix: str = "") -> list[str]:
         """Every object under ``prefix`` (relative keys, sorted); local temp files left out."""
@@ -169,10 +183,10 @@ class Location:
                 rel = Path(dirpath).relative_to(self.root).as_posix()
                 found += [f if rel == "." else f"{rel}/{f}" for f in files if not f.endswith(PARTIAL)]
             return sorted(found)
-        base = f"{self.path}/{check_key(prefix)}".rstrip("/")
-        self._remote(self.fs.invalidate_cache, base)  # other processes write too: no cached listing
+        where = f"{self.path}/{check_key(prefix)}".rstrip("/")
+        self._remote(self.fs.invalidate_cache, where)  # other processes write too: no cached listing
         try:
-            return sorted(p[len(self.path) + 1 :] for p in self._remote(self.fs.find, base))
+            return sorted(p[len(self.path) + 1 :] for p in self._remote(self.fs.find, where))
         except FileNotFoundError:
             return []
 
@@ -384,7 +398,10 @@ class Location:
         """Copy objects to the same keys under ``dst`` (server-side on object stores)."""
         if self.local or dst.local or type(self.fs) is not type(dst.fs):
             for key in keys:
-                dst.put(key, self.get(key))
+                data = self.get(key)
+                if data is None:  # listed by the caller, gone now: another process changed the store
+                    raise BlockcapError(f"store {self.url}: {key} vanished while being copied; retry")
+                dst.put(key, data)
             return
         if keys:
             self._remote_write(

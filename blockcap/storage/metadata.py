@@ -14,7 +14,9 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.core.array_spec import ArrayConfigParams
 from zarr.storage import MemoryStore
+from zarr.types import ArrayV3
 
 from blockcap.core.dims import ModelDims
 from blockcap.core.errors import BlockcapError
@@ -33,7 +35,7 @@ CREATING, INCOMPLETE, COMPLETE = "creating", "incomplete", "complete"
 ROOT = "zarr.json"
 
 
-_WRITE_CONFIG = {"write_empty_chunks": True}
+_WRITE_CONFIG: ArrayConfigParams = {"write_empty_chunks": True}
 
 
 def now() -> str:
@@ -234,13 +236,14 @@ class Opened:
     layout: Layout
     index: CommitIndex
     group: zarr.Group
-    arrays: dict[str, zarr.Array] = field(default_factory=dict)
+    arrays: dict[str, ArrayV3] = field(default_factory=dict)  # the group is opened as zarr v3
 
     @property
     def state(self) -> str:
-        return self.meta.get("state", "")
+        state: str = self.meta.get("state", "")
+        return state
 
-    def array(self, path: str) -> zarr.Array:
+    def array(self, path: str) -> ArrayV3:
         """An array by path (opened once), with a one-line error when its metadata is missing or damaged."""
         if path in self.arrays:
             return self.arrays[path]

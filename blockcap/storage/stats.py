@@ -42,7 +42,8 @@ def _scratch(name: str, size: int, dtype: type) -> np.ndarray:
 def widen(x: np.ndarray, bfloat16: bool = False, out: np.ndarray | None = None) -> np.ndarray:
     """Stored values as float32: bfloat16 bit patterns (uint16) or float16 widened, float32 as is."""
     if bfloat16:
-        wide = np.left_shift(x, 16, dtype=np.uint32, out=None if out is None else out.view(np.uint32))
+        into = None if out is None else out.view(np.uint32)
+        wide: np.ndarray = np.left_shift(x, 16, dtype=np.uint32, out=into)
         return wide.view(np.float32)
     if x.dtype == np.float32:
         return x
@@ -138,7 +139,8 @@ class Stats:
 
     @property
     def std(self) -> np.ndarray:
-        return np.sqrt(self.var)
+        std: np.ndarray = np.sqrt(self.var)
+        return std
 
 
 def merge(rows: list[np.ndarray], width: int, n_positions: int) -> Stats:

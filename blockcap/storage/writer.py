@@ -228,7 +228,7 @@ class SlabWriter:
             slabs.append(slab)
             taken += z - a
         if outs and outs[0].is_cuda:  # the writer waits for the copies into pinned memory
-            event = torch.cuda.Event()
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call]  # torch leaves Event.__new__ unannotated
             event.record()
             for slab in slabs:
                 slab.event = event
@@ -241,6 +241,7 @@ class SlabWriter:
         """The unit's token ids, window offsets and sources (not in a dedup store's units)."""
         if self.layout.dedup:
             return {}
+        assert slab.tokens is not None  # a window schedule's batches carry their token ids
         tokens = slab.tokens.numpy().astype(self._dtype("tokens"), copy=False)
         small = {"tokens": tokens, "offsets": self.source.offsets(slab.lo, slab.hi)}
         if "sources" in self.encoders:
@@ -267,6 +268,7 @@ class SlabWriter:
         """The statistics partial row of one site's data of ``slab``."""
         T, bf16 = self.layout.sample_len, self.layout.dtype_name == "bfloat16"
         if self.layout.dedup:
+            assert self.source.row_positions is not None and self.source.row_weights is not None
             rows = slice(slab.lo, slab.hi)
             row = partial(x, self.source.row_positions[rows], T, self.source.row_weights[rows], bf16)
         else:
@@ -298,7 +300,9 @@ class SlabWriter:
                     if a.path in self.partials:
                         data[self.partials[a.path]] = self._partial(slab, values)
                     if a.path in self.rounded:
-                        values, data[self.rounded[a.path]][0, -1] = round_bits(values, self.layout.keep_bits)
+                        bits = self.layout.keep_bits
+                        assert bits is not None  # else nothing is rounded
+                        values, data[self.rounded[a.path]][0, -1] = round_bits(values, bits)
                 else:
                     values = data[a.path]
                 blob, value = self._encode(a, values, slab)

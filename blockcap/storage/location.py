@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from blockcap.core.errors import BlockcapError
+from blockcap.storage.durable import fsync_dir, fsync_path, makedirs
 from blockcap.storage.stops import check_stop
 
 READ_AHEAD = 16  # objects read concurrently, and held at most, by ``get_each`` on object storage
@@ -271,7 +272,7 @@ class Location:
         check_stop()
         if self.local:
             path = self._local_path(key, write=True)
-            made = _makedirs(path.parent)
+            made = makedirs(path.parent)
             tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}{PARTIAL}")
             with open(tmp, "wb") as f:
                 f.write(data)
@@ -301,7 +302,7 @@ class Location:
                 todo, self._pending = self._pending, set()
             if todo:
                 with ThreadPoolExecutor(max_workers=min(16, len(todo))) as pool:
-                    list(pool.map(_fsync_path, todo))
+                    list(pool.map(fsync_path, todo))
 
     def put_many(self, objects: dict[str, bytes]) -> None:
         """Write several independent objects: in key order locally, concurrently on object storage."""
@@ -432,37 +433,6 @@ class Location:
 
 
 BUCKETS = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")  # protocols whose first path part is a bucket
-
-
-def _makedirs(d: Path) -> list[Path]:
-    """``mkdir -p d``; returns the directories it created, outermost first."""
-    made = []
-    while not d.is_dir():
-        made.append(d)
-        d = d.parent
-    for m in reversed(made):
-        m.mkdir(exist_ok=True)
-    return made[::-1]
-
-
-def _fsync_path(p: Path) -> None:
-    try:
-        fd = os.open(p, os.O_RDONLY | (os.O_DIRECTORY if p.is_dir() else 0))
-    except FileNotFoundError:  # deleted or replaced since: nothing of it to keep
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(d: Path) -> None:
-    """Make the entries of directory ``d`` (files renamed or created in it) durable."""
-    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _filesystem(url: str, options: dict[str, Any]) -> tuple[Any, str]:

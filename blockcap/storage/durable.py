@@ -1,0 +1,42 @@
+"""Durable local writes: directories made one level at a time and files and directories fsynced.
+
+A power loss may otherwise keep a rename or a commit record while losing the data it names (on
+file systems that reorder metadata before data); ``Location`` calls these unless ``durable`` is off.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def makedirs(d: Path) -> list[Path]:
+    """``mkdir -p d``; returns the directories it created, outermost first."""
+    made = []
+    while not d.is_dir():
+        made.append(d)
+        d = d.parent
+    for m in reversed(made):
+        m.mkdir(exist_ok=True)
+    return made[::-1]
+
+
+def fsync_path(p: Path) -> None:
+    """Make file or directory ``p`` durable; one deleted or replaced since is skipped."""
+    try:
+        fd = os.open(p, os.O_RDONLY | (os.O_DIRECTORY if p.is_dir() else 0))
+    except FileNotFoundError:  # deleted or replaced since: nothing of it to keep
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(d: Path) -> None:
+    """Make the entries of directory ``d`` (files renamed or created in it) durable."""
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

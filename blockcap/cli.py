@@ -87,6 +87,7 @@ def verify(
     --repair deletes the objects found altered, so that re-running the capture recomputes them.
     --dataset names the dataset to check the tokens against (default: the file the store names).
     """
+    from blockcap.analysis.tokens import TOKENS_NOT_CHECKED
     from blockcap.analysis.verify import verify as verify_store
 
     problems = verify_store(
@@ -95,9 +96,11 @@ def verify(
         repair=_bool_arg("repair", repair), dataset=None if dataset is None else str(dataset),
     )  # fmt: skip
     for p in problems:
-        print(f"problem: {p}", file=sys.stderr)
+        print(f"problem: {cli_words(p)}", file=sys.stderr)
+    hint = _verify_hint([p for p in problems if not p.startswith(TOKENS_NOT_CHECKED)], repair)
+    if hint:
+        print(f"hint: {hint}", file=sys.stderr)
     if problems:
-        print(f"hint: {_verify_hint(problems, repair)}", file=sys.stderr)
         sys.exit(1)
     print(f"ok: {store} is complete and every object matches its commit record")
 
@@ -106,8 +109,10 @@ def verify(
 ALTERED = ("differs from what was", "record is damaged", "differs from the store's layout")
 
 
-def _verify_hint(problems: list[str], repaired: bool) -> str:
-    """What to do next about ``problems``."""
+def _verify_hint(problems: list[str], repaired: bool) -> str | None:
+    """What to do next about the store's ``problems`` (None: nothing to do to the store)."""
+    if not problems:
+        return None
     if repaired or not any(a in p for p in problems for a in ALTERED):
         return "re-run the capture command: it recomputes what is missing and finishes the store"
     return "verify --repair rewrites damaged metadata and deletes altered objects; then re-run the capture"

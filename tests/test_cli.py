@@ -128,3 +128,28 @@ def test_verify_exits_1_on_damage_and_2_on_a_path_that_is_no_store(run_args, tmp
         cli("verify", run_args["out"])
     assert exc.value.code == 1
     assert "problem: tokens: chunk 0" in capsys.readouterr().err
+
+
+def test_verify_names_a_dataset_that_is_not_the_stores(run_args, tmp_path, capsys):
+    """Tokens are checked against the store's dataset; another one named, or the store's own changed
+    since, is a problem said in one line (never a silent "ok"); one that is gone is not checked."""
+    mine = tmp_path / "d.txt"  # changed and deleted below: not the session's shared text
+    mine.write_text(Path(run_args["dataset"]).read_text())
+    a = {**run_args, "dataset": str(mine)}
+    cli("run", *(f"--{k}={v}" for k, v in a.items()))
+    capsys.readouterr()
+    other = tmp_path / "other.txt"
+    other.write_text(Path(a["dataset"]).read_text()[::-1])
+    with pytest.raises(SystemExit) as exc:
+        cli("verify", a["out"], f"--dataset={other}")
+    err = capsys.readouterr().err
+    assert exc.value.code == 1 and "is not the one the store was captured from" in err, err
+    assert "--dataset=PATH" in err and "--dataset_check=False" in err
+    original = Path(a["dataset"]).read_text()
+    Path(a["dataset"]).write_text(original[:-1] + "#")  # the store's own dataset, changed
+    with pytest.raises(SystemExit):
+        cli("verify", a["out"])
+    assert "is not the one the store was captured from" in capsys.readouterr().err
+    Path(a["dataset"]).unlink()  # gone: nothing to compare against
+    cli("verify", a["out"])
+    assert "ok:" in capsys.readouterr().out

@@ -2,8 +2,8 @@
 
 The store names its dataset and how its windows were cut; the dataset's token cache (built by
 streaming tokenization when there is none) gives the windows again, and every unit's stored
-tokens, offsets and sources must equal them. A dataset that is gone or whose content changed is
-not compared (there is nothing to compare against).
+tokens, offsets and sources must equal them. A dataset that is gone is not compared (a store may
+outlive its dataset); one whose content is not the store's is a problem (named, not compared).
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ from blockcap.analysis.reader import CaptureStore
 from blockcap.core.errors import BlockcapError
 from blockcap.core.spec import CaptureSpec
 from blockcap.data.corpus import corpus_windows, open_corpus
-from blockcap.data.windows import Windows
+from blockcap.data.inputs import content_digest, list_inputs
 from blockcap.storage.metadata import Opened
+
+TOKENS_NOT_CHECKED = "tokens not checked"  # the start of the problem a dataset of other content gives
 
 
 def _spec(opened: Opened) -> CaptureSpec:
@@ -28,25 +30,36 @@ def _spec(opened: Opened) -> CaptureSpec:
                        dataset_sha256=p.get("dataset_sha256"))  # fmt: skip
 
 
-def dataset_windows(opened: Opened, dataset: str | None, token_cache: str | None = None) -> Windows | None:
-    """The windows ``dataset`` gives today for the store's spec, or None when it is gone or changed."""
-    if not dataset:
-        return None
-    spec = _spec(opened)
+def _changed(spec: CaptureSpec, dataset: str) -> str | None:
+    """Why ``dataset`` cannot be checked against the store: gone (None: nothing to compare with, a
+    store may outlive its dataset) is fine; another content is a problem, said in one line."""
     try:
-        corpus = open_corpus(str(dataset), CaptureStore(opened).tokenizer, spec.text_column,
-                             spec.dataset_sha256, token_cache)  # fmt: skip
+        digest = content_digest(list_inputs(dataset))
     except BlockcapError:
-        return None  # gone, unreadable or changed since the capture
-    return corpus_windows(corpus, spec, opened.layout.dims.vocab_size)
+        return None
+    if spec.dataset_sha256 and digest != spec.dataset_sha256:
+        return (
+            f"{TOKENS_NOT_CHECKED}: dataset {dataset} is not the one the store was captured from (its "
+            f"sha256 is {digest[:16]}..., the store's {spec.dataset_sha256[:16]}...); pass dataset=PATH "
+            f"of the original, or dataset_check=False"
+        )
+    return ""
 
 
 def check_tokens(opened: Opened, dataset: str | None, token_cache: str | None = None) -> list[str]:
     """Problems with the stored tokens, offsets and sources against ``dataset`` (the store's own, or
-    one the user names): none when it is gone or its content is not the store's."""
-    windows = dataset_windows(opened, dataset, token_cache)
-    if windows is None:
+    one the user names): none when it is gone, one when its content is not the store's."""
+    if not dataset:
         return []
+    spec = _spec(opened)
+    changed = _changed(spec, str(dataset))
+    if changed is None:
+        return []
+    if changed:
+        return [changed]
+    corpus = open_corpus(str(dataset), CaptureStore(opened).tokenizer, spec.text_column,
+                         spec.dataset_sha256, token_cache)  # fmt: skip
+    windows = corpus_windows(corpus, spec, opened.layout.dims.vocab_size)
     store, layout = CaptureStore(opened), opened.layout
     n = layout.n_windows
     if len(windows) != n:

@@ -5,7 +5,8 @@ chunk fails on read instead of returning garbage. blockcap encodes chunks itself
 bytes to the store in one write; the result is exactly what zarr's codec chain [bytes,
 compressor, crc32c] (inside ``sharding_indexed`` when sharded) decodes, so plain zarr reads it.
 
-Why not zarr's own codec pipeline: measured on the same activations (``benchmarks/codecs.py``),
+Why not zarr's own codec pipeline: measured on the same activations (``benchmarks/test_storage.py::
+test_encoder``, figures in docs/design.md),
 encoding through ``BatchedCodecPipeline`` / ``ShardingCodec`` costs more CPU per byte than
 this module, and the writer is the capture's bottleneck on a CPU. Blosc, the default codec,
 is called through numcodecs' bundled c-blosc (``blosc_compress_ctx``, thread-safe, GIL

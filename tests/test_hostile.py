@@ -280,3 +280,43 @@ def test_a_format_2_root_is_not_trusted_over_its_array_documents(tmp_path, chang
     if change < 0:
         assert any("name no unit of the root's" in p for p in problems), problems
     assert snapshot(store) == before
+
+
+def test_hashing_many_files_reads_and_writes_the_digest_cache_once(dataset, tmp_path, monkeypatch):
+    from blockcap.data import digest as digest_module
+
+    paths = [tmp_path / "many" / f"{i}.txt" for i in range(300)]
+    paths[0].parent.mkdir()
+    for i, p in enumerate(paths):
+        p.write_text(f"file {i}\n")
+    sha256_file(dataset)  # a cache file to read
+    calls = {"_load": 0, "_save": 0}
+
+    def counted(name):
+        real = getattr(digest_module, name)
+
+        def call(*a):
+            calls[name] += 1
+            return real(*a)
+
+        return call
+
+    for name in calls:
+        monkeypatch.setattr(digest_module, name, counted(name))
+    want = [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+    assert digest_module.sha256_files(paths) == want and calls == {"_load": 1, "_save": 1}
+    assert digest_module.sha256_files(paths) == want and calls == {"_load": 2, "_save": 1}  # all known
+    assert len(json.loads((cache_dir() / "sha256.json").read_text())) == 301
+
+
+def test_the_digest_cache_keeps_the_digests_used_last(dataset, tmp_path, monkeypatch):
+    from blockcap.data import digest as digest_module
+
+    monkeypatch.setattr(digest_module, "MAX_ENTRIES", 50)
+    paths = [tmp_path / f"{i}.txt" for i in range(120)]
+    for i, p in enumerate(paths):
+        p.write_text(f"file {i}\n")
+    digest_module.sha256_files(paths[:100])
+    digest_module.sha256_files([paths[10], *paths[100:]])  # one old digest used again, 20 new ones
+    kept = list(json.loads((cache_dir() / "sha256.json").read_text()))
+    assert kept == [str(p.resolve()) for p in [*paths[71:100], paths[10], *paths[100:]]]

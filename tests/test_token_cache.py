@@ -3,11 +3,14 @@ used half-built, and keyed so that any change of content or tokenizer gives a ne
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,6 +18,8 @@ import numpy as np
 import pytest
 
 import blockcap
+from blockcap.analysis.reader import IncompleteStoreWarning, open_store
+from blockcap.cli import cli_words, main
 from blockcap.core.errors import BlockcapError
 from blockcap.data import cache as cache_module
 from blockcap.data.cache import CACHE_ENV, build_cache, cache_key, open_cache
@@ -85,20 +90,98 @@ def test_the_cache_holds_each_documents_ids(tmp_path, root):
         assert np.array_equal(c.ids(int(starts[k]), int(end)), tok.encode(d))
 
 
-def test_a_damaged_cache_is_refused_or_rebuilt(tmp_path, root):
+def small_cache(tmp_path: Path, root: Path, n_chars: int = 5000):
     f = tmp_path / "d.txt"
-    f.write_text(make_text(5000))
+    f.write_text(make_text(n_chars))
     files, tok = list_inputs(str(f)), CharTokenizer.from_text(f.read_text())
-    c = build_cache(files, tok, None, root)
-    chunk = c.directory / "ids" / c.meta["ids"][0]["file"]
-    data = bytearray(chunk.read_bytes())
+    return files, tok, build_cache(files, tok, None, root)
+
+
+def whole(c, tok, files) -> bool:
+    return np.array_equal(c.ids(0, c.n_tokens), tok.encode(Path(files[0].path).read_text()))
+
+
+EDITS = {
+    "fewer tokens": lambda m: {**m, "n_tokens": m["n_tokens"] - 1},
+    "more tokens": lambda m: {**m, "n_tokens": m["n_tokens"] + 1},
+    "no documents": lambda m: {**m, "n_documents": 0},
+    "five documents": lambda m: {**m, "n_documents": 5},
+    "no chunk files": lambda m: {**m, "ids": []},
+    "a shorter chunk": lambda m: {**m, "ids": [{**m["ids"][0], "rows": 10}], "n_tokens": 10},
+}
+
+
+@pytest.mark.parametrize("resealed", [False, True], ids=["edited", "edited and resealed"])
+@pytest.mark.parametrize("edit", EDITS)
+def test_an_edited_meta_json_is_a_damaged_cache_built_again(tmp_path, root, edit, resealed):
+    files, tok, c = small_cache(tmp_path, root)
+    path = c.directory / "meta.json"
+    meta = EDITS[edit](json.loads(path.read_text()))
+    if resealed:  # its sha256 recomputed: the chunk files still disagree with it
+        meta.pop("sha256")
+        meta["sha256"] = cache_module._seal(meta)
+    path.write_text(json.dumps(meta))
+    assert open_cache(root, c.key) is None
+    again = build_cache(files, tok, None, root)
+    assert again.n_tokens == c.n_tokens and again.n_documents == 1 and whole(again, tok, files)
+
+
+def test_a_run_over_an_edited_cache_captures_every_window(run_args, root, tmp_path, capsys):
+    blockcap.run(**run_args)
+    (key,) = committed(root)
+    path = root / key / "meta.json"
+    meta = json.loads(path.read_text())
+    path.write_text(json.dumps({**meta, "n_tokens": meta["n_tokens"] // 2}))
+    other = str(tmp_path / "other.zarr")
+    blockcap.run(**{**run_args, "out": other})
+    assert "is damaged (meta.json does not match its sha256" in capsys.readouterr().err
+    assert open_store(other).n_windows == open_store(run_args["out"]).n_windows
+
+
+@pytest.mark.parametrize(("damage", "chunk"), [("flip", 0), ("flip", -1), ("cut", 2), ("cut", -1)])
+def test_a_damaged_chunk_file_is_found_at_open_and_built_again(tmp_path, root, monkeypatch, damage, chunk):
+    monkeypatch.setattr(cache_module, "CHUNK_TOKENS", 1024)  # five chunk files
+    files, tok, c = small_cache(tmp_path, root)
+    path = c.directory / "ids" / c.meta["ids"][chunk]["file"]
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data if damage == "flip" else data[:-1]))
+    assert len(c.meta["ids"]) == 5 and open_cache(root, c.key) is None
+    assert whole(build_cache(files, tok, None, root), tok, files)
+
+
+def flags(args: dict) -> list[str]:
+    return ["run", *(f"--{k}={v}" for k, v in args.items())]
+
+
+def cli(argv: list[str], capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+        raise SystemExit(0)
+    return exc.value.code, capsys.readouterr().err.strip()
+
+
+def test_a_byte_flipped_deep_in_a_large_cache_stops_the_run_in_one_line(
+    run_args, root, tmp_path, capsys, monkeypatch
+):
+    """Only the first and last chunk files are read when a cache opens: a flipped byte in another
+    one is found when a run first reads it, which keeps what it committed and says what to do."""
+    monkeypatch.setattr(cache_module, "CHUNK_TOKENS", 512)  # twelve chunk files
+    args = {**run_args, "split": "all", "stride": 40, "chunk_windows": 16, "writers": 1}
+    blockcap.run(**args)
+    (key,) = committed(root)
+    path = root / key / "ids" / "00006.npy"
+    data = bytearray(path.read_bytes())
     data[-1] ^= 1
-    chunk.write_bytes(bytes(data))
-    with pytest.raises(BlockcapError, match="damaged .*checksum fails.*delete"):
-        open_cache(root, c.key).ids(0, 10)
-    chunk.unlink()  # a missing file: not a cache at all, built again
-    rebuilt = build_cache(files, tok, None, root)
-    assert np.array_equal(rebuilt.ids(0, rebuilt.n_tokens), tok.encode(f.read_text()))
+    path.write_bytes(bytes(data))
+    args["out"] = str(tmp_path / "other.zarr")
+    code, err = cli(flags(args), capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"{path} is damaged (its checksum fails); delete {root / key} and re-run" in err
+    with pytest.warns(IncompleteStoreWarning, match="units committed"):
+        done = open_store(args["out"]).committed_windows()
+    assert 0 < done.sum() < done.size
 
 
 def build_in_a_process(f: Path, vocab: str, root: Path) -> subprocess.Popen:
@@ -121,13 +204,12 @@ def test_processes_wanting_one_cache_wait_for_a_single_builder(tmp_path, root):
     root.mkdir()
     with cache_module._Lock(root / f"{key}.lock"):  # this process builds; another one wants the cache
         waiter = build_in_a_process(f, tok.vocab, root)
-        time.sleep(3)
-        assert waiter.poll() is None  # it waits for the builder
+        said = waiter.stderr.readline()  # it waits for the builder (it cannot finish before)
+        assert "waiting for another process" in said and waiter.poll() is None, said
         built = cache_module._build_locked(root, key, files, tok, None, None, None)
         inode = built.directory.stat().st_ino
     out, err = waiter.communicate(timeout=120)
     assert waiter.returncode == 0 and out.split() == [key, "2000"], err
-    assert "waiting for another process" in err
     assert (root / key).stat().st_ino == inode  # used, not built again
 
 
@@ -161,3 +243,60 @@ def test_the_cache_directory_option_and_bad_places(tmp_path, ckpt, run_args):
         open_corpus(
             run_args["dataset"], CharTokenizer.from_text(make_text()), token_cache=str(blocked / "sub")
         )
+
+
+def test_a_read_only_cache_directory_serves_its_caches_and_names_the_fix(tmp_path, root, monkeypatch):
+    files, tok, c = small_cache(tmp_path, root)
+    real_open = os.open
+
+    def read_only(path, flags, *a, **kw):  # root cannot create a file in a chmod-ed directory
+        if str(path).startswith(str(root)) and flags & os.O_CREAT:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, flags, *a, **kw)
+
+    monkeypatch.setattr(os, "open", read_only)
+    assert build_cache(files, tok, None, root).key == c.key  # committed: read without a lock
+    with pytest.raises(BlockcapError) as exc:
+        build_cache(files, CharTokenizer(tok.vocab + "#"), None, root)  # not there: built under the lock
+    message = str(exc.value)
+    assert re.fullmatch(
+        rf"cannot create [0-9a-f]{{32}}\.lock in the token cache directory {re.escape(str(root))} "
+        rf"\(Read-only file system\); pass token_cache=A_WRITABLE_DIR or set {CACHE_ENV}",
+        message,
+    ), message
+    assert "--token_cache=A_WRITABLE_DIR" in cli_words(message)
+
+
+def test_no_lock_file_outlives_a_build_and_a_failed_build_leaves_no_directory(tmp_path):
+    root = tmp_path / "made" / "tokens"
+    files, tok, c = small_cache(tmp_path, root)
+    assert [p.name for p in root.iterdir()] == [c.key]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    fresh = tmp_path / "fresh" / "tokens"
+    with pytest.raises(BlockcapError, match="is empty"):
+        build_cache(list_inputs(str(empty)), tok, None, fresh)
+    assert not (tmp_path / "fresh").exists()
+    with pytest.raises(BlockcapError, match="is empty"):  # a directory that was there stays
+        build_cache(list_inputs(str(empty)), tok, None, root)
+    assert [p.name for p in root.iterdir()] == [c.key]
+
+
+def test_the_lock_excludes_while_its_file_comes_and_goes(tmp_path):
+    """Holders delete the lock file: a process that waited on a deleted one locks the new file."""
+    path, inside, most = tmp_path / "k.lock", [0], [0]
+
+    def work() -> None:
+        for _ in range(100):
+            with cache_module._Lock(path):
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+                time.sleep(0.0005)
+                inside[0] -= 1
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == 1 and not path.exists()

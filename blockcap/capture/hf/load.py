@@ -35,7 +35,7 @@ from blockcap.capture.hf.checks import (
 from blockcap.capture.hf.hub import hub_options, locate, missing_extra, snapshot, unreachable
 from blockcap.core.errors import BlockcapError
 from blockcap.core.spec import CaptureSpec
-from blockcap.data.digest import sha256_file
+from blockcap.data.digest import sha256_files
 from blockcap.data.tokenizers import HFTokenizer
 
 # config.model_type -> (family module, adapter class); any other type tries the generic path
@@ -121,7 +121,7 @@ def weight_files(directory: Path) -> list[Path]:
 
 def files_sha256(files: list[Path]) -> str:
     """One sha256 over several files: of their ``name\\0sha256\\n`` lines, in the given order."""
-    lines = "".join(f"{p.name}\0{sha256_file(p)}\n" for p in files)
+    lines = "".join(f"{p.name}\0{digest}\n" for p, digest in zip(files, sha256_files(files), strict=True))
     return hashlib.sha256(lines.encode()).hexdigest()
 
 

@@ -341,6 +341,10 @@ def test_a_lone_surrogate_is_refused_at_its_record(tmp_path):
     bad.write_text('{"text": "fine"}\n{"id": "\\udfff", "text": "ok"}\n{"text": "bad \\ud800 x"}\n')
     with pytest.raises(BlockcapError, match=r"x\.jsonl line 3: text_column 'text' holds a lone surrogate"):
         read_all(bad)
+    for text in ("\\uDC00", "\\ud800", "a\\ud83d", "\\ude00\\ud83d"):  # anywhere, either half
+        (tmp_path / "y.jsonl").write_text(f'{{"text": "{text}"}}\n')
+        with pytest.raises(BlockcapError, match="lone surrogate"):
+            read_all(tmp_path / "y.jsonl")
     with pytest.raises(BlockcapError, match="line 3"):  # not the tokenizer's TypeError
         open_corpus(str(bad), tokenizer("bytelevel"), token_cache=str(tmp_path / "tokens"))
 
@@ -369,7 +373,7 @@ def test_an_existing_path_is_never_a_glob(name, tmp_path):
     assert read_all(path) == DOCS
 
 
-@pytest.mark.parametrize("form", ["directory", "glob"])
+@pytest.mark.parametrize("form", ["directory", "glob", "glob **"])
 def test_each_file_is_read_once_however_many_links_lead_to_it(form, tmp_path):
     d = tmp_path / "d"
     (d / "sub").mkdir(parents=True)
@@ -377,7 +381,7 @@ def test_each_file_is_read_once_however_many_links_lead_to_it(form, tmp_path):
     (d / "b.txt").symlink_to(d / "a.txt")  # the same file again
     (d / "sub" / "c.txt").write_text("second")
     (d / "sub" / "back").symlink_to(d)  # a loop: a glob following it lists each file 41 times
-    files = list_inputs(str(d) if form == "directory" else f"{d}/**/*.txt")
+    files = list_inputs({"directory": str(d), "glob": f"{d}/**/*.txt", "glob **": f"{d}/**"}[form])
     assert [Path(f.path).relative_to(d).as_posix() for f in files] == ["a.txt", "sub/c.txt"]
 
 
@@ -429,7 +433,9 @@ def test_a_bad_byte_is_named_by_its_true_line_and_offset(tmp_path):
         ("null", "is not a JSON object (it is null)"),
         ('{"text": "a\tb"}', "is not JSON (Invalid control character at column 12)"),
         ('{"text": }', "is not JSON (Expecting value at column 10)"),
+        ("[" * 100000 + "]" * 100000, "is JSON nested too deeply"),
     ],
+    ids=["array", "string", "number", "null", "control character", "no value", "too deep"],
 )
 def test_a_bad_jsonl_line_says_what_is_wrong(line, expected, tmp_path):
     (tmp_path / "x.jsonl").write_text('{"text": "fine"}\n' + line + "\n")

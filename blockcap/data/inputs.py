@@ -87,6 +87,12 @@ def _magic(text: str) -> bool:
     return any(c in text for c in "*?[")
 
 
+def _split(parts: list[str]) -> tuple[list[str], list[str]]:
+    """A glob's parts: its literal prefix, and the pattern below it (a last ``**``: every file below)."""
+    i = next(i for i, part in enumerate(parts) if _magic(part))
+    return parts[:i], parts[i:] + (["*"] if parts[-1] == "**" else [])
+
+
 def _children(directory: Path) -> list[Path]:
     """The entries of ``directory`` whose names do not start with "." (none if it is no directory)."""
     try:
@@ -132,9 +138,8 @@ def _local_files(dataset: str) -> list[Path]:
     with ``[``, ``*`` or ``?`` in its name); only one that does not is a glob."""
     root = Path(dataset).expanduser()
     if not os.path.lexists(root) and _magic(str(root)):
-        parts = root.parts
-        literal = next(i for i, part in enumerate(parts) if _magic(part))
-        found = _files(Path(*parts[:literal]) if literal else Path("."), list(parts[literal:]))
+        literal, pattern = _split(list(root.parts))
+        found = _files(Path(*literal) if literal else Path("."), pattern)
         if not found:
             raise BlockcapError(f"dataset={dataset!r} matches no file; check the pattern")
         return found
@@ -172,7 +177,7 @@ def _remote_files(dataset: str, options: dict[str, Any]) -> list[tuple[str, int,
         protocol = dataset.split("://", 1)[0]
         base = path
         if _magic(path) and not fs.exists(path):
-            base = "/".join(path.split("/")[: next(i for i, p in enumerate(path.split("/")) if _magic(p))])
+            base = "/".join(_split(path.split("/"))[0])
             infos = fs.glob(path, detail=True)
         elif fs.isdir(path):
             infos = fs.find(path, detail=True)

@@ -187,49 +187,66 @@ def _jsonl(f: InputFile, column: str, options: dict[str, Any]) -> Iterator[tuple
             for n, line in enumerate(data, 1):
                 if n == 1:
                     line = line.removeprefix(_BOM.encode())
-                if line.strip():
-                    yield n - 1, _record(f, line, n, column), raw.tell()
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line.decode("utf-8"))[column]
+                except (ValueError, TypeError, KeyError, IndexError, RecursionError):  # see _refused
+                    raise _refused(f, line, n, column) from None
+                if not isinstance(text, str) or _half_pair(text, line) is not None:
+                    raise _refused(f, line, n, column)
+                yield n - 1, text, raw.tell()
     except _DECODE_ERRORS as e:
         raise _bad(f, e, f" (after line {n})" if n else "") from None
 
 
-def _record(f: InputFile, line: bytes, n: int, column: str) -> str:
-    """The text of line ``n`` of a .jsonl file."""
+def _half_pair(text: str, line: bytes) -> int | None:
+    """Where ``text`` holds half a surrogate pair (None if nowhere): JSON can escape one, but it is no
+    character (nor UTF-8). Looked for only where ``line`` has such an escape."""
+    if text.isascii() or not (b"\\ud" in line or b"\\uD" in line):
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
+
+
+def _refused(f: InputFile, line: bytes, n: int, column: str) -> InputError:
+    """Why line ``n`` of a .jsonl file gives no text (worked out once it did not)."""
     where = f"dataset file {f.path} line {n}"
     try:
         row = json.loads(line.decode("utf-8"))
     except UnicodeDecodeError as e:
-        raise InputError(
+        return InputError(
             f"{where} is not UTF-8 text ({e.reason} at byte {e.start} of the line); convert the file to UTF-8"
-        ) from None
+        )
     except json.JSONDecodeError as e:
         at = "" if e.msg.endswith(" at") else " at"
-        raise InputError(f"{where} is not JSON ({e.msg}{at} column {e.colno}); fix or remove it") from None
+        return InputError(f"{where} is not JSON ({e.msg}{at} column {e.colno}); fix or remove it")
+    except RecursionError:
+        return InputError(f"{where} is JSON nested too deeply to read; fix or remove it")
     if not isinstance(row, dict):
-        raise InputError(
+        return InputError(
             f"{where} is not a JSON object (it is {_JSON_TYPES.get(type(row), 'null')}); "
             f'write each line as an object, e.g. {{"{column}": "..."}}'
         )
     if column not in row:
-        raise InputError(f"{where} has no text_column {column!r}; pass text_column=")
-    text = _string(f, row[column], column, f"line {n}")
-    if b"\\ud" in line or b"\\uD" in line:  # an escape JSON allows but UTF-8 cannot hold
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise InputError(
-                f"{where}: text_column {column!r} holds a lone surrogate "
-                f"({text[e.start]!r}, an escape no character has); remove it or escape the whole pair"
-            ) from None
-    return text
+        return InputError(f"{where} has no text_column {column!r}; pass text_column=")
+    text = row[column]
+    if not isinstance(text, str):
+        return _not_text(f, text, column, f"line {n}")
+    half = _half_pair(text, line) or 0
+    return InputError(
+        f"{where}: text_column {column!r} holds a lone surrogate ({text[half]!r}, an escape no "
+        f"character has); remove it or escape the whole pair"
+    )
 
 
-def _string(f: InputFile, value: Any, column: str, where: str) -> str:
-    if not isinstance(value, str):
-        raise InputError(
-            f"dataset file {f.path} {where}: text_column {column!r} holds {type(value).__name__}, not text"
-        )
-    return value
+def _not_text(f: InputFile, value: Any, column: str, where: str) -> InputError:
+    return InputError(
+        f"dataset file {f.path} {where}: text_column {column!r} holds {type(value).__name__}, not text"
+    )
 
 
 @contextlib.contextmanager
@@ -287,7 +304,9 @@ def _table(f: InputFile, column: str, options: dict[str, Any]) -> Iterator[tuple
 
             for batch in batches:
                 for value in batch.column(0).to_pylist():
-                    yield row, _string(f, value, column, f"row {row}"), at()
+                    if not isinstance(value, str):
+                        raise _not_text(f, value, column, f"row {row}")
+                    yield row, value, at()
                     row += 1
             if stream is not None and stream.last != ARROW_END:  # a stream cut after a whole batch
                 raise InputError(

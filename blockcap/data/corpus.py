@@ -58,7 +58,7 @@ class Corpus:
 
     def record(self) -> dict[str, Any]:
         """The store's dataset record: what was read, its identity, and the cache it was read through."""
-        where = self.dataset if is_url(self.dataset) else str(Path(self.dataset).absolute())
+        where = self.dataset if is_url(self.dataset) else str(Path(self.dataset).expanduser().absolute())
         return {
             "path": where, "sha256": self.sha256, "files": [f.record() for f in self.files],
             "documents": self.cache.n_documents, "tokens": self.cache.n_tokens,

@@ -16,7 +16,7 @@ from typing import cast
 import numpy as np
 
 from blockcap.core.errors import BlockcapError
-from blockcap.data.records import Document
+from blockcap.data.records import Document, InputError
 from blockcap.data.tokenizers import Tokenizer
 
 BATCH_CHARS = 4 << 20  # characters of record documents encoded per batch call
@@ -89,6 +89,8 @@ def _encode(
             return
         texts = [d.text or "" for d in batch]
         yield from ((d, ids, False) for d, ids in zip(batch, tokenizer.encode_batch(texts), strict=True))
+    except InputError:  # a streamed document's file failed as it was read: it names itself
+        raise
     except BlockcapError as e:
         for d in batch if len(batch) > 1 else []:
             try:

@@ -1,18 +1,23 @@
 """What a ``dataset`` names: the input files, their format and compression, and their content identity.
 
 A dataset is a file, a directory (every file under it, recursively, in path order), a glob, or a
-URL (``s3://``, ``gs://``, ``az://``, ``memory://``, read through fsspec). Formats: ``.txt`` (one
-document per file), ``.jsonl`` (one per line), ``.parquet`` (one per row, read by row group), each
-optionally compressed (``.gz``, ``.bz2``, ``.zst``), and a Hugging Face ``datasets`` directory
+URL (``s3://``, ``gs://``, ``az://``, ``memory://``, read through fsspec). A path that exists is used
+as it is; only one that does not is a glob. Listing a directory (as ``DIR/**/*``) or a glob skips names
+starting with "." below the directory or the glob's literal prefix, ``**`` does not enter linked
+directories, and a file is listed once however many links lead to it. Formats: ``.txt`` (one document
+per file), ``.jsonl`` (one per line), ``.parquet`` (one per row, read by row group), each optionally
+compressed (``.gz``, ``.bz2``, ``.zst``), and a Hugging Face ``datasets`` directory
 written by ``save_to_disk`` (its ``.arrow`` files). One dataset has one format. Identity is by
 content: each file's sha256 (remote objects: the store's content hash), never its path or mtime.
 """
 
 from __future__ import annotations
 
-import glob as globlib
+import fnmatch
 import hashlib
 import json
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,33 +75,93 @@ def _hf_arrow_files(directory: Path) -> list[Path] | None:
         names = [f["filename"] for f in json.loads(state.read_text())["_data_files"]]
     except (ValueError, KeyError, TypeError) as e:
         raise BlockcapError(f"dataset {directory}: its state.json is not a datasets index ({e})") from None
+    missing = next((n for n in names if not (directory / n).is_file()), None)
+    if missing is not None:
+        raise BlockcapError(
+            f"dataset {directory}: its state.json lists {missing}, which is missing; write the dataset again"
+        )
     return [directory / n for n in names]
 
 
+def _magic(text: str) -> bool:
+    return any(c in text for c in "*?[")
+
+
+def _split(parts: list[str]) -> tuple[list[str], list[str]]:
+    """A glob's parts: its literal prefix, and the pattern below it (a last ``**``: every file below)."""
+    i = next(i for i, part in enumerate(parts) if _magic(part))
+    return parts[:i], parts[i:] + (["*"] if parts[-1] == "**" else [])
+
+
+def _children(directory: Path) -> list[Path]:
+    """The entries of ``directory`` whose names do not start with "." (none if it is no directory)."""
+    try:
+        with os.scandir(directory) as entries:
+            return [directory / e.name for e in entries if not e.name.startswith(".")]
+    except OSError:
+        return []
+
+
+def _matches(directory: Path, parts: list[str]) -> Iterator[Path]:
+    """The paths below ``directory`` that the pattern ``parts`` names. Wildcards never match a hidden
+    name, and ``**`` does not enter linked directories, so a link loop cannot repeat files (a
+    directory dataset is ``**/*``: listed by the same rule)."""
+    if not parts:
+        yield directory
+        return
+    part, rest = parts[0], parts[1:]
+    if part == "**":
+        yield from _matches(directory, rest)
+        for child in _children(directory):
+            if child.is_dir() and not child.is_symlink():
+                yield from _matches(child, parts)
+    elif _magic(part):
+        for child in _children(directory):
+            if fnmatch.fnmatchcase(child.name, part):
+                yield from _matches(child, rest)
+    elif os.path.lexists(directory / part):
+        yield from _matches(directory / part, rest)
+
+
+def _files(directory: Path, pattern: list[str]) -> list[Path]:
+    """The input files ``pattern`` names below ``directory``: in path order, each file once (by the
+    file it resolves to, so a link to a file also listed is not read twice)."""
+    found = sorted(p for p in _matches(directory, pattern) if p.is_file() and p.name not in _SKIPPED)
+    unique: dict[str, Path] = {}
+    for p in found:
+        unique.setdefault(os.path.realpath(p), p)
+    return list(unique.values())
+
+
 def _local_files(dataset: str) -> list[Path]:
-    """The files a local dataset names, in path order."""
-    if any(c in dataset for c in "*?["):
-        found = sorted(Path(p) for p in globlib.glob(dataset, recursive=True) if Path(p).is_file())
+    """The files a local dataset names, in path order. A path that exists is used as it is (even
+    with ``[``, ``*`` or ``?`` in its name); only one that does not is a glob."""
+    root = Path(dataset).expanduser()
+    if not os.path.lexists(root) and _magic(str(root)):
+        literal, pattern = _split(list(root.parts))
+        found = _files(Path(*literal) if literal else Path("."), pattern)
         if not found:
             raise BlockcapError(f"dataset={dataset!r} matches no file; check the pattern")
         return found
-    root = Path(dataset).expanduser()
     if not root.exists():
         raise BlockcapError(f"dataset {root} does not exist; pass a file, a directory, a glob or a URL")
     if root.is_dir():
         arrow = _hf_arrow_files(root)
         if arrow is not None:
             return arrow
-        files = sorted(
-            p for p in root.rglob("*")
-            if p.is_file() and not p.name.startswith(".") and p.name not in _SKIPPED
-        )  # fmt: skip
+        files = _files(root, ["**", "*"])
         if not files:
             raise BlockcapError(f"dataset directory {root} has no files; pass a directory of documents")
         return files
     if not root.is_file():
         raise BlockcapError(f"dataset {root} is not a regular file or directory; pass a file of documents")
     return [root]
+
+
+def _hidden(path: str, base: str) -> bool:
+    """Whether a name below ``base`` on the way to ``path`` starts with "." (skipped, as locally)."""
+    below = path[len(base) :] if path.startswith(base) else path.rsplit("/", 1)[-1]
+    return any(part.startswith(".") for part in below.split("/"))
 
 
 def _remote_files(dataset: str, options: dict[str, Any]) -> list[tuple[str, int, str]]:
@@ -110,12 +175,14 @@ def _remote_files(dataset: str, options: dict[str, Any]) -> list[tuple[str, int,
     try:
         fs, path = fsspec.url_to_fs(dataset, **options)
         protocol = dataset.split("://", 1)[0]
-        if any(c in path for c in "*?["):
+        base = path
+        if _magic(path) and not fs.exists(path):
+            base = "/".join(_split(path.split("/"))[0])
             infos = fs.glob(path, detail=True)
         elif fs.isdir(path):
             infos = fs.find(path, detail=True)
         else:
-            infos = {path: fs.info(path)}
+            infos = {path: fs.info(path)}  # named: used as it is
     except FileNotFoundError:
         raise BlockcapError(f"dataset={dataset!r} does not exist; check the URL") from None
     except Exception as e:  # each backend raises its own kinds (credentials, network, bucket)
@@ -125,7 +192,7 @@ def _remote_files(dataset: str, options: dict[str, Any]) -> list[tuple[str, int,
         ) from None
     out = []
     for p, info in sorted(infos.items()):
-        if info.get("type") == "directory" or p.rsplit("/", 1)[-1] in _SKIPPED:
+        if info.get("type") == "directory" or p.rsplit("/", 1)[-1] in _SKIPPED or _hidden(p, base):
             continue
         out.append((f"{protocol}://{p}", int(info.get("size") or 0), _remote_hash(fs, info, p)))
     if not out:

@@ -54,7 +54,7 @@ from blockcap.data.inputs import InputFile, content_digest
 from blockcap.data.records import documents, text_column_of
 from blockcap.data.tokenizers import Tokenizer
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: a byte order mark at the start of a file is no text
 CACHE_ENV = "BLOCKCAP_TOKEN_CACHE"
 CHUNK_TOKENS = 1 << 22  # ids per chunk file (8 MB of uint16)
 DOC_CHUNK = 1 << 18  # document records per chunk file (6 MB)

@@ -18,12 +18,12 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from blockcap.core.errors import BlockcapError
-from blockcap.data.digest import sha256_file
+from blockcap.data.digest import sha256_files
 
 TEXT, JSONL, PARQUET, ARROW = "txt", "jsonl", "parquet", "arrow"
 COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd"}
@@ -227,13 +227,14 @@ def list_inputs(dataset: str, options: dict[str, Any] | None = None) -> list[Inp
                 f".zst); remove it from the dataset or name the files with a glob"
             )
         formats.setdefault(fmt, path)
-        files.append(InputFile(path, fmt, compression, size, digest or sha256_file(path)))
+        files.append(InputFile(path, fmt, compression, size, digest))
     if len(formats) > 1:
         (a, fa), (b, fb) = list(formats.items())[:2]
         raise BlockcapError(
             f"dataset={dataset!r} mixes formats ({fa} is {a}, {fb} is {b}); pass one format, e.g. a glob"
         )
-    return files
+    hashed = iter(sha256_files([f.path for f in files if not f.sha256]))  # one read, one write of the cache
+    return [f if f.sha256 else replace(f, sha256=next(hashed)) for f in files]
 
 
 def content_digest(files: list[InputFile]) -> str:

@@ -126,12 +126,23 @@ def precision_table(benches: list[dict]) -> list[str]:
 def objects_table(benches: list[dict]) -> list[str]:
     rows = ["| store | objects | site objects | average site object | largest |", "|---|---|---|---|---|"]
     for b in benches:
-        if b["group"] == "objects":
+        if "test_objects.py" in b["fullname"]:
             i = b["extra_info"]
             rows.append(
                 f"| {i['variant']} | {i['objects']:,} | {i['site_objects']:,} "
                 f"| {i['average'] / 1e6:,.1f} MB | {i['largest'] / 1e6:,.1f} MB |"
             )
+    return rows
+
+
+def durability_table(benches: list[dict]) -> list[str]:
+    """The cost of fsync: capture time with it over capture time without, same run."""
+    rows = ["| workload | with fsync / without |", "|---|---|"]
+    found = {(b["group"], b["extra_info"]["variant"]): b["stats"]["median"] for b in benches
+             if b["group"].startswith("durability-")}  # fmt: skip
+    for group in sorted({g for g, _ in found}):
+        if (group, "fsync") in found and (group, "no-fsync") in found:
+            rows.append(f"| {group[11:]} | {found[group, 'fsync'] / found[group, 'no-fsync']:.2f} |")
     return rows
 
 
@@ -183,6 +194,8 @@ def memory_lines() -> list[str]:
 
 def main(path: str) -> None:
     data = json.loads(Path(path).read_text())
+    for b in data["benchmarks"]:  # a benchmark without a group (durability) has None
+        b["group"] = b["group"] or ""
     machine = data.get("machine_info", {})
     print(
         f"Machine: {machine.get('cpu', {}).get('brand_raw', machine.get('processor', '?'))}, "
@@ -195,6 +208,7 @@ def main(path: str) -> None:
         encoder_table,
         precision_table,
         objects_table,
+        durability_table,
         read_table,
         analysis_table,
         objectstore_table,

@@ -398,21 +398,25 @@ def test_substring_and_results_follow_python_rules(run_args):
         next(s.results(sites=("attention",)))
 
 
-@pytest.fixture(params=["idle", "loaded"])
+@pytest.fixture
 def machine(request):
     """The machine as it is, or with a CPU hog per core beside the test (signals raced under load)."""
     hogs = []
     if request.param == "loaded":
         cores = len(os.sched_getaffinity(0))
         hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
-    yield request.param
-    for h in hogs:
-        h.kill()
-        h.wait()
+    try:
+        yield request.param
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", ["INT", "TERM"])
+@pytest.mark.parametrize(  # each signal once, each machine state once: CI time
+    "sig, machine", [("TERM", "idle"), ("INT", "loaded")], indirect=["machine"]
+)
 def test_a_signal_while_creating_or_finishing_is_one_line_and_resumable(
     crash_args, reference, tmp_path, sig, machine
 ):

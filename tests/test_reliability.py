@@ -398,6 +398,15 @@ def test_substring_and_results_follow_python_rules(run_args):
         next(s.results(sites=("attention",)))
 
 
+def writes_of(crash_args: list[str], tmp_path: Path) -> int:
+    """How many writes the crash capture makes (counted by ``tests/killer.py`` on a spare store)."""
+    count = subprocess.run(
+        [sys.executable, "tests/killer.py", "100000", *crash_args[:-1], f"--out={tmp_path / 'count.zarr'}"],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    return int(count.stderr.strip().splitlines()[-1].split()[-1])
+
+
 @pytest.fixture
 def machine(request):
     """The machine as it is, or with a CPU hog per core beside the test (signals raced under load)."""
@@ -421,11 +430,7 @@ def test_a_signal_while_creating_or_finishing_is_one_line_and_resumable(
     crash_args, reference, tmp_path, sig, machine
 ):
     store = tmp_path / "crash.zarr"
-    count = subprocess.run(
-        [sys.executable, "tests/killer.py", "100000", *crash_args[:-1], f"--out={tmp_path / 'count.zarr'}"],
-        cwd=ROOT, capture_output=True, text=True,
-    )  # fmt: skip
-    total = int(count.stderr.strip().splitlines()[-1].split()[-1])
+    total = writes_of(crash_args, tmp_path)
     for at in (2, 15, total - 2):  # creating, creating, finishing
         shutil.rmtree(store, ignore_errors=True)
         proc = subprocess.run(
@@ -451,11 +456,7 @@ def test_a_stop_whose_raise_is_swallowed_still_stops(crash_args, reference, tmp_
     """A SIGINT handled inside a finalizer (its KeyboardInterrupt swallowed, as under load it can
     be) still ends the run with 130, at its next write, in one line; the store resumes exactly."""
     store = tmp_path / "crash.zarr"
-    count = subprocess.run(
-        [sys.executable, "tests/killer.py", "100000", *crash_args[:-1], f"--out={tmp_path / 'count.zarr'}"],
-        cwd=ROOT, capture_output=True, text=True,
-    )  # fmt: skip
-    total = int(count.stderr.strip().splitlines()[-1].split()[-1])
+    total = writes_of(crash_args, tmp_path)
     n = {"creating": 15, "capturing": total // 2, "finishing": total - 3}[at]
     proc = subprocess.run(
         [sys.executable, "tests/killer.py", str(n), *crash_args], cwd=ROOT, capture_output=True, text=True,

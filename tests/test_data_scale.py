@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +14,10 @@ import pytest
 import blockcap
 from tests import crashkit
 from tests.conftest import make_text
+from tests.launch import ROOT, torchrun
 from tests.s3server import bucket, s3_server  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def shards(fs, prefix: str, n: int = 3) -> list[str]:
@@ -57,20 +55,11 @@ runpy.run_module("blockcap", run_name="__main__")
 """
 
 
-def torchrun(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+def rss_torchrun(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    """Two ranks of ``blockcap`` that report their peak RSS (``RSS``)."""
     script = tmp_path / "rss_main.py"
     script.write_text(RSS)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(script),
-        *args,
-    ]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    return torchrun(2, args, [str(script)], env={"PYTHONPATH": str(ROOT)}, timeout=600)
 
 
 def test_two_ranks_share_one_cache_build_and_hold_only_their_windows(ckpt, tmp_path):
@@ -83,7 +72,7 @@ def test_two_ranks_share_one_cache_build_and_hold_only_their_windows(ckpt, tmp_p
         args = ["run", f"--weights={ckpt}", f"--dataset={corpus}", "--split=all", "--sample_len=8",
                 "--stride=100000", "--batch_size=4", f"--token_cache={cache}", "--progress=False",
                 f"--out={tmp_path / f'two{mb}.zarr'}"]  # fmt: skip
-        done = torchrun(args, tmp_path)
+        done = rss_torchrun(args, tmp_path)
         assert done.returncode == 0, done.stderr
         built = [p for p in cache.iterdir() if p.is_dir()]
         assert len(built) == 1  # one build for both ranks

@@ -6,23 +6,15 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 import blockcap
 from tests import crashkit
 from tests.hf_models import NEEDS_TRANSFORMERS
+from tests.launch import ROOT, torchrun
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def torchrun(nproc: int, args: list[str], script: list[str] | None = None, env: dict | None = None):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd += script or ["-m", "blockcap"]
-    return subprocess.run([*cmd, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **(env or {})})  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,9 +20,8 @@ from blockcap.core.errors import BlockcapError
 from blockcap.storage import lease, stops
 from blockcap.storage.location import Location
 from tests import crashkit
+from tests.launch import ROOT, torchrun
 from tests.s3server import bucket, objects, s3_server  # noqa: F401  (fixtures)
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -115,16 +113,7 @@ def test_overwrite_copies_the_old_store_aside_until_the_new_one_completes(args, 
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_into_one_bucket(args, local, s3_server, bucket):  # noqa: F811
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "blockcap",
-    ]
-    done = subprocess.run([*cmd, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = torchrun(2, args)
     assert done.returncode == 0, done.stderr
     assert objects(s3_server["fs"], f"{bucket}/s.zarr") == local
 

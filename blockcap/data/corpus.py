@@ -81,13 +81,13 @@ def open_corpus(
             f"dataset {dataset} has sha256 {digest}, expected {sha256}; pass the right dataset"
         )
     bar = _Progress(files, progress)
-    reused = open_cache(cache_root(token_cache), cache_key(files, tokenizer, text_column)) is not None
+    root = cache_root(token_cache)
+    found = open_cache(root, cache_key(files, tokenizer, text_column))  # opened (and checked) once
     try:
-        cache = build_cache(
-            files, tokenizer, text_column, cache_root(token_cache), options, bar, wait=not build
-        )
+        cache = found or build_cache(files, tokenizer, text_column, root, options, bar, wait=not build)
     finally:
         bar.close()
+    reused = found is not None
     return Corpus(dataset, files, digest, cache, tokenizer, time.perf_counter() - t0, reused)
 
 

@@ -8,11 +8,15 @@ may also be a file written to its temporary name and not yet renamed into place.
 ``KILL_RANK`` picks the one rank that dies (the others are stopped by torchrun). ``KILL_SIGNAL``
 (INT, TERM or STOP) sends that signal instead of SIGKILL, once. ``KILL_SWALLOWED=1`` sends it
 from inside a finalizer, silenced as a library might do, so that the KeyboardInterrupt it raises
-is swallowed: the stop must be honoured all the same.
+is swallowed: the stop must be honoured all the same. With ``KILL_SIGNAL=STOP``,
+``KILL_CONT_AFTER=S`` continues the stopped process after S seconds (a rank that stalls, then
+comes back to the signals torchrun sent it meanwhile, instead of waiting out torchrun's 30 s
+grace before its SIGKILL).
 """
 
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -41,6 +45,9 @@ def count(op: str, key: str) -> None:
             if os.environ.get("KILL_SWALLOWED"):
                 Finalizer()  # collected at once: the signal arrives inside __del__
             else:
+                if os.environ.get("KILL_CONT_AFTER"):
+                    later = f"sleep {os.environ['KILL_CONT_AFTER']}; kill -CONT {os.getpid()}"
+                    subprocess.Popen(["sh", "-c", later], start_new_session=True)
                 os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("KILL_SIGNAL", "KILL")))
 
 

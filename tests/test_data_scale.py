@@ -47,19 +47,26 @@ def test_a_sharded_corpus_in_object_storage(ckpt, s3_server, bucket, tmp_path): 
 
 
 RSS = """
-import atexit, os, resource, runpy, sys
+import atexit, os, pathlib, resource, runpy, sys
 peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-atexit.register(lambda: print(f"maxrss rank {os.environ.get('RANK')} {peak()}", file=sys.stderr, flush=True))
+report = pathlib.Path(os.environ["RSS_DIR"]) / f"rank{os.environ['RANK']}"
+atexit.register(lambda: report.write_text(str(peak())))
 sys.argv = ["blockcap", *sys.argv[1:]]
 runpy.run_module("blockcap", run_name="__main__")
 """
 
 
-def rss_torchrun(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
-    """Two ranks of ``blockcap`` that report their peak RSS (``RSS``)."""
-    script = tmp_path / "rss_main.py"
+def rss_torchrun(args: list[str], tmp_path: Path) -> tuple[subprocess.CompletedProcess, list[int]]:
+    """Two ranks of ``blockcap`` and each one's peak RSS in KiB, reported in a file of its own (``RSS``):
+    the ranks share torchrun's stderr, where their lines can interleave."""
+    script, reports = tmp_path / "rss_main.py", tmp_path / "rss"
     script.write_text(RSS)
-    return torchrun(2, args, [str(script)], env={"PYTHONPATH": str(ROOT)}, timeout=600)
+    reports.mkdir(exist_ok=True)
+    for old in reports.iterdir():
+        old.unlink()
+    env = {"PYTHONPATH": str(ROOT), "RSS_DIR": str(reports)}
+    done = torchrun(2, args, [str(script)], env=env, timeout=600)
+    return done, [int(p.read_text()) for p in sorted(reports.iterdir())]
 
 
 def test_two_ranks_share_one_cache_build_and_hold_only_their_windows(ckpt, tmp_path):
@@ -72,13 +79,10 @@ def test_two_ranks_share_one_cache_build_and_hold_only_their_windows(ckpt, tmp_p
         args = ["run", f"--weights={ckpt}", f"--dataset={corpus}", "--split=all", "--sample_len=8",
                 "--stride=100000", "--batch_size=4", f"--token_cache={cache}", "--progress=False",
                 f"--out={tmp_path / f'two{mb}.zarr'}"]  # fmt: skip
-        done = rss_torchrun(args, tmp_path)
+        done, rss = rss_torchrun(args, tmp_path)
         assert done.returncode == 0, done.stderr
         built = [p for p in cache.iterdir() if p.is_dir()]
         assert len(built) == 1  # one build for both ranks
-        rss = sorted(
-            int(line.split()[-1]) for line in done.stderr.splitlines() if line.startswith("maxrss rank")
-        )
         assert len(rss) == 2
         sizes[mb] = max(rss)
         one = tmp_path / f"one{mb}.zarr"

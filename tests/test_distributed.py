@@ -105,7 +105,7 @@ def test_a_stalled_rank_ends_the_job_in_one_line_and_the_store_resumes(base, sin
     out = tmp_path / "s.zarr"
     t0 = time.monotonic()
     done = torchrun(2, [*base, f"--out={out}", "--stall_timeout=5"], ["tests/killer.py", "12"],
-                    env={"KILL_RANK": "1", "KILL_SIGNAL": "STOP"})  # fmt: skip
+                    env={"KILL_RANK": "1", "KILL_SIGNAL": "STOP", "KILL_CONT_AFTER": "12"})  # fmt: skip
     assert time.monotonic() - t0 < 120
     lines = blockcap_lines(done)
     assert done.returncode != 0 and len(lines) == 1, done.stderr

@@ -1,6 +1,7 @@
 """The training loader: every committed vector exactly once per epoch, reproducibly shuffled."""
 
 import importlib
+import time
 
 import numpy as np
 import pytest
@@ -74,6 +75,22 @@ def test_incomplete_store_and_positions(ckpt, text_file, tmp_path):
     for workers in (0, 2):
         batches = epoch(L.loader(s, batch_size=7, positions=[-1, 2], with_ids=True), workers)
         check_epoch(s, batches, positions=[-1, 2])
+
+
+def test_rows_decoded_ahead_are_never_evicted_unwritten(store, monkeypatch):
+    """Units alternate between decoding into the buffer and being mixed in, reads are slow: every
+    vector still comes out once (a buffer row is evicted only once its decoding has finished)."""
+    whole, read = L.ActivationLoader._whole, L.ActivationLoader._read
+
+    def slow_read(self, lo, into=None):
+        time.sleep(0.01)
+        return read(self, lo, into)
+
+    monkeypatch.setattr(
+        L.ActivationLoader, "_whole", lambda self, lo: (lo // self.unit) % 3 != 1 and whole(self, lo)
+    )
+    monkeypatch.setattr(L.ActivationLoader, "_read", slow_read)
+    check_epoch(store, epoch(L.loader(store, batch_size=50, buffer_mb=0.05, with_ids=True)))
 
 
 def test_dedup_store(ckpt, text_file, tmp_path):

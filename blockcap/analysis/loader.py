@@ -9,7 +9,8 @@ whole chunks (a few MB); each epoch visits the units in a seeded random order, w
 from __future__ import annotations
 
 import multiprocessing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from blockcap.analysis.arrays import LazyArray
 from blockcap.analysis.reader import CaptureStore, open_store
+from blockcap.analysis.scan import prefetched
 from blockcap.core.errors import BlockcapError
 from blockcap.core.sites import is_vector
 from blockcap.core.spec import positive
@@ -149,12 +151,9 @@ class ActivationLoader(IterableDataset):
         out = _Batches(self.batch_size)
         rows = sum(int(self.committed[lo : lo + self.unit].sum()) for lo in units) * self.positions.size
         mixer = _Mixer(min(self.buffer_rows, rows), rng, out, self._like()) if self.shuffle else None
-        for lo in units:
-            into = mixer.reserve(self._rows_of(lo)) if mixer is not None and self._whole(lo) else None
-            if into is not None:  # decoded into the buffer's free rows: nothing to emit yet
-                self._read(lo, into)
+        for parts in prefetched(self._reads(units, mixer)):
+            if parts is None:  # decoded into the buffer's free rows: nothing to emit yet
                 continue
-            parts = self._read(lo)
             for batch in mixer.add(parts) if mixer is not None else out.take(parts, None):
                 yield self._batch(batch)
         for batch in mixer.drain() if mixer is not None else ():
@@ -162,6 +161,28 @@ class ActivationLoader(IterableDataset):
         if not self.drop_last:
             for batch in out.rest():
                 yield self._batch(batch)
+
+    def _reads(
+        self, units: list[int], mixer: _Mixer | None
+    ) -> Iterator[Callable[[], tuple[np.ndarray, ...] | None]]:
+        """A read of each unit, in order, for a thread that decodes ahead while this one mixes.
+
+        While every unit so far has been, a unit is decoded straight into rows of the filling
+        buffer that it reserves (its read returns None); after the first that is not, none is:
+        mixing evicts rows at random, which must never be rows still being decoded.
+        """
+        reserving = mixer is not None
+        for lo in units:
+            into = (
+                mixer.reserve(self._rows_of(lo))
+                if mixer is not None and reserving and self._whole(lo)
+                else None
+            )
+            reserving = into is not None
+            yield partial(self._read, lo) if into is None else partial(self._read_into, lo, into)
+
+    def _read_into(self, lo: int, into: tuple[np.ndarray, ...]) -> None:
+        self._read(lo, into)
 
     def _like(self) -> tuple[np.ndarray, ...]:
         """Empty arrays of the shapes and dtypes that ``_read`` returns."""

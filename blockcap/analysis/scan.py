@@ -5,11 +5,12 @@ See ``blockcap.analysis.search`` for the exactness argument."""
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ import torch
 from blockcap.analysis.arrays import LazyArray
 from blockcap.analysis.reader import CaptureStore
 
+R = TypeVar("R")  # what a prefetched job returns
 SPAN_BYTES = 8 << 20  # float32 bytes of site data scored per step (whole chunks, at least one)
 
 
@@ -218,8 +220,9 @@ def threads_beside_reader() -> Iterator[None]:
 AHEAD = 2  # spans read ahead of the one being scored: the reader never waits for the scorer
 
 
-def prefetched(jobs: Sequence[Callable[[], Span]]) -> Iterator[Span]:
-    """Each job's result in order, the next ``AHEAD`` running in the background meanwhile."""
+def prefetched(jobs: Iterable[Callable[[], R]]) -> Iterator[R]:
+    """Each job's result in order, the next ``AHEAD`` running in the background meanwhile (a job
+    is taken from ``jobs`` when it is submitted, ``AHEAD`` before its result is wanted)."""
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending: deque = deque()
         for job in jobs:

@@ -18,6 +18,7 @@ import blockcap
 from blockcap.analysis.reader import IncompleteStoreWarning
 from blockcap.core.errors import BlockcapError
 from blockcap.core.layout import object_key
+from tests import crashkit
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT_WRITES = 9  # tokens, offsets, three sites, three statistics partials, one commit record
@@ -48,13 +49,14 @@ def crash_args(crash_base, tmp_path) -> list[str]:
 def reference(crash_base, tmp_path_factory) -> Path:
     """The same capture, uninterrupted."""
     out = tmp_path_factory.mktemp("ref") / "ref.zarr"
-    subprocess.run(
-        [sys.executable, "-m", "blockcap", *crash_base, f"--out={out}"],
-        check=True,
-        cwd=ROOT,
-        capture_output=True,
-    )
+    finish([*crash_base, f"--out={out}"])
     return out
+
+
+def finish(args: list[str]) -> None:
+    """Run ``blockcap args`` to the end in a child forked with blockcap already imported
+    (``crashkit``): no interpreter start-up per resume."""
+    assert crashkit.run(args) == 0
 
 
 def data_files(store: Path) -> dict[str, bytes]:
@@ -103,7 +105,7 @@ def test_external_sigkill_mid_write_then_resume(crash_args, reference, tmp_path)
     wait_for_commits(store, proc, 3)
     proc.kill()
     proc.wait()
-    subprocess.run([sys.executable, "-m", "blockcap", *crash_args], cwd=ROOT, check=True, capture_output=True)
+    finish(crash_args)
     assert not list(store.rglob("*.partial"))
     assert_identical(store, reference)
 
@@ -122,7 +124,7 @@ def test_interrupt_stops_cleanly_and_resumes(crash_args, reference, tmp_path, si
     assert "interrupted:" in err and "to resume, re-run python -m blockcap run" in err
     assert len(err.strip().splitlines()) == 1
     assert zarr.open_group(str(store), mode="r").attrs["blockcap"]["state"] == "incomplete"
-    subprocess.run([sys.executable, "-m", "blockcap", *crash_args], cwd=ROOT, check=True, capture_output=True)
+    finish(crash_args)
     assert_identical(store, reference)
 
 
@@ -145,7 +147,7 @@ def test_full_disk_stops_with_a_resumable_store(crash_args, reference, tmp_path)
     assert len(err.splitlines()) == 1
     store = tmp_path / "crash.zarr"
     assert zarr.open_group(str(store), mode="r").attrs["blockcap"]["state"] == "incomplete"
-    subprocess.run([sys.executable, "-m", "blockcap", *crash_args], cwd=ROOT, check=True, capture_output=True)
+    finish(crash_args)
     assert_identical(store, reference)
 
 
@@ -194,11 +196,10 @@ def test_verify_repair_then_rerun_restores_altered_objects_exactly(run_args, cap
     an object written at finish) into missing ones, rewriting damaged metadata first, and the
     rerun recomputes just those units."""
     from blockcap.cli import main
-    from tests.crashkit import files
 
     blockcap.run(**{**run_args, "chunk_windows": 16})
     store = Path(run_args["out"])
-    want = files(store)
+    want = crashkit.files(store)
     corrupt_first_chunk(store, "block0/proj_output", "flip")
     corrupt_first_chunk(store, "committed", "truncate", index=-1)
     corrupt_first_chunk(store, "block0/stats/ffwd_output/mean", "flip")
@@ -214,18 +215,16 @@ def test_verify_repair_then_rerun_restores_altered_objects_exactly(run_args, cap
     summary = blockcap.run(**{**run_args, "chunk_windows": 16})
     last_unit = (summary.n_windows - 1) % 16 + 1
     assert summary.status.startswith("resumed") and summary.windows_computed == 16 + last_unit
-    assert files(store) == want
+    assert crashkit.files(store) == want
     assert blockcap.verify(store, check_stats=True) == []
 
 
 @pytest.mark.parametrize("how", ["truncate", "delete"])
 def test_a_lost_root_document_is_rebuilt_by_the_same_capture_only(run_args, how, capsys):
     """The commit records carry the spec's tag, so the same command can prove the data its own."""
-    from tests.crashkit import files
-
     blockcap.run(**{**run_args, "chunk_windows": 16})
     store = Path(run_args["out"])
-    want = files(store)
+    want = crashkit.files(store)
     root = store / "zarr.json"
     root.write_bytes(root.read_bytes()[:20]) if how == "truncate" else root.unlink()
     assert len(blockcap.verify(store)) == 1
@@ -236,7 +235,7 @@ def test_a_lost_root_document_is_rebuilt_by_the_same_capture_only(run_args, how,
     assert raw() == damaged
     summary = blockcap.run(**{**run_args, "chunk_windows": 16})
     assert summary.status.startswith("resumed") and summary.windows_computed == 0
-    assert files(store) == want
+    assert crashkit.files(store) == want
     assert blockcap.verify(store, check_stats=True) == []
 
 
@@ -382,7 +381,7 @@ def test_write_error_while_creating_is_one_line_and_resumable(crash_args, refere
     store = tmp_path / "crash.zarr"
     with pytest.raises(BlockcapError, match="being created|does not exist"):
         blockcap.open_store(store)
-    subprocess.run([sys.executable, "-m", "blockcap", *crash_args], cwd=ROOT, check=True, capture_output=True)
+    finish(crash_args)
     assert_identical(store, reference)
 
 
@@ -399,12 +398,8 @@ def test_substring_and_results_follow_python_rules(run_args):
 
 
 def writes_of(crash_args: list[str], tmp_path: Path) -> int:
-    """How many writes the crash capture makes (counted by ``tests/killer.py`` on a spare store)."""
-    count = subprocess.run(
-        [sys.executable, "tests/killer.py", "100000", *crash_args[:-1], f"--out={tmp_path / 'count.zarr'}"],
-        cwd=ROOT, capture_output=True, text=True,
-    )  # fmt: skip
-    return int(count.stderr.strip().splitlines()[-1].split()[-1])
+    """How many writes the crash capture makes (counted on a spare store)."""
+    return crashkit.count_writes([*crash_args[:-1], f"--out={tmp_path / 'count.zarr'}"], tmp_path)
 
 
 @pytest.fixture
@@ -444,9 +439,7 @@ def test_a_signal_while_creating_or_finishing_is_one_line_and_resumable(
             and "Traceback" not in proc.stderr
         )
         assert not list(tmp_path.glob(".crash.zarr*.lock"))
-        subprocess.run(
-            [sys.executable, "-m", "blockcap", *crash_args], cwd=ROOT, check=True, capture_output=True
-        )
+        finish(crash_args)
         assert_identical(store, reference)
 
 
@@ -465,7 +458,7 @@ def test_a_stop_whose_raise_is_swallowed_still_stops(crash_args, reference, tmp_
     assert proc.returncode == 130, (n, proc.stderr)
     lines = [line for line in proc.stderr.strip().splitlines() if not line.startswith("writes:")]
     assert len(lines) == 1 and "interrupted" in lines[0], proc.stderr
-    subprocess.run([sys.executable, "-m", "blockcap", *crash_args], cwd=ROOT, check=True, capture_output=True)
+    finish(crash_args)
     assert_identical(store, reference)
 
 

@@ -48,6 +48,23 @@ def test_trial_order_choice_and_restore(monkeypatch):
         torch.set_num_threads(threads)
 
 
+def test_without_a_trial_the_writers_run_at_normal_priority():
+    """A GPU run, a one-thread run, a short run: nothing measured says idling pays, and idle
+    writers starve behind any busy process on the machine."""
+    threads = torch.get_num_threads()
+    try:
+        for device, n, batches in (("cpu", 1, 40), ("cpu", 2, 10), ("meta", 2, 40)):
+            torch.set_num_threads(n)
+            bg = Background()
+            trial = SplitTrial(torch.device(device), n_batches=batches, window=3, background=bg)
+            assert not trial.candidates and not bg.idle
+            assert trial.record()["chosen"] == f"{n} torch threads, writers at normal priority"
+            trial.restore()
+            assert bg.idle and torch.get_num_threads() == n
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_the_split_is_recorded_and_changes_no_byte(run_args, tmp_path):
     threads = torch.get_num_threads()
     try:

@@ -11,7 +11,8 @@ no fixed rule decides it: the run times both on its first batches, in the order 
 in the machine's load cancels out), and keeps the faster for the rest. Every trial batch is real
 work; a run too short to spare eight trial windows keeps the first split. Activations do not
 depend on the thread count (tested bitwise), so a resumed run that chooses otherwise writes the
-same bytes. On a GPU the forward does not use the CPU's cores: no trial.
+same bytes. On a GPU the forward does not use the CPU's cores: no trial, and, as in every run
+without one, the writers run at normal priority.
 """
 
 from __future__ import annotations
@@ -51,8 +52,13 @@ class SplitTrial:
             self.candidates = self.candidates[:0]
         self.seconds = [0.0, 0.0]
         self.items = [0, 0]
-        self.chosen = Split(n, True)
         self.started = 0.0
+        # Without a trial the writers run at normal priority: idle ones starve behind any busy
+        # process (measured: a one-thread run beside two CPU hogs took minutes, not seconds), and
+        # nothing measured says they would gain from idling.
+        self.chosen = Split(n, bool(self.candidates))
+        if not self.candidates:
+            self._apply(self.chosen)
 
     def _apply(self, split: Split) -> None:
         torch.set_num_threads(split.threads)

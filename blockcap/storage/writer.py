@@ -122,13 +122,14 @@ def _set_policy(tids: set[int], policy: int) -> None:
 
 
 class _Background:
-    """The writer threads' CPU priority while a run computes: idle (the default) or normal.
+    """The writer threads' CPU priority while a run computes: idle or normal, as the run's core
+    split says (``blockcap.run.split``).
 
     At idle priority, on a machine whose cores torch keeps busy, encoding runs in the gaps instead
     of preempting torch's worker threads, whose barriers stall whenever one of them is
-    descheduled; with spare cores (a GPU run) it costs nothing. When torch is given a core fewer
-    (``blockcap.run.split``), the writers run at normal priority on the core left to them (idle
-    threads would starve behind any other process there). Restored when the run ends.
+    descheduled. When torch is given a core fewer, or no trial measured that idling pays (a GPU
+    run, one thread), the writers run at normal priority (idle threads starve behind any other
+    busy process). Restored when the run ends.
     """
 
     def __init__(self) -> None:

@@ -54,7 +54,7 @@ class SplitTrial:
         self.items = [0, 0]
         self.started = 0.0
         # Without a trial the writers run at normal priority: idle ones starve behind any busy
-        # process (measured: a one-thread run beside two CPU hogs took minutes, not seconds), and
+        # process (measured: one-thread runs beside two CPU hogs took minutes, not seconds), and
         # nothing measured says they would gain from idling.
         self.chosen = Split(n, bool(self.candidates))
         if not self.candidates:

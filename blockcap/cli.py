@@ -81,11 +81,13 @@ def info(store: str, *, storage_options: str | None = None) -> None:
 def verify(
     store: str, *, dataset_check: bool = True, stats: bool = False, repair: bool = False,
     storage_options: str | None = None, dataset: str | None = None,
+    dataset_storage_options: str | None = None,
 ) -> None:  # fmt: skip
     """Read every object of a store and check metadata, commits, digests and tokens; exit 1 on a problem.
 
     --repair deletes the objects found altered, so that re-running the capture recomputes them.
-    --dataset names the dataset to check the tokens against (default: the file the store names).
+    --dataset names the dataset to check the tokens against (default: the one the store names);
+    --dataset_storage_options is its storage backend's JSON, as the run took it.
     """
     from blockcap.analysis.tokens import TOKENS_NOT_CHECKED
     from blockcap.analysis.verify import verify as verify_store
@@ -94,6 +96,7 @@ def verify(
         _store_arg(store), check_dataset=_bool_arg("dataset_check", dataset_check),
         check_stats=_bool_arg("stats", stats), storage_options=storage_options,
         repair=_bool_arg("repair", repair), dataset=None if dataset is None else str(dataset),
+        dataset_storage_options=dataset_storage_options,
     )  # fmt: skip
     for p in problems:
         print(f"problem: {cli_words(p)}", file=sys.stderr)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import blockcap
+from blockcap.analysis.tokens import TOKENS_NOT_CHECKED
 from tests import crashkit
 from tests.conftest import make_text
 from tests.launch import ROOT, torchrun
@@ -44,6 +45,14 @@ def test_a_sharded_corpus_in_object_storage(ckpt, s3_server, bucket, tmp_path): 
     assert [f["path"].rsplit("/", 1)[-1] for f in files] == [f"shard-{k}.jsonl.gz" for k in range(3)]
     assert all(f["sha256"].startswith("etag:") for f in files)
     assert r.source(r.n_windows - 1)["file"].endswith("shard-2.jsonl.gz")
+    # verify reads the tokens again from the bucket, with the options the run took
+    opts = s3_server["json"]
+    assert blockcap.verify(remote.path, dataset_storage_options=opts) == []
+    missing = blockcap.verify(remote.path, dataset=f"s3://{bucket}/nothing/", dataset_storage_options=opts)
+    assert len(missing) == 1 and missing[0].startswith(TOKENS_NOT_CHECKED), missing
+    fs.pipe(f"{bucket}/corpus/shard-0.jsonl.gz", gzip.compress(b'{"text": "changed"}\n'))
+    changed = blockcap.verify(remote.path, dataset_storage_options=opts)
+    assert len(changed) == 1 and "is not the one the store was captured from" in changed[0], changed
 
 
 RSS = """

@@ -52,6 +52,22 @@ def test_a_second_run_tokenizes_nothing(run_args, root, tmp_path, monkeypatch):
     assert calls == [] and committed(root) == first and len(first) == 1
 
 
+def test_verify_lists_and_digests_the_dataset_once(run_args, root, monkeypatch):
+    """A remote listing is round trips: verify lists the dataset once and reads its tokens from the
+    cache the run built (no tokenizing)."""
+    import blockcap.analysis.tokens as tokens_module
+    import blockcap.data.corpus as corpus_module
+
+    blockcap.run(**run_args)
+    listed, built = [], []
+    counted = lambda *a, **k: listed.append(a) or list_inputs(*a, **k)  # noqa: E731
+    monkeypatch.setattr(tokens_module, "list_inputs", counted)
+    monkeypatch.setattr(corpus_module, "list_inputs", counted)
+    monkeypatch.setattr(cache_module, "_write", lambda *a, **k: built.append(a))
+    assert blockcap.verify(run_args["out"]) == []
+    assert len(listed) == 1 and built == []
+
+
 def test_any_change_of_content_or_tokenizer_is_a_new_key(tmp_path):
     f = tmp_path / "d.txt"
     text = make_text(3000)

@@ -8,6 +8,8 @@ outlive its dataset); one whose content is not the store's is a problem (named, 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from blockcap.analysis.reader import CaptureStore
@@ -30,35 +32,30 @@ def _spec(opened: Opened) -> CaptureSpec:
                        dataset_sha256=p.get("dataset_sha256"))  # fmt: skip
 
 
-def _changed(spec: CaptureSpec, dataset: str) -> str | None:
-    """Why ``dataset`` cannot be checked against the store: gone (None: nothing to compare with, a
-    store may outlive its dataset) is fine; another content is a problem, said in one line."""
-    try:
-        digest = content_digest(list_inputs(dataset))
-    except BlockcapError:
-        return None
-    if spec.dataset_sha256 and digest != spec.dataset_sha256:
-        return (
-            f"{TOKENS_NOT_CHECKED}: dataset {dataset} is not the one the store was captured from (its "
-            f"sha256 is {digest[:16]}..., the store's {spec.dataset_sha256[:16]}...); pass dataset=PATH "
-            f"of the original, or dataset_check=False"
-        )
-    return ""
-
-
-def check_tokens(opened: Opened, dataset: str | None, token_cache: str | None = None) -> list[str]:
+def check_tokens(
+    opened: Opened, dataset: str | None, options: dict[str, Any] | None = None, named: bool = False,
+    token_cache: str | None = None,
+) -> list[str]:  # fmt: skip
     """Problems with the stored tokens, offsets and sources against ``dataset`` (the store's own, or
-    one the user names): none when it is gone, one when its content is not the store's."""
+    one the user ``named``), listed once with its storage ``options``: none when the store's own
+    is gone (a store may outlive its dataset), one when its content is not the store's or a named
+    one cannot be listed."""
     if not dataset:
         return []
     spec = _spec(opened)
-    changed = _changed(spec, str(dataset))
-    if changed is None:
-        return []
-    if changed:
-        return [changed]
+    try:
+        files = list_inputs(str(dataset), options)
+    except BlockcapError as e:
+        return [f"{TOKENS_NOT_CHECKED}: {e}"] if named else []
+    digest = content_digest(files)
+    if spec.dataset_sha256 and digest != spec.dataset_sha256:
+        return [
+            f"{TOKENS_NOT_CHECKED}: dataset {dataset} is not the one the store was captured from (its "
+            f"sha256 is {digest[:16]}..., the store's {spec.dataset_sha256[:16]}...); pass dataset=PATH "
+            f"of the original, or dataset_check=False"
+        ]
     corpus = open_corpus(str(dataset), CaptureStore(opened).tokenizer, spec.text_column,
-                         spec.dataset_sha256, token_cache)  # fmt: skip
+                         spec.dataset_sha256, token_cache, options, files=files)  # fmt: skip
     windows = corpus_windows(corpus, spec, opened.layout.dims.vocab_size)
     store, layout = CaptureStore(opened), opened.layout
     n = layout.n_windows

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ STATS_RTOL = 1e-5  # stored statistics against a float64 recomputation (see bloc
 def verify(
     path: str | Path, check_dataset: bool = True, check_stats: bool = False,
     storage_options: dict[str, Any] | str | None = None, repair: bool = False, dataset: str | None = None,
+    dataset_storage_options: dict[str, Any] | str | None = None,
 ) -> list[str]:  # fmt: skip
     """Every problem found in the store at ``path`` (empty when it is whole).
 
@@ -47,13 +49,16 @@ def verify(
     a root document that the store's commit records do not confirm.
 
     ``dataset``: the dataset to check the tokens against (default: the one the store names, when
-    it is a regular file or a directory that exists).
+    it is a URL, a glob, or a regular file or directory that exists); ``dataset_storage_options``:
+    its storage backend's options, as ``run`` took them (a store never records them).
 
     Raises BlockcapError when ``path`` is not a blockcap store at all (nothing to verify); a
     store whose root document is missing or damaged is a problem found, not an error.
     """
     location = Location(str(path), parse_storage_options(storage_options))
-    named = _named_dataset(dataset)
+    named = Dataset(
+        _named_dataset(dataset), parse_storage_options(dataset_storage_options, "dataset_storage_options")
+    )
     if not repair:
         return _verify(location, check_dataset, check_stats, False, named)[0]
     location = location.resolved()
@@ -73,35 +78,46 @@ def verify(
     return problems
 
 
-def _named_dataset(dataset: str | None) -> Path | None:
+@dataclass(frozen=True)
+class Dataset:
+    """The dataset verify checks the tokens against: the user's (``path``), else the store's own."""
+
+    path: str | None
+    options: dict[str, Any]
+
+    def readable(self, meta: dict[str, Any]) -> str | None:
+        return _readable_dataset(meta, self.path)
+
+
+def _named_dataset(dataset: str | None) -> str | None:
     if dataset is None:
         return None
-    p = Path(str(dataset)).expanduser()
-    if _readable_dataset({}, p) is None:
+    if _readable_dataset({}, str(dataset)) is None:
         raise BlockcapError(
             f"dataset={dataset!r} is not a file or directory; pass the dataset the store was captured from"
         )
-    return p
+    return str(dataset)
 
 
-def _readable_dataset(meta: dict[str, Any], named: Path | None = None) -> str | None:
+def _readable_dataset(meta: dict[str, Any], named: str | None = None) -> str | None:
     """The dataset verify may read to check the tokens: ``named`` (the user's), else the one the
-    store names; a local one only when it is a regular file or a directory that exists, never a
-    device, FIFO or socket (which could feed endless bytes or block forever). URLs and globs are
-    listed by ``blockcap.data.inputs``, which reads regular files only."""
-    if named is None:
+    store names. URLs and globs as they are: ``blockcap.data.inputs`` lists them and reads regular
+    files only; a local path only when it is a regular file or a directory that exists, never a
+    device, FIFO or socket (which could feed endless bytes or block forever)."""
+    raw: Any = named
+    if raw is None:
         where = meta.get("dataset")
         raw = where.get("path") if isinstance(where, dict) else meta.get("dataset_path")
-        if not isinstance(raw, str) or not raw or "\0" in raw:
-            return None
-        if is_url(raw) or any(c in raw for c in "*?["):
-            return raw
-        named = Path(raw)
+    if not isinstance(raw, str) or not raw or "\0" in raw:
+        return None
+    if is_url(raw) or any(c in raw for c in "*?["):
+        return raw
+    path = Path(raw).expanduser()
     try:
-        mode = os.stat(named).st_mode  # what reading it would read: symbolic links followed
+        mode = os.stat(path).st_mode  # what reading it would read: symbolic links followed
     except (OSError, ValueError):
         return None
-    return str(named) if stat.S_ISREG(mode) or stat.S_ISDIR(mode) else None
+    return str(path) if stat.S_ISREG(mode) or stat.S_ISDIR(mode) else None
 
 
 ROOT_NOT_CONFIRMED = (
@@ -125,7 +141,7 @@ def _root_trusted(opened: Opened, records: dict[int, Record]) -> bool | None:
 
 
 def _verify(
-    location: Location, check_dataset: bool, check_stats: bool, repair: bool, dataset: Path | None = None
+    location: Location, check_dataset: bool, check_stats: bool, repair: bool, dataset: Dataset
 ) -> tuple[list[str], list[str]]:
     """``verify``'s checks: (problems, keys of the objects found altered). ``repair`` rewrites
     damaged metadata documents first, so that the data can still be checked."""
@@ -179,7 +195,9 @@ def _verify(
         return problems, altered
     try:
         if check_dataset:
-            problems += check_tokens(opened, _readable_dataset(opened.meta, dataset))
+            problems += check_tokens(
+                opened, dataset.readable(opened.meta), dataset.options, named=dataset.path is not None
+            )
         if check_stats:
             problems += _stats(opened)
     except BlockcapError as e:

@@ -69,12 +69,13 @@ class Corpus:
 def open_corpus(
     dataset: str, tokenizer: Tokenizer, text_column: str | None = None, sha256: str | None = None,
     token_cache: str | None = None, options: dict[str, Any] | None = None, progress: bool = False,
-    build: bool = True,
+    build: bool = True, files: list[InputFile] | None = None,
 ) -> Corpus:  # fmt: skip
-    """The dataset's inputs, checked against ``sha256``, and its token cache: built if missing when
-    ``build`` (one process per machine of a torchrun job), else waited for."""
+    """The dataset's inputs (``files`` when the caller has listed them already), checked against
+    ``sha256``, and its token cache: built if missing when ``build`` (one process per machine of a
+    torchrun job), else waited for."""
     t0 = time.perf_counter()
-    files = list_inputs(dataset, options)
+    files = list_inputs(dataset, options) if files is None else files
     digest = content_digest(files)
     if sha256 and digest != sha256:
         raise BlockcapError(

@@ -19,6 +19,7 @@ from blockcap.capture.hf import load as hf
 from blockcap.capture.hf.attention import sliding_windows
 from blockcap.cli import EXIT_ERROR, main
 from blockcap.core.errors import BlockcapError
+from blockcap.core.sites import ALL_SITES
 from blockcap.core.spec import CaptureSpec
 from tests.hf_models import NEEDS_TRANSFORMERS, hooked, load_reference
 
@@ -138,7 +139,7 @@ def test_a_dense_block_of_a_moe_model_has_mlp_hidden_and_no_router(loaded):
 @pytest.mark.parametrize(
     "variant, sites, message",
     [
-        ("mixtral", "all", "sites has mlp_hidden, but block 0 is a sparse mixture-of-experts block"),
+        ("mixtral", "mlp_hidden", "sites has mlp_hidden, but block 0 is a sparse mixture-of-experts block"),
         ("llama", "router_logits", "sites has router_logits, but this model has no mixture-of-experts"),
     ],
 )
@@ -153,6 +154,30 @@ def test_missing_site_is_one_line_and_no_store(hf_zoo, hf_text, tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert exc.value.code == EXIT_ERROR and len(err.splitlines()) == 1 and message in err, err
     assert "drop" in err and not out.exists()
+
+
+SPARSE_ALL = [s for s in ALL_SITES if s != "mlp_hidden"]
+
+
+@pytest.mark.parametrize(
+    "variant, blocks, sites, want",
+    [
+        ("mixtral", "0", "all", SPARSE_ALL),  # a sparse block has no one MLP hidden layer
+        ("mixtral", "0", "all,router_logits", [*SPARSE_ALL, "router_logits"]),
+        ("qwen2_moe", "1", "all", list(ALL_SITES)),  # a dense block of an MoE model has it
+        ("qwen2_moe", "0,1", "all", SPARSE_ALL),
+        ("opt", "0", "all", ["block_input", "block_output"]),  # the generic path: what it captures
+    ],
+)
+def test_sites_all_is_what_the_blocks_have(hf_zoo, hf_text, tmp_path, variant, blocks, sites, want):
+    """``all`` is resolved against the blocks: a site some block lacks is left out rather than
+    refused, explicit additions (router_logits) are kept."""
+    out = tmp_path / "s.zarr"
+    blockcap.run(model=str(hf_zoo(variant)), dataset=str(hf_text), out=str(out), block_idx=blocks,
+                 sites=sites, sample_len=8, stride=64, progress=False)  # fmt: skip
+    s = blockcap.open_store(out)
+    assert list(s.sites) == want
+    assert s.spec.sites == tuple(want)  # the store records what was captured, not "all"
 
 
 def test_router_logits_store_reads_everywhere(hf_zoo, hf_text, tmp_path, capsys):

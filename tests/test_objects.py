@@ -3,17 +3,20 @@ and the dry run says how many objects there will be and how large."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 import blockcap
 from blockcap.core.dims import ModelDims
 from blockcap.core.layout import OBJECT_MAX, OBJECT_TARGET, Layout, choose_shard_chunks
-from blockcap.core.spec import CaptureSpec
+from blockcap.core.spec import CaptureSpec, resolve_sites
 
 
 def layout(sites: str, T: int, n: int, chunk: int) -> Layout:
     spec = CaptureSpec(sites=sites, sample_len=T, chunk_windows=chunk, batch_size=chunk)
+    spec = replace(spec, sites=resolve_sites(spec.sites, ()))  # a dense model: "all" is every vector site
     dims = ModelDims(n_layer=1, d_model=384, n_head=6, head_dim=64, d_mlp=1536, vocab_size=65, context=256)
     return Layout.build(spec, dims, n)
 

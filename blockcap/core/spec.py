@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Collection
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -74,8 +75,8 @@ def resolve_blocks(blocks: tuple[int, ...] | str, n_layer: int) -> tuple[int, ..
 
 
 def parse_sites(value: Any) -> tuple[str, ...]:
-    """Site names in canonical order; ``all`` is every dense vector site (attention and router_logits
-    are opt-in)."""
+    """Site names in canonical order, ``all`` first and kept as it is until the model's blocks are
+    known (``resolve_sites``)."""
     if isinstance(value, str):
         names = [s.strip() for s in value.split(",")]
     elif isinstance(value, (list, tuple)):
@@ -83,13 +84,19 @@ def parse_sites(value: Any) -> tuple[str, ...]:
     else:
         names = []
     names = [n for n in names if n]
-    if ALL in names:
-        names = [n for n in names if n != ALL] + list(ALL_SITES)
-    bad = [n for n in names if n not in SITES]
+    bad = [n for n in names if n not in SITES and n != ALL]
     if bad or not names:
         problem = f"has unknown {bad[0]!r}" if bad else "is empty"
         raise BlockcapError(f"sites={value!r} {problem}; use a comma list of {', '.join(SITES)}, or all")
-    return tuple(s for s in SITES if s in names)
+    return (ALL,) * (ALL in names) + tuple(s for s in SITES if s in names)
+
+
+def resolve_sites(sites: tuple[str, ...], absent: Collection[str]) -> tuple[str, ...]:
+    """``sites`` with ``all`` replaced by every vector site the blocks have (``absent``: those they
+    lack, e.g. a sparse block's ``mlp_hidden``; attention and router_logits are opt-in)."""
+    if ALL not in sites:
+        return sites
+    return tuple(s for s in SITES if (s in ALL_SITES and s not in absent) or s in sites)
 
 
 MAX_COUNT = 1 << 40  # windows, strides and chunks beyond this are typos, not runs
@@ -164,8 +171,8 @@ class CaptureSpec:
     block_idx: Any = _help("block to capture: an int, a list (0,2) or all", 0)
     sites: Any = _help(
         "comma list of block_input, heads_output, proj_output, resid_mid, mlp_hidden, ffwd_output, "
-        "block_output, attention, router_logits (mixture-of-experts models); or all (every site but "
-        "attention and router_logits)",
+        "block_output, attention, router_logits (mixture-of-experts models); or all (every vector site "
+        "the blocks have; attention and router_logits by name)",
         DEFAULT_SITES,
     )
     model: str | None = _help(

@@ -23,7 +23,7 @@ from blockcap.core.encoding import storage_dtype
 from blockcap.core.errors import BlockcapError
 from blockcap.core.layout import Layout, choose_chunk_windows, choose_shard_chunks
 from blockcap.core.sites import ATTENTION
-from blockcap.core.spec import CaptureSpec, RunOptions, resolve_blocks
+from blockcap.core.spec import CaptureSpec, RunOptions, resolve_blocks, resolve_sites
 from blockcap.core.version import __version__
 from blockcap.data.corpus import Corpus, corpus_windows, open_corpus
 from blockcap.data.sources import characters, resolve_dataset
@@ -102,6 +102,7 @@ def make_plan(spec: CaptureSpec, opts: RunOptions, group: Group) -> Plan:
         )
     dims = adapter.dims
     blocks = resolve_blocks(spec.block_idx, dims.n_layer)
+    spec = replace(spec, sites=resolve_sites(spec.sites, adapter.absent_sites(blocks)))
     adapter.check_sites(spec.sites, blocks)
     if spec.sample_len > dims.context:
         raise BlockcapError(

@@ -19,6 +19,7 @@ import pytest
 
 import blockcap
 from blockcap.analysis.reader import IncompleteStoreWarning, open_store
+from blockcap.analysis.tokens import TOKENS_NOT_CHECKED
 from blockcap.cli import cli_words, main
 from blockcap.core.errors import BlockcapError
 from blockcap.data import cache as cache_module
@@ -66,6 +67,21 @@ def test_verify_lists_and_digests_the_dataset_once(run_args, root, monkeypatch):
     monkeypatch.setattr(cache_module, "_write", lambda *a, **k: built.append(a))
     assert blockcap.verify(run_args["out"]) == []
     assert len(listed) == 1 and built == []
+
+
+def test_verify_with_dataset_options_that_cannot_list_it_names_the_problem(run_args, root, tmp_path):
+    """Options given on purpose make a dataset that cannot be listed a problem, not a dataset gone
+    (wrong credentials or endpoint look the same as a deleted object to the lister)."""
+    fs = pytest.importorskip("fsspec").filesystem("memory")
+    fs.pipe(f"/{tmp_path.name}/corpus.txt", Path(run_args["dataset"]).read_bytes())
+    blockcap.run(**{**run_args, "dataset": f"memory://{tmp_path.name}/corpus.txt"})
+    assert blockcap.verify(run_args["out"], dataset_storage_options={"anon": False}) == []  # checked
+    fs.rm(f"/{tmp_path.name}", recursive=True)
+    assert blockcap.verify(run_args["out"]) == []  # gone: a store may outlive its dataset
+    problems = blockcap.verify(run_args["out"], dataset_storage_options={"anon": False})
+    assert len(problems) == 1 and problems[0].startswith(TOKENS_NOT_CHECKED), problems
+    with pytest.raises(BlockcapError, match="is not a file or directory"):
+        blockcap.verify(run_args["out"], dataset="file://")  # not the working directory
 
 
 def test_any_change_of_content_or_tokenizer_is_a_new_key(tmp_path):

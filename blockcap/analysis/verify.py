@@ -110,7 +110,9 @@ def _readable_dataset(meta: dict[str, Any], named: str | None = None) -> str | N
         raw = where.get("path") if isinstance(where, dict) else meta.get("dataset_path")
     if not isinstance(raw, str) or not raw or "\0" in raw:
         return None
-    if is_url(raw) or any(c in raw for c in "*?["):
+    if is_url(raw):
+        return raw if raw.split("://", 1)[1].strip("/") else None  # file:// alone: no dataset
+    if any(c in raw for c in "*?["):
         return raw
     path = Path(raw).expanduser()
     try:
@@ -195,9 +197,8 @@ def _verify(
         return problems, altered
     try:
         if check_dataset:
-            problems += check_tokens(
-                opened, dataset.readable(opened.meta), dataset.options, named=dataset.path is not None
-            )
+            named = dataset.path is not None or bool(dataset.options)  # options given: the user means it
+            problems += check_tokens(opened, dataset.readable(opened.meta), dataset.options, named=named)
         if check_stats:
             problems += _stats(opened)
     except BlockcapError as e:

@@ -87,8 +87,10 @@ class SplitTrial:
             self.items[c] += items
 
     def restore(self) -> None:
+        """torch's threads as they were; writes still pending (a run being stopped) at normal
+        priority: the forward no longer needs the cores."""
         torch.set_num_threads(self.original)
-        self.background.idle = True
+        self.background.idle = False
 
     def record(self) -> dict[str, Any]:
         """What was chosen and why, for the store's provenance."""

@@ -14,8 +14,6 @@ import multiprocessing as mp
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 _CTX = mp.get_context("forkserver")
@@ -87,13 +85,6 @@ def count_writes(argv: list[str], tmp: Path, partial: bool = False) -> int:
     f = tmp / "writes.txt"
     assert run(argv, partial=partial, count_file=str(f)) == 0
     return int(f.read_text())
-
-
-def each(check: Callable[[int], None], points: Iterable[int]) -> None:
-    """``check(n)`` for every kill point ``n``, one per core at a time (each child runs on one thread,
-    and every point has a store of its own); the first failure, in the order of ``points``, is raised."""
-    with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
-        list(pool.map(check, points))
 
 
 def files(store: Path) -> dict[str, bytes]:

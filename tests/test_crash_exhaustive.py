@@ -71,8 +71,7 @@ def complete_params(path: Path) -> dict | None:
 def test_kill_at_every_write_then_resume(base, reference, tmp_path, partial):
     total = crashkit.count_writes([*base, f"--out={tmp_path / 'count.zarr'}"], tmp_path, partial)
     assert total > 20  # creation, three units, finishing and the lock are all counted
-
-    def check(n: int) -> None:
+    for n in range(1, total + 1):
         out = tmp_path / f"s{n}.zarr"
         argv = [*base, f"--out={out}"]
         assert crashkit.run(argv, kill_at=n, partial=partial) == -9, n
@@ -81,8 +80,6 @@ def test_kill_at_every_write_then_resume(base, reference, tmp_path, partial):
         assert crashkit.files(out) == reference, n
         assert crashkit.leftovers(out) == [], n
 
-    crashkit.each(check, range(1, total + 1))
-
 
 def test_kill_at_every_write_of_an_overwrite(base, reference, tmp_path):
     """Overwriting a complete store: after any kill the old or the new complete store exists."""
@@ -90,8 +87,7 @@ def test_kill_at_every_write_of_an_overwrite(base, reference, tmp_path):
     counted = tmp_path / "count.zarr"
     assert crashkit.run([*old_argv, f"--out={counted}"]) == 0
     total = crashkit.count_writes([*base, f"--out={counted}", "--overwrite"], tmp_path)
-
-    def check(n: int) -> None:
+    for n in range(1, total + 1):
         out = tmp_path / f"s{n}.zarr"
         assert crashkit.run([*old_argv, f"--out={out}"]) == 0
         old = complete_params(out)
@@ -104,8 +100,6 @@ def test_kill_at_every_write_of_an_overwrite(base, reference, tmp_path):
         assert crashkit.files(out) == reference, n
         assert not out.with_name(out.name + ".replaced").exists(), n
         assert crashkit.leftovers(out) == [], n
-
-    crashkit.each(check, range(1, total + 1))
 
 
 @pytest.mark.parametrize("kills", [2, 3])

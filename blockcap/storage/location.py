@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from blockcap.core.errors import BlockcapError
-from blockcap.storage.durable import fsync_dir, fsync_path, makedirs
+from blockcap.storage.durable import fsync_dir, fsync_path, makedirs, start_writeback
 from blockcap.storage.stops import check_stop
 
 READ_AHEAD = 16  # objects read concurrently, and held at most, by ``get_each`` on object storage
@@ -276,6 +276,8 @@ class Location:
             tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}{PARTIAL}")
             with open(tmp, "wb") as f:
                 f.write(data)
+                if self.durable:
+                    start_writeback(f.fileno())
             _wrote("put-partial", key)
             os.replace(tmp, path)
             if self.durable:

@@ -4,9 +4,10 @@ A *slab* holds one write unit (a chunk of windows, a shard of chunks, or a chunk
 dedup store) of every per-unit array: on the CPU the outputs of the batches that lie inside the
 unit, as they are (the writer assembles them, off the forward's thread), and a buffer (pinned on
 CUDA) that batches copy their rows into when the unit is only part of a batch. Worker threads
-encode each array's object (``ChunkEncoder``), write it, and only then write the unit's commit
-record with the digest of every object, so a crash never counts a unit whose bytes are missing
-(``blockcap.integrity``). A semaphore bounds the slabs in flight, and with them memory.
+encode each array's object (``ChunkEncoder``) and write it; the committer thread
+(``blockcap.storage.committer``) then makes the unit's objects durable and only then writes its
+commit record with the digest of every object, so a crash never counts a unit whose bytes are
+missing (``blockcap.integrity``). A semaphore bounds the slabs in flight, and with them memory.
 
 One pass per object: statistics read the slab once (in cache-sized blocks), the encoder
 compresses it straight into a buffer its thread reuses, with the checksum appended in place,
@@ -30,6 +31,7 @@ import torch
 
 from blockcap.core.layout import ArrayDef, Layout, object_key, pad_rows, site_path, stats_path
 from blockcap.storage.codecs import ChunkEncoder
+from blockcap.storage.committer import Committer
 from blockcap.storage.integrity import encode_record
 from blockcap.storage.location import Location
 from blockcap.storage.precision import round_bits
@@ -100,6 +102,7 @@ def _libc() -> ctypes.CDLL | None:
 
 
 _LIBC = _libc()
+COMMITS_WAITING = 16  # units written and not yet committed, at most: what a crash would redo
 TRIM_EVERY = 8  # units between returns of freed heap pages to the system (see _release_memory)
 
 
@@ -194,7 +197,7 @@ class SlabWriter:
         self.slots = threading.BoundedSemaphore(max_pending)
         self.error: BaseException | None = None
         self.lock = threading.Lock()
-        self.stored = 0  # bytes written
+        self.committer = Committer(location, COMMITS_WAITING, self._failed)
         self.units_written = 0
 
     def __enter__(self) -> SlabWriter:
@@ -294,7 +297,7 @@ class SlabWriter:
             if slab.event is not None:
                 slab.event.synchronize()
             data = self._small(slab)
-            digests, stored = [], 0
+            digests = []
             for a in self.arrays:  # sites come before their partials in the record's order
                 if a.path in self.sites:
                     values = self._site(slab, self.sites[a.path])
@@ -309,21 +312,22 @@ class SlabWriter:
                 blob, value = self._encode(a, values, slab)
                 self.location.put(object_key(a, slab.unit), blob)
                 digests.append(value)
-                stored += len(blob)
             record = self.record_encoder.chunk(encode_record(slab.unit, self.source.tag, digests)[None])
-            self.location.commit(object_key(self.committed, slab.unit), record)
+            self.committer.submit(object_key(self.committed, slab.unit), bytes(record))
             del slab, data
             with self.lock:
-                self.stored += stored
                 self.units_written += 1
                 trim = self.units_written % TRIM_EVERY == 0
             if trim:
                 _release_memory()
         except BaseException as e:
-            with self.lock:
-                self.error = self.error or e
+            self._failed(e)
         finally:
             self.slots.release()
+
+    def _failed(self, e: BaseException) -> None:
+        with self.lock:
+            self.error = self.error or e
 
     def raise_error(self) -> None:
         if self.error is not None:
@@ -332,4 +336,5 @@ class SlabWriter:
     def close(self) -> None:
         """Wait for every submitted slab to be written (or to fail), then stop the threads."""
         self.pool.shutdown(wait=True)
+        self.committer.close()
         self.background.release()

@@ -86,14 +86,22 @@ def test_codec_limit(benchmark, activations, tmp_path, dtype):
     benchmark.pedantic(write, setup=fresh, rounds=ROUNDS, warmup_rounds=1, iterations=1)
 
 
-WRITERS = [(c, d, True) for c in CODECS for d in DTYPES] + [("blosc-lz4", d, False) for d in DTYPES]
+# (codec, dtype, statistics, fsync): every codec and dtype as captures write them; then without
+# statistics, and without fsync (the limit writes to the page cache only), to show what each costs
+WRITERS = (
+    [(c, d, True, True) for c in CODECS for d in DTYPES]
+    + [("blosc-lz4", d, False, True) for d in DTYPES]
+    + [("blosc-lz4", d, s, False) for d in DTYPES for s in (True, False)]
+)
 
 
 @pytest.mark.parametrize(
-    "codec, dtype, stats", WRITERS, ids=[f"{c}-{d}" + ("" if s else "-nostats") for c, d, s in WRITERS]
-)
-def test_writer(benchmark, activations, tmp_path, codec, dtype, stats):
-    """blockcap's writer, one thread, on the same chunks: encode, checksum, write, commit, statistics."""
+    "codec, dtype, stats, durable", WRITERS,
+    ids=[f"{c}-{d}" + ("" if s else "-nostats") + ("" if f else "-nofsync") for c, d, s, f in WRITERS],
+)  # fmt: skip
+def test_writer(benchmark, activations, tmp_path, codec, dtype, stats, durable):
+    """blockcap's writer, one thread (its committer thread beside it), on the same chunks: encode,
+    checksum, write, fsync unless not ``durable``, commit, statistics."""
     sd = DTYPES[dtype]
     outs = [o.to(sd.torch_dtype) for o in activations["outs"]]
     windows = activations["windows"]
@@ -112,7 +120,7 @@ def test_writer(benchmark, activations, tmp_path, codec, dtype, stats):
 
     def fresh():
         shutil.rmtree(out, ignore_errors=True)
-        location = Location(str(out))
+        location = Location(str(out), durable=durable)
         meta = {"run_id": "bench", "params": spec.to_params(), "dims": dims.to_dict(), "n_windows": n}
         meta = create(location, layout, meta, {})
         source.tag = tag_of(meta, layout)  # the tag the store's records must carry
@@ -127,7 +135,7 @@ def test_writer(benchmark, activations, tmp_path, codec, dtype, stats):
 
     raw = sum(o.numel() * 4 for o in activations["outs"])
     benchmark.group = f"storage-{activations['workload']}"
-    name = f"writer {codec}/{dtype}" + ("" if stats else ", no stats")
+    name = f"writer {codec}/{dtype}" + ("" if stats else ", no stats") + ("" if durable else ", no fsync")
     benchmark.extra_info.update(variant=name, dtype=dtype, raw_bytes=raw)
     benchmark.pedantic(write, setup=fresh, rounds=ROUNDS, warmup_rounds=1, iterations=1)
     stored = sum(

@@ -12,7 +12,7 @@ import torch
 import zarr
 
 from blockcap.core.errors import BlockcapError
-from blockcap.core.layout import chunk_key
+from blockcap.core.layout import chunk_key, object_key
 from blockcap.storage.codecs import ChunkDecoder
 from blockcap.storage.integrity import DamagedError
 from blockcap.storage.metadata import Opened
@@ -69,8 +69,9 @@ class ChunkReader:
     def __init__(self, opened: Opened, array: zarr.Array, path: str) -> None:
         self.opened = opened
         self.path = path
-        spec = next((a for a in opened.layout.arrays() if a.path == path), None)
-        if opened.index.version >= 2 and spec is not None:
+        found = next((a for a in opened.layout.arrays() if a.path == path), None)
+        self.spec = spec = found if opened.index.version >= 2 else None
+        if spec is not None:
             self.shape, chunks = spec.shape, spec.chunks
             per = (spec.shards[0] // spec.chunks[0]) if spec.shards else 1
             self.decoder = ChunkDecoder(spec.codec, np.dtype(spec.dtype), chunks, per)
@@ -84,11 +85,30 @@ class ChunkReader:
             self.decoder, chunks = decoder, decoder.chunk_shape
         self.rows = int(chunks[0])
         self.dtype = self.decoder.dtype
+        self.pieces = 1 if spec is None else spec.pieces
 
     def _object(self, unit: int, chunks: list[int], dests: list[np.ndarray | None]) -> list[np.ndarray]:
-        """Chunks ``chunks`` of object ``unit`` (a chunk, or a shard of ``shard_chunks`` chunks), each
-        decoded into its ``dests`` entry when there is one."""
-        key = chunk_key(self.path, len(self.shape), unit)
+        """Chunks ``chunks`` of write unit ``unit`` (a chunk, or a shard of ``shard_chunks`` chunks), each
+        decoded into its ``dests`` entry when there is one; an attention pattern split along queries
+        is read piece by piece, each piece placed at its query rows."""
+        if self.pieces == 1:
+            return self._piece(unit, 0, chunks, dests)
+        full = [np.empty((self.rows, *self.shape[1:]), self.dtype) if d is None else d for d in dests]
+        q, T = self.decoder.chunk_shape[2], self.shape[2]
+        for j in range(self.pieces):
+            for whole, part in zip(full, self._piece(unit, j, chunks, [None] * len(chunks)), strict=True):
+                whole[:, :, j * q : (j + 1) * q] = part[:, :, : T - j * q]
+        return full
+
+    def _piece(
+        self, unit: int, piece: int, chunks: list[int], dests: list[np.ndarray | None]
+    ) -> list[np.ndarray]:
+        """Chunks ``chunks`` of object ``piece`` of write unit ``unit``, as ``_object``."""
+        key = (
+            chunk_key(self.path, len(self.shape), unit)
+            if self.spec is None
+            else object_key(self.spec, unit, piece)
+        )
         data = self.opened.index.check(key, self.opened.location.get(key), whole=True)
         if data is None:  # never committed: the fill value
             return [self._fill(d) for d in dests]
@@ -106,7 +126,7 @@ class ChunkReader:
 
     def _fill(self, dest: np.ndarray | None) -> np.ndarray:
         if dest is None:
-            return np.zeros((self.rows, *self.shape[1:]), self.dtype)
+            return np.zeros(self.decoder.chunk_shape, self.dtype)
         dest[...] = 0
         return dest
 

@@ -254,23 +254,27 @@ def _units(opened: Opened, listed: list[int], records: dict[int, Record], altere
         )
     committed = [u for u in listed if records[u].status == COMMITTED]
     arrays = {a.path: a for a in layout.arrays()}
-    for path, i in index.objects.items():
+    for path, first in index.objects.items():
         present = set(location.keys(f"{path}/c"))
-        keys = {u: object_key(arrays[path], u) for u in committed}
-        for u in committed:
-            if keys[u] not in present:
-                problems.append(
-                    f"{index.where(path, u)} is committed but its data object {keys[u]} is missing"
-                )
-        have = [u for u in committed if keys[u] in present]
-        if index.version == 1:  # no digests: decoding checks each chunk's own checksum
-            for u in have:
-                problems += _decodes(opened, path, u)
-            continue
-        for u, data in zip(have, location.get_each(keys[u] for u in have), strict=True):
-            if data is None or digest(data) != records[u].digests[i]:
-                problems.append(f"{index.where(path, u)}: object {keys[u]} differs from what was committed")
-                altered.append(keys[u])
+        for piece in range(index.pieces[path]):  # an attention pattern split along queries: each piece
+            i = first + piece
+            keys = {u: object_key(arrays[path], u, piece) for u in committed}
+            for u in committed:
+                if keys[u] not in present:
+                    problems.append(
+                        f"{index.where(path, u)} is committed but its data object {keys[u]} is missing"
+                    )
+            have = [u for u in committed if keys[u] in present]
+            if index.version == 1:  # no digests: decoding checks each chunk's own checksum
+                for u in have:
+                    problems += _decodes(opened, path, u)
+                continue
+            for u, data in zip(have, location.get_each(keys[u] for u in have), strict=True):
+                if data is None or digest(data) != records[u].digests[i]:
+                    problems.append(
+                        f"{index.where(path, u)}: object {keys[u]} differs from what was committed"
+                    )
+                    altered.append(keys[u])
     return problems
 
 

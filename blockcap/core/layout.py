@@ -16,8 +16,10 @@
       prefix_rows               uint32      (window, position) -> row
 
 A *write unit* is a chunk of windows (a shard of chunks when sharded; a chunk of rows with dedup).
-Every per-unit array has exactly one object per unit, so a unit is written as whole objects and
-then committed by one record holding a digest of each; see ``blockcap.integrity``.
+Every per-unit array has one object per unit, except an attention pattern too large for one
+object: it is split along its query axis (``query_chunk`` rows a chunk), one object per piece.
+A unit is written as whole objects and then committed by one record holding a digest of each;
+see ``blockcap.integrity``.
 """
 
 from __future__ import annotations
@@ -72,6 +74,16 @@ def choose_chunk_windows(
     return max(d for d in small + [batch_size // d for d in small] if d <= want)
 
 
+def choose_query_chunk(
+    n_head: int, sample_len: int, itemsize: int, chunk_windows: int, target: int
+) -> int | None:
+    """Query rows per attention object, when a write unit's pattern is larger than ``target`` bytes
+    (None: whole windows). A pattern grows with the square of the window (32 heads x 2048 tokens
+    is 512 MB a window in float32), so no choice of windows per chunk keeps its objects small."""
+    total = chunk_windows * n_head * sample_len * sample_len * itemsize
+    return None if total <= target else -(-sample_len // -(-total // target))  # pieces of equal size
+
+
 def choose_shard_chunks(layout: Layout) -> int:
     """Chunks per shard on object storage: the fewest for which a write unit's objects (its commit
     record included) average ``OBJECT_TARGET`` raw bytes, the largest at most ``OBJECT_MAX``.
@@ -84,7 +96,8 @@ def choose_shard_chunks(layout: Layout) -> int:
     per_chunk = [  # the arrays along the unit axis (a unit's statistics partial is one small row)
         int(np.prod(a.chunks)) * np.dtype(a.dtype).itemsize for a in arrays if "/stats/" not in a.path
     ]
-    k = -(-OBJECT_TARGET * (len(arrays) + 1) // max(1, sum(per_chunk)))
+    unit_bytes = sum(int(np.prod(a.chunks)) * np.dtype(a.dtype).itemsize * a.pieces for a in arrays)
+    k = -(-OBJECT_TARGET * (sum(a.pieces for a in arrays) + 1) // max(1, unit_bytes))
     return max(1, min(k, OBJECT_MAX // max(1, max(per_chunk)), layout.n_chunks))
 
 
@@ -101,6 +114,11 @@ class ArrayDef:
     when: str  # CREATE, UNIT, COMMIT or FINISH
     shards: tuple[int, ...] | None = None
     attrs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pieces(self) -> int:
+        """Objects per write unit: one per chunk along the query axis of an attention pattern."""
+        return -(-self.shape[2] // self.chunks[2]) if self.dims[2:3] == ("query",) else 1
 
 
 @dataclass(frozen=True)
@@ -121,6 +139,7 @@ class Layout:
     tokenizer_bytes: int = 0
     format_version: int = FORMAT_VERSION  # what an older store's arrays look like is kept here
     precision: str = EXACT  # keep_bits:N rounds the vector sites (format 3)
+    query_chunk: int | None = None  # attention split along queries into chunks of this many rows
 
     @property
     def dtype(self) -> StorageDtype:
@@ -176,9 +195,12 @@ class Layout:
         and with a lossy precision the unit's worst relative error."""
         return 1 + 4 * self.dims.width(site) + 2 * self.sample_len + (self.keep_bits is not None)
 
-    def _unit_grid(self, shape: tuple[int, ...]) -> dict[str, Any]:
-        chunks = (self.chunk_windows, *shape[1:])
-        shards = (self.unit_windows, *shape[1:]) if self.shard_chunks > 1 else None
+    def _unit_grid(self, shape: tuple[int, ...], query: bool = False) -> dict[str, Any]:
+        rest = shape[1:]
+        if query and self.query_chunk is not None:  # (head, query, key): queries split
+            rest = (shape[1], min(self.query_chunk, shape[2]), shape[3])
+        chunks = (self.chunk_windows, *rest)
+        shards = (self.unit_windows, *rest) if self.shard_chunks > 1 else None
         return {"chunks": chunks, "shards": shards}
 
     def arrays(self) -> list[ArrayDef]:
@@ -223,7 +245,7 @@ class Layout:
                 attrs["transformer_lens"] = TRANSFORMER_LENS[site].format(b=b)
             if self.keep_bits is not None and is_vector(site):
                 attrs["precision"] = self.precision
-            grid = self._unit_grid(shape)
+            grid = self._unit_grid(shape, query=site == ATTENTION)
             zdtype = str(self.dtype.zarr_dtype)
             out.append(ArrayDef(site_path(b, site), shape, zdtype, dims=dims, codec=self.codec, when=UNIT,
                                 attrs=attrs, **grid))  # fmt: skip
@@ -231,12 +253,12 @@ class Layout:
             w = self.partial_width(site)
             out.append(ArrayDef(stats_path(b, site, "partial"), (self.n_units, w), "float64", (1, w),
                                 ("unit", "value"), SMALL_CODEC, UNIT))  # fmt: skip
+        objects = [a.path for a in out_units(out) for _ in range(a.pieces)]
         out.append(
-            ArrayDef("committed", (self.n_units, 3 + len(out_units(out))), "uint32",
-                     (1, 3 + len(out_units(out))), ("unit", "field"), "none", COMMIT,
+            ArrayDef("committed", (self.n_units, 3 + len(objects)), "uint32", (1, 3 + len(objects)),
+                     ("unit", "field"), "none", COMMIT,
                      attrs={"description": "per unit: magic, unit, store tag, digest of each unit object",
-                            "objects": [a.path for a in out_units(out)],
-                            "unit_items": self.unit_windows})
+                            "objects": objects, "unit_items": self.unit_windows})
         )  # fmt: skip
         for b, site in self.stat_outputs():
             width = self.dims.width(site)
@@ -247,7 +269,7 @@ class Layout:
         return out
 
     def unit_arrays(self) -> list[ArrayDef]:
-        """The arrays with one object per write unit, in commit-record order."""
+        """The arrays written per write unit (an object each, or one per piece), in commit-record order."""
         return out_units(self.arrays())
 
     @classmethod
@@ -262,7 +284,7 @@ class Layout:
             n_windows=n_windows, sample_len=spec.sample_len, blocks=spec.blocks, sites=spec.sites,
             dims=dims, dtype_name=spec.dtype, codec=spec.codec, chunk_windows=spec.chunk_windows,
             shard_chunks=spec.shard_chunks or 1, stats=spec.stats, n_rows=n_rows,
-            tokenizer_bytes=tokenizer_bytes, precision=spec.precision,
+            tokenizer_bytes=tokenizer_bytes, precision=spec.precision, query_chunk=spec.query_chunk,
         )  # fmt: skip
 
 
@@ -278,9 +300,17 @@ def chunk_key(path: str, ndim: int, chunk: int) -> str:
     return f"{path}/{CHUNK_KEYS.encode_chunk_key((chunk, *[0] * (ndim - 1)))}"
 
 
-def object_key(array: ArrayDef, chunk: int) -> str:
-    """The store key of chunk (or shard) ``chunk`` along axis 0 of ``array``."""
+def object_key(array: ArrayDef, chunk: int, piece: int = 0) -> str:
+    """The store key of chunk (or shard) ``chunk`` along axis 0 of ``array`` (its ``piece``-th along
+    the query axis, for an attention pattern split along queries)."""
+    if piece:
+        return f"{array.path}/{CHUNK_KEYS.encode_chunk_key((chunk, 0, piece, 0))}"
     return chunk_key(array.path, len(array.shape), chunk)
+
+
+def object_keys(array: ArrayDef, unit: int) -> list[str]:
+    """The store keys of write unit ``unit``'s objects of ``array``, in commit-record order."""
+    return [object_key(array, unit, j) for j in range(array.pieces)]
 
 
 def pad_rows(data: np.ndarray, rows: int) -> np.ndarray:

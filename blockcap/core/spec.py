@@ -228,9 +228,14 @@ class CaptureSpec:
         "objects of ~16 MB on average (the largest at most 64 MB)",
         None,
     )
+    query_chunk: int | None = _help(
+        "query rows per chunk of the attention pattern (default: whole windows, unless one chunk of "
+        "them would exceed ~4 MB, ~16 MB on object storage: then split along queries to that size)",
+        None,
+    )
 
     LOCATORS = ("model", "revision", "weights", "dataset")
-    LATER = ("separator", "windows", "prepend_bos", "precision")
+    LATER = ("separator", "windows", "prepend_bos", "precision", "query_chunk")
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # normalise in place, as a frozen dataclass allows
@@ -273,6 +278,13 @@ class CaptureSpec:
             positive("chunk_windows", self.chunk_windows, MAX_COUNT)
         if self.shard_chunks is not None:  # resolved where the store will live: see plan
             positive("shard_chunks", self.shard_chunks, 1 << 20)
+        if self.query_chunk is not None:
+            positive("query_chunk", self.query_chunk, self.sample_len)
+            if ATTENTION not in self.sites:
+                raise BlockcapError(
+                    f"query_chunk={self.query_chunk} splits the attention pattern; add attention to "
+                    f"sites or drop query_chunk"
+                )
         if self.dedup and ATTENTION in self.sites:
             raise BlockcapError("sites with attention cannot be deduplicated; drop attention or dedup")
 

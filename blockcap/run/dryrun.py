@@ -72,17 +72,17 @@ def estimate(p: Plan) -> Estimate:
         full = int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
         raw += full
         stored += int(full * ratio)
-        largest = max(largest, int(full * ratio * min(1.0, layout.unit_windows / a.shape[0])))
+        largest = max(largest, int(full * ratio * min(1.0, layout.unit_windows / a.shape[0]) / a.pieces))
     encode_seconds = time.perf_counter() - t0
     n_batches = -(-p.schedule.n_items // max(1, batch.hi - batch.lo)) if batch.hi > batch.lo else 1
     objects = len(render_metadata(layout, {}))  # zarr.json documents of the groups and arrays
     for a in layout.arrays():
         per_object = a.shards[0] if a.shards else a.chunks[0]
-        objects += layout.n_units if a.when in (UNIT, COMMIT) else -(-a.shape[0] // per_object)
+        objects += layout.n_units * a.pieces if a.when in (UNIT, COMMIT) else -(-a.shape[0] // per_object)
     return Estimate(
         n_windows=layout.n_windows, tokens=layout.n_windows * layout.sample_len, raw_bytes=raw,
         stored_bytes=stored, ratio=raw / max(1, stored), objects=objects, object_bytes=largest,
-        site_objects=layout.n_units * len(layout.outputs()),
+        site_objects=layout.n_units * sum(arrays[site_path(b, s)].pieces for b, s in layout.outputs()),
         seconds=(seconds + encode_seconds) * n_batches, batches=n_batches, first_batch=first,
     )  # fmt: skip
 

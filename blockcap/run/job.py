@@ -178,7 +178,7 @@ class Job:
     def slab_bytes(self) -> int:
         """Bytes of one write unit of every per-unit array, as the writer holds it."""
         return sum(
-            int(np.prod(a.shards or a.chunks)) * np.dtype(a.dtype).itemsize
+            int(np.prod(a.shards or a.chunks)) * np.dtype(a.dtype).itemsize * a.pieces
             for a in self.plan.layout.unit_arrays()
         )
 

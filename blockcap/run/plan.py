@@ -21,7 +21,14 @@ from blockcap.capture import Adapter, load_model
 from blockcap.core.dims import ModelDims
 from blockcap.core.encoding import storage_dtype
 from blockcap.core.errors import BlockcapError
-from blockcap.core.layout import Layout, choose_chunk_windows, choose_shard_chunks
+from blockcap.core.layout import (
+    OBJECT_TARGET,
+    TARGET_CHUNK_BYTES,
+    Layout,
+    choose_chunk_windows,
+    choose_query_chunk,
+    choose_shard_chunks,
+)
 from blockcap.core.sites import ATTENTION
 from blockcap.core.spec import CaptureSpec, RunOptions, resolve_blocks, resolve_sites
 from blockcap.core.version import __version__
@@ -140,9 +147,14 @@ def make_plan(spec: CaptureSpec, opts: RunOptions, group: Group) -> Plan:
     location = Location(
         out, opts.storage_options, durable=opts.fsync
     ).resolved()  # named once: links resolved
+    query = spec.query_chunk
+    if query is None and ATTENTION in spec.sites:
+        target = TARGET_CHUNK_BYTES if location.local else OBJECT_TARGET
+        query = choose_query_chunk(dims.n_head, spec.sample_len, itemsize, chunk, target)
     resolved = replace(
         spec, block_idx=blocks, chunk_windows=chunk, dataset_sha256=corpus.sha256,
         model_sha256=adapter.model_sha256, device=device.type, shard_chunks=spec.shard_chunks or 1,
+        query_chunk=None if query is None or query >= spec.sample_len else query,
     )  # fmt: skip
     tok_record, tok_blob = adapter.tokenizer.record()
     build = (dims, len(windows), schedule.n_items if spec.dedup else None, len(tok_blob or b""))

@@ -102,7 +102,10 @@ class CommitIndex:
         self.location = location
         self.layout = layout
         self.version = version
-        self.objects = {path: i for i, path in enumerate(objects)}
+        self.objects: dict[str, int] = {}  # path -> its first digest's field (then one per piece)
+        for i, path in enumerate(objects):
+            self.objects.setdefault(path, i)
+        self.pieces = {path: objects.count(path) for path in self.objects}
         self.n_fields = 3 + len(objects)
         self.tag = tag
         self.digests = dict(digests or {})  # objects outside the unit protocol that must be as recorded
@@ -199,7 +202,10 @@ class CommitIndex:
             ):
                 raise DamagedError(f"{path}: the root document has no digest for its object {key}")
             return data
-        unit = int(coords.split("/", 1)[0])
+        parts = coords.split("/")
+        unit, piece = int(parts[0]), int(parts[2]) if len(parts) == 4 else 0
+        if piece >= self.pieces[path]:
+            raise DamagedError(f"{path}: {key} is not one of the store's objects (its metadata was altered)")
         rec = self.record(unit)
         if rec.status == DAMAGED:
             raise DamagedError(f"{self.where(path, unit)}: its commit record is damaged ({rec.reason})")
@@ -211,7 +217,7 @@ class CommitIndex:
             return None
         if data is None:
             raise DamagedError(f"{self.where(path, unit)} is committed but its data object {key} is missing")
-        if whole and rec.digests and digest(data) != rec.digests[self.objects[path]]:
+        if whole and rec.digests and digest(data) != rec.digests[self.objects[path] + piece]:
             raise DamagedError(f"{self.where(path, unit)}: object {key} differs from what was committed")
         return data
 

@@ -34,6 +34,7 @@ from blockcap.core.layout import (
     STATS_FINAL,
     Layout,
     object_key,
+    object_keys,
     pad_rows,
     stats_path,
 )
@@ -135,7 +136,7 @@ def missing_objects(location: Location, layout: Layout, units: list[int]) -> set
     bad = set()
     for a in layout.unit_arrays():
         present = set(location.keys(f"{a.path}/c"))
-        bad |= {u for u in units if object_key(a, u) not in present}
+        bad |= {u for u in units if not present.issuperset(object_keys(a, u))}
     return bad
 
 

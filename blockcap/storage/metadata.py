@@ -260,10 +260,11 @@ class Opened:
 
 
 def unit_objects(layout: Layout, version: int) -> list[str]:
-    """The arrays whose objects a commit record of this format covers, in its order."""
+    """The arrays whose objects a commit record of this format covers, in its order (an array split
+    into pieces once per piece)."""
     if version == 1:
         return ["tokens", "offsets", *(f"block{b}/{s}" for b, s in layout.outputs())]
-    return [a.path for a in layout.unit_arrays()]
+    return [a.path for a in layout.unit_arrays() for _ in range(a.pieces)]
 
 
 def open_location(location: Location, allow_creating: bool = False) -> Opened:

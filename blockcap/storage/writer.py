@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from blockcap.core.layout import ArrayDef, Layout, object_key, pad_rows, site_path, stats_path
+from blockcap.core.layout import ArrayDef, Layout, object_key, object_keys, pad_rows, site_path, stats_path
 from blockcap.storage.codecs import ChunkEncoder
 from blockcap.storage.committer import Committer
 from blockcap.storage.integrity import encode_record
@@ -284,9 +284,15 @@ class SlabWriter:
     def _dtype(self, path: str) -> str:
         return next(a.dtype for a in self.arrays if a.path == path)
 
-    def _encode(self, a: ArrayDef, data: np.ndarray, slab: Slab) -> tuple[memoryview, int]:
-        """(object, digest) of ``a``'s data of ``slab``, in this thread's scratch buffer."""
+    def _encode(self, a: ArrayDef, data: np.ndarray, slab: Slab, piece: int) -> tuple[memoryview, int]:
+        """(object, digest) of ``a``'s data of ``slab`` (its ``piece``-th along queries, padded as
+        zarr pads an edge chunk), in this thread's scratch buffer."""
         enc = self.encoders[a.path]
+        if a.pieces > 1:
+            q = a.chunks[2]
+            part = data[:, :, piece * q : (piece + 1) * q]
+            data = np.zeros((*part.shape[:2], q, *part.shape[3:]), part.dtype)
+            data[:, :, : part.shape[2]] = part
         if a.shards is not None:
             return enc.encode_shard(pad_rows(data, a.shards[0]), a.chunks[0], slab.hi - slab.lo)
         return enc.encode(pad_rows(data, a.chunks[0]))
@@ -309,9 +315,10 @@ class SlabWriter:
                         values, data[self.rounded[a.path]][0, -1] = round_bits(values, bits)
                 else:
                     values = data[a.path]
-                blob, value = self._encode(a, values, slab)
-                self.location.put(object_key(a, slab.unit), blob)
-                digests.append(value)
+                for piece, key in enumerate(object_keys(a, slab.unit)):
+                    blob, value = self._encode(a, values, slab, piece)
+                    self.location.put(key, blob)
+                    digests.append(value)
             record = self.record_encoder.chunk(encode_record(slab.unit, self.source.tag, digests)[None])
             self.committer.submit(object_key(self.committed, slab.unit), bytes(record))
             del slab, data

@@ -122,7 +122,8 @@ def test_without_attention_it_is_refused(run_args):
 @pytest.mark.slow
 def test_kills_while_writing_pieces_then_resume(ckpt, text_file, tmp_path):
     base = ["run", f"--weights={ckpt}", f"--dataset={text_file}", "--sample_len=8", "--stride=5",
-            "--batch_size=16", "--chunk_windows=4", f"--sites={SITES}", "--query_chunk=3", "--progress=False"]  # fmt: skip
+            "--batch_size=16", "--chunk_windows=4", f"--sites={SITES}", "--query_chunk=3",
+            "--progress=False"]  # fmt: skip
     ref = tmp_path / "ref.zarr"
     assert crashkit.run([*base, f"--out={ref}"]) == 0
     reference = crashkit.files(ref)

@@ -14,6 +14,7 @@ import multiprocessing as mp
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 _CTX = mp.get_context("forkserver")
@@ -24,8 +25,6 @@ VOLATILE = ("run_id", "started", "finished", "command", "split")  # root metadat
 def _child(
     argv: list[str], kill_at: int | None, partial: bool, count_file: str | None, pause: str | None = None
 ) -> None:
-    import time
-
     import torch
 
     from blockcap.cli import main
@@ -42,9 +41,10 @@ def _child(
         calls += 1
         if calls == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
-        if pause and op == "put" and key.startswith("committed/c/") and not paused:  # hold after one unit
-            paused.append(key)
-            Path(pause).write_text("paused")
+        if pause and (paused or (op == "put" and key.startswith("committed/c/"))):  # hold after one unit
+            if not paused:  # from here every thread's next write holds too (writers, committer)
+                paused.append(key)
+                Path(pause).write_text("paused")
             while Path(pause).exists():
                 time.sleep(0.01)
 
@@ -71,13 +71,26 @@ def run(
 
 
 def start_paused(argv: list[str], flag: Path) -> mp.Process:
-    """Start ``blockcap argv`` in a child that pauses after its first commit until ``flag`` is deleted."""
+    """Start ``blockcap argv`` in a child that pauses after its first commit until ``flag`` is deleted:
+    each of its threads holds at its next write (``settled`` waits for the store to stop changing)."""
     p = _CTX.Process(target=_child, args=(argv, None, False, None, str(flag)))
     p.start()
     while not flag.exists():
         assert p.is_alive() or p.exitcode is None, p.exitcode
         p.join(0.01)
     return p
+
+
+def settled(store: Path) -> dict[str, bytes]:
+    """``files(store)`` once two reads 0.2 s apart agree: a paused child's threads have each made the
+    one write they were in the middle of."""
+    before = files(store)
+    while True:
+        time.sleep(0.2)
+        now = files(store)
+        if now == before:
+            return now
+        before = now
 
 
 def count_writes(argv: list[str], tmp: Path, partial: bool = False) -> int:

@@ -24,7 +24,7 @@ def test_a_second_run_on_a_store_in_use_is_refused_and_harms_nothing(run_args, t
     argv = flags(run_args, chunk_windows=8, batch_size=8)
     first = crashkit.start_paused([*argv, "--writers=1"], tmp_path / "paused")
     try:
-        before = crashkit.files(Path(run_args["out"]))
+        before = crashkit.settled(Path(run_args["out"]))
         second = cli(argv)
         assert second.returncode == 2
         err = second.stderr.strip()

@@ -66,10 +66,13 @@ def read_meta(location: Location) -> dict[str, Any]:
         raise BlockcapError(f"store {location} is a file, not a Zarr store directory")
     raw = location.get(ROOT)
     if raw is None:
+        was_dir = location.local and location.root.is_dir()  # before the listing, which it describes
         files = location.keys() + [str(p) for p in location.partial_files()]
         raw = location.get(ROOT)  # it may have been renamed into place while we listed
     if raw is None:
         if location.local and location.root.is_dir() and not files:
+            if not was_dir:  # a new store's directory appeared, whole, after the listing
+                raise BlockcapError(f"store {location} is being created; try again in a moment")
             raise BlockcapError(f"{location} is an empty directory, not a blockcap store")
         if not files:
             raise BlockcapError(f"store {location} does not exist; capture one with blockcap's run")

@@ -23,12 +23,11 @@ from tests.hf_models import NEEDS_TRANSFORMERS
 SITES = "ffwd_output,attention"
 
 
-@pytest.mark.xfail(strict=True, reason="a store whose pattern the previous version kept whole is refused")
 def test_a_store_of_the_previous_version_resumes_with_the_same_command(run_args, monkeypatch):
     """Before query_chunk, an attention chunk over the object target was stored whole and the store's
-    params had no query_chunk. The same command must still resume (or find complete) such a store;
-    now the plan picks a split, the identity differs and the run is refused with
-    'holds a capture with other parameters (query_chunk None -> 4)'."""
+    params had no query_chunk. The same command must still resume (or find complete) such a store
+    (the plan picked a split, the identity differed and the run was refused with
+    'holds a capture with other parameters (query_chunk None -> 4)')."""
     args = {**run_args, "sites": SITES, "chunk_windows": 1}
     monkeypatch.setattr(plan, "TARGET_CHUNK_BYTES", 600)  # the tiny model's window pattern is 1 KB
     monkeypatch.setattr(plan, "choose_query_chunk", lambda *a: None)  # as the previous version chose
@@ -38,15 +37,17 @@ def test_a_store_of_the_previous_version_resumes_with_the_same_command(run_args,
     assert blockcap.run(**args).status == "already complete"
 
 
-@pytest.mark.xfail(strict=True, reason="CaptureSpec.differences lists only the new identity's keys")
-def test_refusal_names_a_query_chunk_that_was_dropped(run_args):
-    """A store made with query_chunk=3, re-run without it: the refusal says
-    'holds a capture with other parameters ()' (query_chunk at its default is left out of the new
-    identity, and differences() only walks the new one). Same for precision=keep_bits:N."""
+def test_a_dropped_query_chunk_resumes_and_a_dropped_precision_is_named(run_args):
+    """A store made with query_chunk=3, re-run without it, keeps its layout (the same store); one
+    made with precision=keep_bits:8, re-run without it, is refused naming precision (it said
+    'holds a capture with other parameters ()': a field at its default is left out of the new
+    identity, and differences() walked only the new one)."""
     blockcap.run(**{**run_args, "sites": SITES, "chunk_windows": 4, "query_chunk": 3})
-    with pytest.raises(BlockcapError) as e:
-        blockcap.run(**{**run_args, "sites": SITES, "chunk_windows": 4})
-    assert "query_chunk" in str(e.value), str(e.value)
+    assert blockcap.run(**{**run_args, "sites": SITES, "chunk_windows": 4}).status == "already complete"
+    other = {**run_args, "out": run_args["out"] + ".lossy"}
+    blockcap.run(**{**other, "precision": "keep_bits:8"})
+    with pytest.raises(BlockcapError, match=r"other parameters \(precision 'keep_bits:8' -> 'exact'\)"):
+        blockcap.run(**other)
 
 
 @pytest.mark.parametrize("value", [0, -3, 10**9, "3", 3.0, True, [3], None, 2, 4, 7])
@@ -85,7 +86,7 @@ def test_a_failed_sync_commits_nothing_after_it_and_resumes_identically(run_args
         with lock:
             dirty.discard(str(p))
 
-    def tracking_put(self, key, data):
+    def tracking_put(self, key, data, finishing=False):
         if key.startswith("committed/c/") and "l" in layout:
             unit = int(key.split("/")[2])
             with lock:
@@ -95,7 +96,7 @@ def test_a_failed_sync_commits_nothing_after_it_and_resumes_identically(run_args
                     for k in object_keys(a, unit)
                     if str(self.root / k) in dirty
                 )
-        put(self, key, data)
+        put(self, key, data, finishing)
         with lock:
             dirty.add(str(self.root / key))
 
@@ -141,3 +142,23 @@ def test_hf_attention_split_equals_whole(hf_zoo, hf_text, tmp_path, variant):
     )
     assert blockcap.verify(split) == []
     shutil.rmtree(tmp_path / "whole.zarr")
+
+
+def test_a_damaged_root_param_is_named_as_the_store_s_not_as_an_option(run_args, capsys):
+    """A root whose params fail validation is damage in the store, not a flag the user passed: it
+    said '--query_chunk=0 is out of range; use an integer 1..8'."""
+    from blockcap.cli import main
+
+    args = {**run_args, "sites": SITES, "chunk_windows": 4, "query_chunk": 3}
+    blockcap.run(**args)
+    root = Path(args["out"]) / "zarr.json"
+    doc = json.loads(root.read_text())
+    doc["attributes"]["blockcap"]["params"]["query_chunk"] = 0
+    root.write_text(json.dumps(doc))
+    with pytest.raises(SystemExit) as e:
+        main(["info", args["out"]])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "--query_chunk" not in err, err
+    assert "metadata is damaged: its recorded params are not a capture (query_chunk 0 is out of range)" in err
+    assert blockcap.run(**args).status == "resumed and completed"  # its own command rebuilds the root
+    assert blockcap.verify(args["out"]) == []

@@ -323,8 +323,15 @@ class CaptureSpec:
 
     def differences(self, other: CaptureSpec) -> list[str]:
         """``"name old -> new"`` for each identity field that differs from ``other``."""
-        a, b = other.identity(), self.identity()
-        return [f"{k} {a.get(k)!r} -> {v!r}" for k, v in b.items() if a.get(k) != v]
+        return identity_differences(other.identity(), self.identity())
+
+
+def identity_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``"name old -> new"`` for each field of two identities (``CaptureSpec.identity``) that
+    differs, a field that one of them leaves out (a later field at its default) included."""
+    defaults = {f.name: f.default for f in fields(CaptureSpec)}
+    a, b = ({k: d.get(k, defaults.get(k)) for k in [*new, *old]} for d in (old, new))
+    return [f"{k} {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b[k]]
 
 
 def parse_part(part: Any) -> tuple[int, int]:

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from blockcap.core.errors import BlockcapError, Interrupted
 from blockcap.core.layout import Layout
-from blockcap.core.spec import CaptureSpec, RunOptions, split_kwargs
+from blockcap.core.spec import CaptureSpec, RunOptions, identity_differences, split_kwargs
 from blockcap.run.dist import DEFAULT_STALL_SECONDS, Group, JobError, from_env
 from blockcap.run.dryrun import DryRun, check_free_space, dry_run
 from blockcap.run.plan import Plan, forward_bytes, make_plan
@@ -308,9 +308,7 @@ def _check_agreement(group: Group, p: Plan) -> None:
             if value == ours:
                 continue
             if name == "capture":
-                detail = ", ".join(
-                    f"{k} {ours.get(k)!r} -> {v!r}" for k, v in value.items() if ours.get(k) != v
-                )
+                detail = ", ".join(identity_differences(ours, value))
             else:
                 detail = f"{ours} vs {value}"
             raise JobError(

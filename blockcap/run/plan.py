@@ -40,6 +40,7 @@ from blockcap.run.dist import Group
 from blockcap.run.schedule import DedupSchedule, WindowSchedule
 from blockcap.storage.lifecycle import create_time_objects
 from blockcap.storage.location import Location
+from blockcap.storage.metadata import read_meta
 
 
 @dataclass
@@ -96,6 +97,24 @@ def _check_batch_memory(spec: CaptureSpec, dims: ModelDims, n_windows: int, devi
         )
 
 
+def _recorded_query_chunk(location: Location, sample_len: int, overwrite: bool) -> tuple[bool, int | None]:
+    """(found, value): the ``query_chunk`` a store already at ``location`` was written with (None:
+    whole windows), so that the command that made it resumes it: a store of a blockcap before
+    ``query_chunk``, or one moved between a local disk and object storage (whose targets differ),
+    keeps its layout. Not found when there is no store there, it is being replaced, or its value
+    is not one a capture of ``sample_len`` could have (``prepare`` then judges the store)."""
+    if overwrite:
+        return False, None
+    try:
+        params = read_meta(location).get("params")
+    except BlockcapError:  # no store there, or not one: prepare() says so
+        return False, None
+    value = params.get("query_chunk") if isinstance(params, dict) else "?"
+    if value is None or (type(value) is int and 1 <= value <= sample_len):
+        return True, value
+    return False, None
+
+
 def make_plan(spec: CaptureSpec, opts: RunOptions, group: Group) -> Plan:
     """Load what the spec names and check it all; raises BlockcapError before any store is touched."""
     device = pick_device(spec.device)
@@ -149,8 +168,10 @@ def make_plan(spec: CaptureSpec, opts: RunOptions, group: Group) -> Plan:
     ).resolved()  # named once: links resolved
     query = spec.query_chunk
     if query is None and ATTENTION in spec.sites:
-        target = TARGET_CHUNK_BYTES if location.local else OBJECT_TARGET
-        query = choose_query_chunk(dims.n_head, spec.sample_len, itemsize, chunk, target)
+        found, query = _recorded_query_chunk(location, spec.sample_len, opts.overwrite)
+        if not found:
+            target = TARGET_CHUNK_BYTES if location.local else OBJECT_TARGET
+            query = choose_query_chunk(dims.n_head, spec.sample_len, itemsize, chunk, target)
     resolved = replace(
         spec, block_idx=blocks, chunk_windows=chunk, dataset_sha256=corpus.sha256,
         model_sha256=adapter.model_sha256, device=device.type, shard_chunks=spec.shard_chunks or 1,

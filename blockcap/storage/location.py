@@ -266,10 +266,12 @@ class Location:
             raise BlockcapError(f"out={self.url!r}: directory {parent} is not writable")
 
     # --- writing: every mutation of a store goes through here ---------------------------------
-    def put(self, key: str, data: bytes | memoryview) -> None:
+    def put(self, key: str, data: bytes | memoryview, finishing: bool = False) -> None:
         """Write one object atomically: readers see the old object, or the new one whole. When
-        ``durable``, it is on disk, with the directory entries naming it, by the next ``commit``."""
-        check_stop()
+        ``durable``, it is on disk, with the directory entries naming it, by the next ``commit``.
+        ``finishing``: it completes work already done, so a stop request does not stop it
+        (``check_stop``)."""
+        check_stop(finishing)
         if self.local:
             path = self._local_path(key, write=True)
             made = makedirs(path.parent)

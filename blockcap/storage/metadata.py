@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -172,7 +173,13 @@ def layout_of(meta: dict[str, Any]) -> Layout:
         if meta["format_version"] == 1:
             return _layout_v1(meta)
         check_fields(meta)
-        spec = CaptureSpec.from_params(meta["params"])
+        try:
+            spec = CaptureSpec.from_params(meta["params"])
+        except BlockcapError as e:  # the store's field, not the user's option: "name value", no advice
+            what = re.sub(r"^(\w+)=", r"\1 ", str(e).split(";")[0])
+            raise BlockcapError(
+                f"the store's metadata is damaged: its recorded params are not a capture ({what})"
+            ) from None
         layout = Layout.build(spec, ModelDims(**meta["dims"]), meta["n_windows"], meta.get("n_rows"),
                               meta.get("tokenizer_bytes", 0))  # fmt: skip
         layout = replace(layout, format_version=meta["format_version"])

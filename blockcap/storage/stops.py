@@ -53,10 +53,12 @@ def stop_requested() -> bool:
     return bool(_STOPS)
 
 
-def check_stop() -> None:
+def check_stop(finishing: bool = False) -> None:
     """Before a write: KeyboardInterrupt when a stop was requested (a stop is never lost to a
-    swallowed raise), or the error of a guard that forbids writing (a lease lost)."""
-    if _STOPS:
+    swallowed raise), or the error of a guard that forbids writing (a lease lost). A write that
+    is ``finishing`` work already done (the commit record of a unit whose objects are all in
+    place) goes on after a stop request; a guard still forbids it."""
+    if _STOPS and not finishing:
         raise KeyboardInterrupt
     for guard in list(_GUARDS):
         guard()

@@ -25,7 +25,7 @@ class FakeLocation:
             raise OSError(28, "No space left on device")
         self.calls.append("sync")
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes, finishing: bool = False) -> None:
         self.calls.append(key)
 
 

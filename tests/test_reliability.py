@@ -326,10 +326,10 @@ def test_replaced_store_survives_a_failed_overwrite(run_args, monkeypatch):
 
     put = Location.put
 
-    def boom(self, key, data):
+    def boom(self, key, data, finishing=False):
         if key.startswith("committed/c/"):
             raise OSError(28, "No space left on device")
-        put(self, key, data)
+        put(self, key, data, finishing)
 
     monkeypatch.setattr(Location, "put", boom)
     with pytest.raises(BlockcapError, match="No space left"):

@@ -215,12 +215,12 @@ def test_sharded_store_equals_unsharded_and_resumes(run_args, tmp_path, monkeypa
 
     calls, put = [], Location.put
 
-    def fail_on_second_commit(self, key, data):
+    def fail_on_second_commit(self, key, data, finishing=False):
         if key.startswith("committed/c/"):
             calls.append(key)
             if len(calls) == 2:
                 raise OSError(28, "No space left on device")
-        put(self, key, data)
+        put(self, key, data, finishing)
 
     monkeypatch.setattr(Location, "put", fail_on_second_commit)
     with pytest.raises(BlockcapError, match="No space left"):

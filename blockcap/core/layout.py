@@ -253,7 +253,7 @@ class Layout:
             w = self.partial_width(site)
             out.append(ArrayDef(stats_path(b, site, "partial"), (self.n_units, w), "float64", (1, w),
                                 ("unit", "value"), SMALL_CODEC, UNIT))  # fmt: skip
-        objects = [a.path for a in out_units(out) for _ in range(a.pieces)]
+        objects = record_objects(out_units(out))
         out.append(
             ArrayDef("committed", (self.n_units, 3 + len(objects)), "uint32", (1, 3 + len(objects)),
                      ("unit", "field"), "none", COMMIT,
@@ -290,6 +290,11 @@ class Layout:
 
 def out_units(arrays: list[ArrayDef]) -> list[ArrayDef]:
     return [a for a in arrays if a.when == UNIT]
+
+
+def record_objects(units: list[ArrayDef]) -> list[str]:
+    """The array of each digest in a commit record, in order: an array split into pieces once per piece."""
+    return [a.path for a in units for _ in range(a.pieces)]
 
 
 CHUNK_KEYS = DefaultChunkKeyEncoding(separator="/")  # zarr's own: every array is created with it

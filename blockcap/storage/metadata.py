@@ -21,7 +21,7 @@ from zarr.types import ArrayV3
 
 from blockcap.core.dims import ModelDims
 from blockcap.core.errors import BlockcapError
-from blockcap.core.layout import CREATE, FINISH, FORMAT, FORMAT_VERSION, Layout
+from blockcap.core.layout import CREATE, FINISH, FORMAT, FORMAT_VERSION, Layout, record_objects
 from blockcap.core.spec import MAX_COUNT, CaptureSpec
 from blockcap.storage.codecs import compressors
 from blockcap.storage.integrity import CheckedStore, CommitIndex, DamagedError, root_tag, store_tag
@@ -270,11 +270,10 @@ class Opened:
 
 
 def unit_objects(layout: Layout, version: int) -> list[str]:
-    """The arrays whose objects a commit record of this format covers, in its order (an array split
-    into pieces once per piece)."""
+    """The arrays whose objects a commit record of this format covers, in its order."""
     if version == 1:
         return ["tokens", "offsets", *(f"block{b}/{s}" for b, s in layout.outputs())]
-    return [a.path for a in layout.unit_arrays() for _ in range(a.pieces)]
+    return record_objects(layout.unit_arrays())
 
 
 def open_location(location: Location, allow_creating: bool = False) -> Opened:

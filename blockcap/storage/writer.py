@@ -288,11 +288,11 @@ class SlabWriter:
         """(object, digest) of ``a``'s data of ``slab`` (its ``piece``-th along queries, padded as
         zarr pads an edge chunk), in this thread's scratch buffer."""
         enc = self.encoders[a.path]
-        if a.pieces > 1:
+        if a.pieces > 1:  # the encoder makes the slice contiguous; only a short last piece is padded
             q = a.chunks[2]
-            part = data[:, :, piece * q : (piece + 1) * q]
-            data = np.zeros((*part.shape[:2], q, *part.shape[3:]), part.dtype)
-            data[:, :, : part.shape[2]] = part
+            data = data[:, :, piece * q : (piece + 1) * q]
+            if data.shape[2] < q:
+                data = np.pad(data, [(0, 0), (0, 0), (0, q - data.shape[2]), (0, 0)])
         if a.shards is not None:
             return enc.encode_shard(pad_rows(data, a.shards[0]), a.chunks[0], slab.hi - slab.lo)
         return enc.encode(pad_rows(data, a.chunks[0]))

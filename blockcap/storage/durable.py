@@ -8,26 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import os
-from collections.abc import Callable
 from pathlib import Path
 
+from blockcap.storage.libc import function
+
 SYNC_FILE_RANGE_WRITE = 2
-
-
-def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    try:
-        f = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").sync_file_range
-    except (OSError, AttributeError):  # not Linux
-        return None
-    f.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
-    f.restype = ctypes.c_int
-    found: Callable[[int, int, int, int], int] = f
-    return found
-
-
-_SYNC_FILE_RANGE = _sync_file_range()
+_SYNC_FILE_RANGE = function(
+    "sync_file_range", [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+)
 
 
 def start_writeback(fd: int) -> None:

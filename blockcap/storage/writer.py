@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import os
 import threading
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from blockcap.core.layout import ArrayDef, Layout, object_key, object_keys, pad_
 from blockcap.storage.codecs import ChunkEncoder
 from blockcap.storage.committer import Committer
 from blockcap.storage.integrity import encode_record
+from blockcap.storage.libc import function
 from blockcap.storage.location import Location
 from blockcap.storage.precision import round_bits
 from blockcap.storage.stats import partial, widen
@@ -94,14 +94,7 @@ def _assembly(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     return buf[:size].view(dtype).reshape(shape)
 
 
-def _libc() -> ctypes.CDLL | None:
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-
-
-_LIBC = _libc()
+_MALLOC_TRIM = function("malloc_trim", [ctypes.c_size_t])
 COMMITS_WAITING = 16  # units written and not yet committed, at most: what a crash would redo
 TRIM_EVERY = 8  # units between returns of freed heap pages to the system (see _release_memory)
 
@@ -114,8 +107,8 @@ def _release_memory() -> None:
     Not after every unit: the pages handed back fault in again on the next unit's buffers, which
     cost 15 % of the writer's throughput when trimming every unit.
     """
-    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
-        _LIBC.malloc_trim(0)
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def _set_policy(tids: set[int], policy: int) -> None:

@@ -27,6 +27,35 @@ def _ratio(v: dict, a: str, b: str) -> str:
     return f"{v[a]['tps'] / v[b]['tps']:.2f}" if a in v and b in v else "-"
 
 
+def _cpu_ratio(v: dict, a: str, b: str) -> str:
+    """CPU seconds per token of ``a`` over ``b``'s: what ``a`` costs the machine beyond the time."""
+    if a not in v or b not in v or "cores_busy" not in v[a] or "cores_busy" not in v[b]:
+        return "-"
+    return f"{(v[a]['cores_busy'] / v[a]['tps']) / (v[b]['cores_busy'] / v[b]['tps']):.2f}"
+
+
+def cpu_table(benches: list[dict]) -> list[str]:
+    """Where the capture's time goes on a machine whose cores the forward already fills: cores busy
+    (CPU seconds per wall second) of bare and blockcap, and blockcap's CPU per token over bare's."""
+    rows = [
+        "| model-workload | bare cores busy | f32 cores busy | f32 CPU / bare CPU | f32 no stats CPU / bare CPU "
+        "| f32 / bare (time) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for group, v in sorted(_groups(benches).items()):
+        if group.startswith("hf-") or "cores_busy" not in v.get("bare-steady", {}):
+            continue
+        f32 = v.get("blockcap-float32-steady", {})
+        busy = f"{f32['cores_busy']:.2f}" if "cores_busy" in f32 else "-"
+        rows.append(
+            f"| {group} | {v['bare-steady']['cores_busy']:.2f} | {busy} "
+            f"| {_cpu_ratio(v, 'blockcap-float32-steady', 'bare-steady')} "
+            f"| {_cpu_ratio(v, 'blockcap-nostats-steady', 'bare-steady')} "
+            f"| {_ratio(v, 'blockcap-float32-steady', 'bare-steady')} |"
+        )
+    return rows
+
+
 def throughput_table(benches: list[dict]) -> list[str]:
     rows = [
         "| model-workload | windows x tokens | bare tok/s | f32 / bare | f32 / f32 no stats | bf16 / bare "
@@ -203,6 +232,7 @@ def main(path: str) -> None:
     )
     tables = (
         throughput_table,
+        cpu_table,
         hf_table,
         storage_table,
         encoder_table,

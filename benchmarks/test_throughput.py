@@ -9,7 +9,10 @@ before the timer, which covers computing, encoding, writing and committing every
 
 from __future__ import annotations
 
+import resource
 import shutil
+import statistics
+import time
 
 import pytest
 
@@ -28,11 +31,29 @@ def setup(request, text, models, enabled, tmp_path_factory):
 
 
 def measure(benchmark, setup, variant: str, fn, fresh=None):
+    """Time ``fn``; also record the CPU seconds it took per wall second (``cores_busy``, the median
+    round's), the figure that says whether a core was left idle for the writers to use."""
     benchmark.group = f"{setup.name}-{setup.workload.name}"
     benchmark.extra_info.update(
         variant=variant, tokens=setup.tokens, windows=len(setup.windows), threads=THREADS
     )
-    return benchmark.pedantic(fn, setup=fresh, rounds=ROUNDS, warmup_rounds=1, iterations=1)
+    busy: list[float] = []
+
+    def timed(*args):
+        cpu, wall = cpu_seconds(), time.perf_counter()
+        result = fn(*args)
+        busy.append((cpu_seconds() - cpu) / (time.perf_counter() - wall))
+        return result
+
+    result = benchmark.pedantic(timed, setup=fresh, rounds=ROUNDS, warmup_rounds=1, iterations=1)
+    benchmark.extra_info["cores_busy"] = statistics.median(busy[1:] or busy)  # the warmup left out
+    return result
+
+
+def cpu_seconds() -> float:
+    """This process's CPU time, every thread's, user and system."""
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    return use.ru_utime + use.ru_stime
 
 
 @pytest.mark.parametrize("how", ["steady", "whole"])

@@ -14,11 +14,19 @@ import multiprocessing as mp
 import os
 import signal
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.connection import wait
 from pathlib import Path
 
 _CTX = mp.get_context("forkserver")
 _CTX.set_forkserver_preload(["blockcap.cli", "tests.crashkit"])
+# Reading a child's exit status consumes it, and ``Process.start`` reads every finished child's
+# status: two threads (``each``) reading one child at once make one of them see 255, so reads and
+# starts take turns.
+_POLLING = threading.Lock()
 VOLATILE = ("run_id", "started", "finished", "command", "split")  # root metadata that differs between runs
 
 
@@ -65,9 +73,24 @@ def run(
 ) -> int:
     """Exit code of ``blockcap argv`` in a child (``-SIGKILL`` when it was killed at write ``kill_at``)."""
     p = _CTX.Process(target=_child, args=(argv, kill_at, partial, count_file))
-    p.start()
-    p.join(300)
+    with _POLLING:
+        p.start()
+    wait([p.sentinel], 300)
+    with _POLLING:
+        p.join(0)
     return p.exitcode
+
+
+def each(kills: Iterable[int], check: Callable[[int], None]) -> None:
+    """``check(n)`` for every kill point ``n``, one per core at a time: each kill-and-resume is its own
+    store and its own child processes, so they run side by side (a CI-time matter). The first
+    failing ``n`` is raised, as a sequential loop would."""
+    pool = ThreadPoolExecutor(max(1, min(2, len(os.sched_getaffinity(0)))))
+    try:
+        for done in [pool.submit(check, n) for n in kills]:
+            done.result()
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
 def start_paused(argv: list[str], flag: Path) -> mp.Process:

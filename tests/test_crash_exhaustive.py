@@ -71,7 +71,8 @@ def complete_params(path: Path) -> dict | None:
 def test_kill_at_every_write_then_resume(base, reference, tmp_path, partial):
     total = crashkit.count_writes([*base, f"--out={tmp_path / 'count.zarr'}"], tmp_path, partial)
     assert total > 20  # creation, three units, finishing and the lock are all counted
-    for n in range(1, total + 1):
+
+    def kill_then_resume(n: int) -> None:
         out = tmp_path / f"s{n}.zarr"
         argv = [*base, f"--out={out}"]
         assert crashkit.run(argv, kill_at=n, partial=partial) == -9, n
@@ -80,6 +81,8 @@ def test_kill_at_every_write_then_resume(base, reference, tmp_path, partial):
         assert crashkit.files(out) == reference, n
         assert crashkit.leftovers(out) == [], n
 
+    crashkit.each(range(1, total + 1), kill_then_resume)
+
 
 def test_kill_at_every_write_of_an_overwrite(base, reference, tmp_path):
     """Overwriting a complete store: after any kill the old or the new complete store exists."""
@@ -87,7 +90,8 @@ def test_kill_at_every_write_of_an_overwrite(base, reference, tmp_path):
     counted = tmp_path / "count.zarr"
     assert crashkit.run([*old_argv, f"--out={counted}"]) == 0
     total = crashkit.count_writes([*base, f"--out={counted}", "--overwrite"], tmp_path)
-    for n in range(1, total + 1):
+
+    def kill_then_resume(n: int) -> None:
         out = tmp_path / f"s{n}.zarr"
         assert crashkit.run([*old_argv, f"--out={out}"]) == 0
         old = complete_params(out)
@@ -100,6 +104,8 @@ def test_kill_at_every_write_of_an_overwrite(base, reference, tmp_path):
         assert crashkit.files(out) == reference, n
         assert not out.with_name(out.name + ".replaced").exists(), n
         assert crashkit.leftovers(out) == [], n
+
+    crashkit.each(range(1, total + 1), kill_then_resume)
 
 
 @pytest.mark.parametrize("kills", [2, 3])

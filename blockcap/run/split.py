@@ -9,7 +9,15 @@ whose thread is descheduled, and idle-priority writers starve behind any busy pr
 wins depends on the model, the window length, the codec and the machine's load at the time, so
 no fixed rule decides it: the run times both on its first batches, in the order A B B A (a trend
 in the machine's load cancels out), and keeps the faster for the rest. Every trial batch is real
-work; a run too short to spare eight trial windows keeps the first split. Activations do not
+work, but the slower candidate's cost real time, so the trial is kept short against the run:
+
+* it ends after A B when A wins by ``DECISIVE`` or more: A's window carried the run's warm-up,
+  so the rest of the trial could not turn that around (the usual case on a CPU whose cores the
+  forward fills: one thread fewer ran at 0.6 of the speed, measured at block 0 and block 5);
+* a run shorter than ``MIN_RUN`` times the full trial has no trial: on 16 batches the trial cost
+  a fifth of the run (384d model, block 5: 0.69-0.85 of the bare forward with it, 0.90-0.97 without).
+
+Activations do not
 depend on the thread count (tested bitwise), so a resumed run that chooses otherwise writes the
 same bytes. On a GPU the forward does not use the CPU's cores: no trial, and, as in every run
 without one, the writers run at normal priority.
@@ -24,6 +32,8 @@ from typing import Any
 import torch
 
 ORDER = (0, 1, 1, 0)  # candidate of each trial window
+DECISIVE = 1.25  # A's rate over B's after A B that ends the trial early
+MIN_RUN = 8  # a run needs this many times the full trial's batches to have a trial
 
 
 @dataclass(frozen=True)
@@ -48,7 +58,8 @@ class SplitTrial:
         n = self.original
         self.candidates = [Split(n, True), Split(n - 1, False)] if device.type == "cpu" and n >= 2 else []
         self.window = max(1, window)
-        if n_batches < 2 * len(ORDER) * self.window:
+        self.windows = len(ORDER)  # trial windows, fewer once decided early
+        if n_batches < MIN_RUN * len(ORDER) * self.window:
             self.candidates = self.candidates[:0]
         self.seconds = [0.0, 0.0]
         self.items = [0, 0]
@@ -67,16 +78,23 @@ class SplitTrial:
     def _trial(self, r: int) -> int | None:
         """The candidate batch ``r`` is a trial of, or None once the trials are over."""
         k = r // self.window
-        return ORDER[k] if self.candidates and k < len(ORDER) else None
+        return ORDER[k] if self.candidates and k < self.windows else None
+
+    def _rates(self) -> list[float]:
+        return [i / max(s, 1e-9) for i, s in zip(self.items, self.seconds, strict=True)]
 
     def before(self, r: int) -> None:
+        if self.candidates and r == 2 * self.window and self.windows > 2:
+            a, b = self._rates()
+            if a >= DECISIVE * b:
+                self.windows = 2
         c = self._trial(r)
         if c is not None:
             if r % self.window == 0:
                 self._apply(self.candidates[c])
             self.started = time.perf_counter()
-        elif r == len(ORDER) * self.window and self.candidates:
-            rates = [i / max(s, 1e-9) for i, s in zip(self.items, self.seconds, strict=True)]
+        elif r == self.windows * self.window and self.candidates:
+            rates = self._rates()
             self.chosen = self.candidates[max(range(len(rates)), key=rates.__getitem__)]
             self._apply(self.chosen)
 
@@ -97,10 +115,9 @@ class SplitTrial:
         out: dict[str, Any] = {"chosen": self.chosen.label()}
         if self.candidates and all(self.items):
             out["items_per_s"] = {
-                c.label(): round(i / max(s, 1e-9), 1)
-                for c, i, s in zip(self.candidates, self.items, self.seconds, strict=True)
+                c.label(): round(v, 1) for c, v in zip(self.candidates, self._rates(), strict=True)
             }
-            out["trial_batches"] = len(ORDER) * self.window
+            out["trial_batches"] = self.windows * self.window
         else:
             out["why"] = "no trial: a GPU run, one thread, or a run too short to compare"
         return out

@@ -38,8 +38,8 @@ def cpu_table(benches: list[dict]) -> list[str]:
     """Where the capture's time goes on a machine whose cores the forward already fills: cores busy
     (CPU seconds per wall second) of bare and blockcap, and blockcap's CPU per token over bare's."""
     rows = [
-        "| model-workload | bare cores busy | f32 cores busy | f32 CPU / bare CPU | f32 no stats CPU / bare CPU "
-        "| f32 / bare (time) |",
+        "| model-workload | bare cores busy | f32 cores busy | f32 CPU / bare CPU "
+        "| f32 no stats CPU / bare CPU | f32 / bare (time) |",
         "|---|---|---|---|---|---|",
     ]
     for group, v in sorted(_groups(benches).items()):

@@ -128,6 +128,7 @@ def test_kills_while_writing_pieces_then_resume(ckpt, text_file, tmp_path):
     assert crashkit.run([*base, f"--out={ref}"]) == 0
     reference = crashkit.files(ref)
     total = crashkit.count_writes([*base, f"--out={tmp_path / 'count.zarr'}"], tmp_path, partial=True)
+
     def kill_then_resume(n: int) -> None:
         out = tmp_path / f"s{n}.zarr"
         argv = [*base, f"--out={out}"]

@@ -39,7 +39,7 @@ def cpu_table(benches: list[dict]) -> list[str]:
     (CPU seconds per wall second) of bare and blockcap, and blockcap's CPU per token over bare's."""
     rows = [
         "| model-workload | bare cores busy | f32 cores busy | f32 CPU / bare CPU "
-        "| f32 no stats CPU / bare CPU | f32 / bare (time) |",
+        "| f32 no stats CPU / bare CPU | f32 / bare (speed) |",
         "|---|---|---|---|---|---|",
     ]
     for group, v in sorted(_groups(benches).items()):

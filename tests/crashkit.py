@@ -78,14 +78,21 @@ def run(
     wait([p.sentinel], 300)
     with _POLLING:
         p.join(0)
-    return p.exitcode
+        code = p.exitcode
+    if code is None:  # hung: stop it, so that it holds no store and no core
+        p.kill()
+        p.join()
+        raise AssertionError(f"blockcap {argv} still running after 300 s")
+    return code
 
 
 def each(kills: Iterable[int], check: Callable[[int], None]) -> None:
-    """``check(n)`` for every kill point ``n``, one per core at a time: each kill-and-resume is its own
-    store and its own child processes, so they run side by side (a CI-time matter). The first
-    failing ``n`` is raised, as a sequential loop would."""
-    pool = ThreadPoolExecutor(max(1, min(2, len(os.sched_getaffinity(0)))))
+    """``check(n)`` for every kill point ``n``, two at a time when this test process has two cores
+    to itself (pytest-xdist workers share them): each kill-and-resume is its own store and its
+    own child processes, so they run side by side (a CI-time matter). The first failing ``n`` is
+    raised, as a sequential loop would."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    pool = ThreadPoolExecutor(max(1, min(2, cores // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
     try:
         for done in [pool.submit(check, n) for n in kills]:
             done.result()

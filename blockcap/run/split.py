@@ -9,18 +9,20 @@ whose thread is descheduled, and idle-priority writers starve behind any busy pr
 wins depends on the model, the window length, the codec and the machine's load at the time, so
 no fixed rule decides it: the run times both on its first batches, in the order A B B A (a trend
 in the machine's load cancels out), and keeps the faster for the rest. Every trial batch is real
-work, but the slower candidate's cost real time, so the trial is kept short against the run:
+work, but the slower candidate costs real time, so the trial is kept short against the run:
 
-* it ends after A B when A wins by ``DECISIVE`` or more: A's window carried the run's warm-up,
-  so the rest of the trial could not turn that around (the usual case on a CPU whose cores the
-  forward fills: one thread fewer ran at 0.6 of the speed, measured at block 0 and block 5);
-* a run shorter than ``MIN_RUN`` times the full trial has no trial: on 16 batches the trial cost
-  a fifth of the run (384d model, block 5: 0.69-0.85 of the bare forward with it, 0.90-0.97 without).
+* it ends after A B when A wins by ``DECISIVE`` or more. A's window carried the run's warm-up and
+  B's some of A's writer backlog, so this is a heuristic: the B A half is unlikely to turn a 1.25x
+  lead around. It is the usual case on a CPU whose cores the forward fills, where one thread
+  fewer slows every matmul of the forward.
+* a run shorter than ``MIN_RUN`` times the full trial has no trial (so the trial is at most an
+  eighth of a run): a benchmark run of 16 batches spent half of them in the trial, and went from
+  0.72 to 0.80 of the bare forward at block 5, 0.48 to 0.59 at block 0, without it
+  (``benchmarks/test_throughput.py``, 384d model, one run before and one after).
 
-Activations do not
-depend on the thread count (tested bitwise), so a resumed run that chooses otherwise writes the
-same bytes. On a GPU the forward does not use the CPU's cores: no trial, and, as in every run
-without one, the writers run at normal priority.
+Activations do not depend on the thread count (tested bitwise), so a resumed run that chooses
+otherwise writes the same bytes. On a GPU the forward does not use the CPU's cores: no trial,
+and, as in every run without one, the writers run at normal priority.
 """
 
 from __future__ import annotations

@@ -318,10 +318,11 @@ def object_keys(array: ArrayDef, unit: int) -> list[str]:
     return [object_key(array, unit, j) for j in range(array.pieces)]
 
 
-def pad_rows(data: np.ndarray, rows: int) -> np.ndarray:
-    """``data`` padded with zeros along axis 0 to ``rows`` (zarr stores edge chunks whole)."""
-    if data.shape[0] == rows:
+def pad_rows(data: np.ndarray, rows: int, axis: int = 0) -> np.ndarray:
+    """``data`` padded with zeros along ``axis`` to ``rows`` (zarr stores edge chunks whole: the
+    last chunk of windows along axis 0, the last piece of queries along an attention pattern's 2)."""
+    if data.shape[axis] == rows:
         return data
-    out = np.zeros((rows, *data.shape[1:]), dtype=data.dtype)
-    out[: data.shape[0]] = data
+    out = np.zeros((*data.shape[:axis], rows, *data.shape[axis + 1 :]), dtype=data.dtype)
+    out[(slice(None),) * axis + (slice(0, data.shape[axis]),)] = data
     return out

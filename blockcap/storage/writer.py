@@ -283,9 +283,7 @@ class SlabWriter:
         enc = self.encoders[a.path]
         if a.pieces > 1:  # the encoder makes the slice contiguous; only a short last piece is padded
             q = a.chunks[2]
-            data = data[:, :, piece * q : (piece + 1) * q]
-            if data.shape[2] < q:
-                data = np.pad(data, [(0, 0), (0, 0), (0, q - data.shape[2]), (0, 0)])
+            data = pad_rows(data[:, :, piece * q : (piece + 1) * q], q, axis=2)
         if a.shards is not None:
             return enc.encode_shard(pad_rows(data, a.shards[0]), a.chunks[0], slab.hi - slab.lo)
         return enc.encode(pad_rows(data, a.chunks[0]))

@@ -100,6 +100,27 @@ def each(kills: Iterable[int], check: Callable[[int], None]) -> None:
         pool.shutdown(cancel_futures=True)
 
 
+def kill_and_resume_each(
+    base: list[str], kills: Iterable[int], tmp: Path, reference: dict[str, bytes], partial: bool = False,
+    after_kill: Callable[[Path], None] | None = None,
+) -> None:  # fmt: skip
+    """For each kill point ``n`` (``each``): ``blockcap base --out=tmp/s{n}.zarr`` killed at its ``n``th
+    write, ``after_kill(store)`` checked, then the same command re-run to a store whose files equal
+    ``reference`` (``files``), with nothing left beside it."""
+
+    def kill_then_resume(n: int) -> None:
+        out = tmp / f"s{n}.zarr"
+        argv = [*base, f"--out={out}"]
+        assert run(argv, kill_at=n, partial=partial) == -9, n
+        if after_kill is not None:
+            after_kill(out)
+        assert run(argv) == 0, n
+        assert files(out) == reference, n
+        assert leftovers(out) == [], n
+
+    each(kills, kill_then_resume)
+
+
 def start_paused(argv: list[str], flag: Path) -> mp.Process:
     """Start ``blockcap argv`` in a child that pauses after its first commit until ``flag`` is deleted:
     each of its threads holds at its next write (``settled`` waits for the store to stop changing)."""

@@ -68,17 +68,9 @@ def complete_params(path: Path) -> dict | None:
 def test_kill_at_every_write_then_resume(base, reference, tmp_path, partial):
     total = crashkit.count_writes([*base, f"--out={tmp_path / 'count.zarr'}"], tmp_path, partial)
     assert total > 20  # creation, three units, finishing and the lock are all counted
-
-    def kill_then_resume(n: int) -> None:
-        out = tmp_path / f"s{n}.zarr"
-        argv = [*base, f"--out={out}"]
-        assert crashkit.run(argv, kill_at=n, partial=partial) == -9, n
-        readable_or_one_line(out)
-        assert crashkit.run(argv) == 0, n
-        assert crashkit.files(out) == reference, n
-        assert crashkit.leftovers(out) == [], n
-
-    crashkit.each(range(1, total + 1), kill_then_resume)
+    crashkit.kill_and_resume_each(
+        base, range(1, total + 1), tmp_path, reference, partial, after_kill=readable_or_one_line
+    )
 
 
 def test_kill_at_every_write_of_an_overwrite(base, reference, tmp_path):

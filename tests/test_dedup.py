@@ -103,12 +103,4 @@ def test_kill_at_every_write_then_resume(ckpt, text_file, tmp_path):
     assert blockcap.open_store(ref).layout.n_units >= 3
     want = crashkit.files(ref)
     total = crashkit.count_writes([*argv, f"--out={tmp_path / 'count.zarr'}"], tmp_path)
-
-    def kill_then_resume(n: int) -> None:
-        out = tmp_path / f"s{n}.zarr"
-        assert crashkit.run([*argv, f"--out={out}"], kill_at=n) == -9, n
-        assert crashkit.run([*argv, f"--out={out}"]) == 0, n
-        assert crashkit.files(out) == want, n
-        assert crashkit.leftovers(out) == [], n
-
-    crashkit.each(range(1, total + 1), kill_then_resume)
+    crashkit.kill_and_resume_each(argv, range(1, total + 1), tmp_path, want)

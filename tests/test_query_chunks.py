@@ -128,16 +128,8 @@ def test_kills_while_writing_pieces_then_resume(ckpt, text_file, tmp_path):
     assert crashkit.run([*base, f"--out={ref}"]) == 0
     reference = crashkit.files(ref)
     total = crashkit.count_writes([*base, f"--out={tmp_path / 'count.zarr'}"], tmp_path, partial=True)
-
-    def kill_then_resume(n: int) -> None:
-        out = tmp_path / f"s{n}.zarr"
-        argv = [*base, f"--out={out}"]
-        assert crashkit.run(argv, kill_at=n, partial=True) == -9, n
-        assert crashkit.run(argv) == 0, n
-        assert crashkit.files(out) == reference, n
-        assert crashkit.leftovers(out) == [], n
-
-    crashkit.each(sorted(set(np.linspace(2, total - 1, 12).astype(int).tolist())), kill_then_resume)
+    kills = sorted(set(np.linspace(2, total - 1, 12).astype(int).tolist()))
+    crashkit.kill_and_resume_each(base, kills, tmp_path, reference, partial=True)
 
 
 def test_dry_run_counts_every_piece(run_args):

@@ -16,6 +16,7 @@ import blockcap
 from blockcap.core.errors import BlockcapError
 from blockcap.core.layout import object_keys
 from blockcap.run import job, plan
+from blockcap.storage import durable
 from blockcap.storage import location as loc
 from tests import crashkit
 from tests.hf_models import NEEDS_TRANSFORMERS
@@ -74,7 +75,7 @@ def test_a_failed_sync_commits_nothing_after_it_and_resumes_identically(run_args
     blockcap.run(**{**args, "out": str(ref)})
     lock, dirty, calls, bad = threading.Lock(), set(), [0], []
     layout = {}
-    fsync, put, init = loc.fsync_path, loc.Location.put, job.SlabWriter.__init__
+    fsync, put, init = durable.fsync_path, loc.Location.put, job.SlabWriter.__init__
 
     def failing_fsync(p):
         with lock:
@@ -104,7 +105,7 @@ def test_a_failed_sync_commits_nothing_after_it_and_resumes_identically(run_args
         layout["l"] = lay
         init(self, location, lay, *a, **kw)
 
-    monkeypatch.setattr(loc, "fsync_path", failing_fsync)
+    monkeypatch.setattr(durable, "fsync_path", failing_fsync)
     monkeypatch.setattr(loc.Location, "put", tracking_put)
     monkeypatch.setattr(job.SlabWriter, "__init__", writer_init)
     with pytest.raises(BlockcapError, match="injected"):

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from blockcap.core.errors import BlockcapError
-from blockcap.storage.durable import fsync_dir, fsync_path, makedirs, start_writeback
+from blockcap.storage.durable import fsync_all, fsync_dir, makedirs, start_writeback
 from blockcap.storage.stops import check_stop
 
 READ_AHEAD = 16  # objects read concurrently, and held at most, by ``get_each`` on object storage
@@ -304,9 +304,7 @@ class Location:
         with self._sync_lock:  # a commit waits for a sync another thread started
             with self._lock:
                 todo, self._pending = self._pending, set()
-            if todo:
-                with ThreadPoolExecutor(max_workers=min(16, len(todo))) as pool:
-                    list(pool.map(fsync_path, todo))
+            fsync_all(todo)
 
     def put_many(self, objects: dict[str, bytes]) -> None:
         """Write several independent objects: in key order locally, concurrently on object storage."""

@@ -181,6 +181,8 @@ def test_encoder(benchmark, activations, how):
     cw = _chunk_windows(activations, "float32")
     rows = cw * SHARD_CHUNKS if "shard" in how else cw
     pieces = [o[lo : lo + rows] for o in outs for lo in range(0, len(o) - rows + 1, rows)]
+    if not pieces:  # nothing to encode would measure nothing (and compare no bytes)
+        pytest.skip(f"{activations['workload']}: {len(outs[0])} windows fill no {how.split()[-1]} of {rows}")
     enc = ChunkEncoder("blosc-lz4")
     inner = outs[0].shape[1:]
     pipe, spec = _zarr_pipeline((cw, *inner), (rows, *inner) if "shard" in how else None)

@@ -93,6 +93,36 @@ def test_rows_decoded_ahead_are_never_evicted_unwritten(store, monkeypatch):
     check_epoch(store, epoch(L.loader(store, batch_size=50, buffer_mb=0.05, with_ids=True)))
 
 
+def test_the_buffer_is_kept_between_epochs_and_never_shared(store):
+    """An epoch reuses the last one's shuffle buffer (its page faults are paid once) and yields what
+    a fresh loader yields; an epoch abandoned half-way, or one running beside another, loses nothing
+    (the read ahead is waited for before the buffer is kept; a second iteration makes its own)."""
+
+    def where(batches):
+        return torch.cat([b[2] for b in batches]).tolist()
+
+    ds = L.loader(store, batch_size=32, buffer_mb=0.02, with_ids=True)
+    first = list(ds)
+    check_epoch(store, first)
+    buffer = ds._kept[0]
+    ds.set_epoch(1)
+    again = list(ds)
+    assert ds._kept[0] is buffer  # the same arrays, not a new allocation
+    fresh = L.loader(store, batch_size=32, buffer_mb=0.02, with_ids=True)
+    fresh.set_epoch(1)
+    assert where(again) == where(list(fresh))
+    check_epoch(store, again)
+
+    half = iter(ds)
+    for _ in range(3):
+        next(half)
+    beside = list(ds)  # runs while ``half`` holds the buffer: gets a new one
+    assert ds._kept[0] is not buffer
+    check_epoch(store, beside)
+    half.close()  # its buffer is not kept: one is already
+    assert where(list(ds)) == where(beside)
+
+
 def test_dedup_store(ckpt, text_file, tmp_path):
     s = small_store(
         ckpt, text_file, tmp_path / "d.zarr", dedup=True, sample_len=4, stride=2, chunk_windows=32

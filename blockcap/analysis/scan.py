@@ -5,7 +5,7 @@ See ``blockcap.analysis.search`` for the exactness argument."""
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -220,7 +220,7 @@ def threads_beside_reader() -> Iterator[None]:
 AHEAD = 2  # spans read ahead of the one being scored: the reader never waits for the scorer
 
 
-def prefetched(jobs: Iterable[Callable[[], R]]) -> Iterator[R]:
+def prefetched(jobs: Iterable[Callable[[], R]]) -> Generator[R, None, None]:
     """Each job's result in order, the next ``AHEAD`` running in the background meanwhile (a job
     is taken from ``jobs`` when it is submitted, ``AHEAD`` before its result is wanted)."""
     with ThreadPoolExecutor(max_workers=1) as pool:

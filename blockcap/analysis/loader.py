@@ -167,10 +167,11 @@ class ActivationLoader(IterableDataset):
                     yield self._batch(batch)
             for batch in mixer.drain() if mixer is not None else ():
                 yield self._batch(batch)
-        finally:  # the buffer is kept once nothing reads it or decodes into it (the read ahead waited for)
+        finally:  # kept once nothing reads it or decodes into it (a read ahead is waited for, e.g. on Ctrl-C)
             reads.close()
-            if mixer is not None and mixer.rows is not None and not self._kept:
+            if mixer is not None and mixer.rows is not None:
                 self._kept.append(mixer.rows)
+                del self._kept[1:]  # one kept, the earliest: no check-then-act between threads
         if not self.drop_last:
             for batch in out.rest():
                 yield self._batch(batch)
@@ -339,7 +340,8 @@ def loader(
     at random as new rows arrive. The buffer is the trade-off: rows in one batch come from
     about ``buffer_mb / unit size`` units, so a larger buffer mixes more (batches look more
     like uniform samples of the store) but costs that much memory per worker (at most its share
-    of the site) and a longer wait for the first batch; ``buffer_mb=0`` only shuffles within
+    of the site), held from the first epoch for as long as the loader lives (the next epoch
+    reuses it), and a longer wait for the first batch; ``buffer_mb=0`` only shuffles within
     each unit (a few windows). The order is reproducible for a given seed, epoch and number of
     workers.
     """

@@ -145,21 +145,27 @@ def test_hf_attention_split_equals_whole(hf_zoo, hf_text, tmp_path, variant):
     shutil.rmtree(tmp_path / "whole.zarr")
 
 
-def test_a_damaged_root_param_is_named_as_the_store_s_not_as_an_option(run_args, capsys):
+@pytest.mark.parametrize(
+    "field, value, fact",
+    [("query_chunk", 0, "query_chunk 0 is out of range"),  # one field
+     ("dedup", True, "dedup True and sites with attention: attention cannot be deduplicated")],  # two
+)  # fmt: skip
+def test_a_damaged_root_param_is_named_as_the_store_s_not_as_an_option(run_args, capsys, field, value, fact):
     """A root whose params fail validation is damage in the store, not a flag the user passed: it
-    said '--query_chunk=0 is out of range; use an integer 1..8'."""
+    said '--query_chunk=0 is out of range; use an integer 1..8'. The validator raises the field,
+    value and problem as data (``BadValue``); the store's wording takes them, without advice."""
     from blockcap.cli import main
 
     args = {**run_args, "sites": SITES, "chunk_windows": 4, "query_chunk": 3}
     blockcap.run(**args)
     root = Path(args["out"]) / "zarr.json"
     doc = json.loads(root.read_text())
-    doc["attributes"]["blockcap"]["params"]["query_chunk"] = 0
+    doc["attributes"]["blockcap"]["params"][field] = value
     root.write_text(json.dumps(doc))
     with pytest.raises(SystemExit) as e:
         main(["info", args["out"]])
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and "--query_chunk" not in err, err
-    assert "metadata is damaged: its recorded params are not a capture (query_chunk 0 is out of range)" in err
+    assert e.value.code == 2 and f"--{field}" not in err and "drop" not in err, err
+    assert f"metadata is damaged: its recorded params are not a capture ({fact})" in err
     assert blockcap.run(**args).status == "resumed and completed"  # its own command rebuilds the root
     assert blockcap.verify(args["out"]) == []

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from blockcap.core.errors import BlockcapError
+from blockcap.core.errors import BadValue
 
 DEFAULT_CODEC = "blosc-lz4"
 DEFAULT_DTYPE = "float32"
@@ -43,7 +43,7 @@ DTYPES: dict[str, StorageDtype] = {
 
 def storage_dtype(name: str) -> StorageDtype:
     if name not in DTYPES:
-        raise BlockcapError(f"dtype={name!r} is unknown; use one of {', '.join(DTYPES)}")
+        raise BadValue("dtype", name, "is unknown", f"use one of {', '.join(DTYPES)}")
     return DTYPES[name]
 
 
@@ -55,8 +55,8 @@ CODEC_NAMES = (*_LEVELS, "none")
 def parse_codec(spec: str) -> tuple[str, int | None]:
     name, _, level_text = str(spec).partition(":")
     if name not in CODEC_NAMES:
-        raise BlockcapError(
-            f"codec={spec!r} is unknown; use one of {', '.join(CODEC_NAMES)} (optionally name:level)"
+        raise BadValue(
+            "codec", spec, "is unknown", f"use one of {', '.join(CODEC_NAMES)} (optionally name:level)"
         )
     if not level_text:
         return name, _LEVELS[name][0] if name in _LEVELS else None
@@ -66,7 +66,7 @@ def parse_codec(spec: str) -> tuple[str, int | None]:
     except ValueError:
         level = None
     if level is None or level not in levels:
-        raise BlockcapError(f"codec={spec!r} has a bad level; {name} takes {levels.start}..{levels.stop - 1}")
+        raise BadValue("codec", spec, "has a bad level", f"{name} takes {levels.start}..{levels.stop - 1}")
     return name, level
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from blockcap.core.encoding import DEFAULT_CODEC, DEFAULT_DTYPE, parse_codec, storage_dtype
-from blockcap.core.errors import BlockcapError
+from blockcap.core.errors import BadValue, BlockcapError
 from blockcap.core.sites import ALL_SITES, ATTENTION, DEFAULT_SITES, SITES
 
 SPLITS = ("train", "val", "all")
@@ -52,12 +52,12 @@ def parse_blocks(value: Any) -> tuple[int, ...] | str:
             except ValueError:
                 v = p
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise BlockcapError(
-                f"block_idx={p!r} is not a block number; use an integer 0 or more, a list like 0,2, or all"
+            raise BadValue(
+                "block_idx", p, "is not a block number", "use an integer 0 or more, a list like 0,2, or all"
             )
         blocks.append(v)
     if not blocks:
-        raise BlockcapError(f"block_idx={value!r} names no block; use an integer, a list like 0,2, or all")
+        raise BadValue("block_idx", value, "names no block", "use an integer, a list like 0,2, or all")
     return tuple(sorted(set(blocks)))
 
 
@@ -67,10 +67,10 @@ def resolve_blocks(blocks: tuple[int, ...] | str, n_layer: int) -> tuple[int, ..
         return tuple(range(n_layer))
     bad = [b for b in blocks if b >= n_layer]
     if bad:
-        raise BlockcapError(
-            f"block_idx={bad[0]} is not a block of this model; use an integer in 0..{n_layer - 1}, "
-            f"a list, or all"
-        )
+        raise BadValue(
+            "block_idx", bad[0], "is not a block of this model",
+            f"use an integer in 0..{n_layer - 1}, a list, or all",
+        )  # fmt: skip
     return tuple(blocks)
 
 
@@ -87,7 +87,7 @@ def parse_sites(value: Any) -> tuple[str, ...]:
     bad = [n for n in names if n not in SITES and n != ALL]
     if bad or not names:
         problem = f"has unknown {bad[0]!r}" if bad else "is empty"
-        raise BlockcapError(f"sites={value!r} {problem}; use a comma list of {', '.join(SITES)}, or all")
+        raise BadValue("sites", value, problem, f"use a comma list of {', '.join(SITES)}, or all")
     return (ALL,) * (ALL in names) + tuple(s for s in SITES if s in names)
 
 
@@ -109,19 +109,19 @@ def positive(name: str, value: Any, upper: int | None = None) -> int:
             " or more" if not upper else f"..2^{upper.bit_length() - 1}" if upper >= 1 << 30 else f"..{upper}"
         )
         what = "is not an integer" if isinstance(value, str) else "is out of range"
-        raise BlockcapError(f"{name}={value!r} {what}; use an integer 1{hi}")
+        raise BadValue(name, value, what, f"use an integer 1{hi}")
     return value
 
 
 def _flag(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
-        raise BlockcapError(f"{name}={value!r} is not True or False")
+        raise BadValue(name, value, "is not True or False")
     return value
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
-        raise BlockcapError(f"{name}={value!r} is unknown; use one of {', '.join(allowed)}")
+        raise BadValue(name, value, "is unknown", f"use one of {', '.join(allowed)}")
     return str(value)
 
 
@@ -132,12 +132,12 @@ def parse_precision(spec: Any, dtype: str) -> int | None:
     name, _, bits = str(spec).partition(":")
     keep = int(bits) if name == "keep_bits" and bits.isdigit() else 0
     if not 1 <= keep <= FLOAT32_MANTISSA - 1:
-        raise BlockcapError(
-            f"precision={spec!r} is unknown; use exact, or keep_bits:N with N in 1..{FLOAT32_MANTISSA - 1} "
-            f"(the float32 mantissa bits kept)"
-        )
+        raise BadValue(
+            "precision", spec, "is unknown",
+            f"use exact, or keep_bits:N with N in 1..{FLOAT32_MANTISSA - 1} (the float32 mantissa bits kept)",
+        )  # fmt: skip
     if dtype != "float32":
-        raise BlockcapError(f"precision={spec!r} rounds float32 values; use it with dtype=float32")
+        raise BadValue("precision", spec, "rounds float32 values", "use it with dtype=float32")
     return keep
 
 
@@ -147,7 +147,7 @@ def _optional_text(name: str, value: Any) -> str | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)  # fire reads an all-digit path or hash as a number
     if not isinstance(value, str) or not value.strip():
-        raise BlockcapError(f"{name}={value!r} is not a non-empty string")
+        raise BadValue(name, value, "is not a non-empty string")
     return value
 
 
@@ -156,7 +156,7 @@ def _sha256(name: str, value: Any) -> str | None:
         value = f"{value:064d}"  # fire reads an all-digit hash as a number
     value = _optional_text(name, value)
     if value is not None and (len(value) != 64 or any(c not in "0123456789abcdef" for c in value.lower())):
-        raise BlockcapError(f"{name}={value!r} is not a sha256 (64 hex digits)")
+        raise BadValue(name, value, "is not a sha256 (64 hex digits)")
     return value.lower() if value else None
 
 
@@ -246,32 +246,31 @@ class CaptureSpec:
         for name in ("model_sha256", "dataset_sha256"):
             set_(self, name, _sha256(name, getattr(self, name)))
         if self.model is not None and self.weights is not None:
-            raise BlockcapError(
-                f"model={self.model!r} and weights={self.weights!r} both given; weights is for the "
-                f"char GPT, model for a Hugging Face model: pass one"
-            )
+            raise BadValue(
+                "model", self.model, f"and weights={self.weights!r} both given",
+                "weights is for the char GPT, model for a Hugging Face model: pass one",
+            )  # fmt: skip
         if self.revision is not None and self.model is None:
-            raise BlockcapError(f"revision={self.revision!r} needs model= (a Hugging Face model)")
+            raise BadValue("revision", self.revision, "needs model= (a Hugging Face model)")
         _choice("model_dtype", self.model_dtype, MODEL_DTYPES)
         _choice("split", self.split, SPLITS)
         if self.separator is not None:
             _choice("separator", self.separator, SEPARATORS)
         _choice("windows", self.windows, WINDOW_MODES)
         if isinstance(self.sample_len, bool) or not isinstance(self.sample_len, int):
-            raise BlockcapError(
-                f"sample_len={self.sample_len!r} is not an integer; use 1..the model's context"
-            )
+            raise BadValue("sample_len", self.sample_len, "is not an integer", "use 1..the model's context")
         positive("sample_len", self.sample_len, MAX_COUNT)
         if self.prepend_bos is True and self.sample_len < 2:
-            raise BlockcapError(f"prepend_bos=True needs sample_len=2 or more (got {self.sample_len})")
+            raise BadValue("prepend_bos", True, f"needs sample_len=2 or more (got {self.sample_len})")
         positive("stride", self.stride, MAX_COUNT)
         positive("batch_size", self.batch_size, 1 << 62)
         storage_dtype(self.dtype)
         parse_codec(self.codec)
         if parse_precision(self.precision, self.dtype) is not None and not self.stats:
-            raise BlockcapError(
-                f"precision={self.precision!r} keeps its measured error with the statistics; drop stats=False"
-            )
+            raise BadValue(
+                "precision", self.precision, "keeps its measured error with the statistics",
+                "drop stats=False",
+            )  # fmt: skip
         for name in ("compile", "fused", "dedup", "stats", "prepend_bos"):
             _flag(name, getattr(self, name))
         if self.chunk_windows is not None:  # its fit with batch_size needs the window count: see plan
@@ -281,12 +280,15 @@ class CaptureSpec:
         if self.query_chunk is not None:
             positive("query_chunk", self.query_chunk, self.sample_len)
             if ATTENTION not in self.sites:
-                raise BlockcapError(
-                    f"query_chunk={self.query_chunk} splits the attention pattern; add attention to "
-                    f"sites or drop query_chunk"
-                )
+                raise BadValue(
+                    "query_chunk", self.query_chunk, "splits the attention pattern",
+                    "add attention to sites or drop query_chunk",
+                )  # fmt: skip
         if self.dedup and ATTENTION in self.sites:
-            raise BlockcapError("sites with attention cannot be deduplicated; drop attention or dedup")
+            raise BadValue(
+                "dedup", self.dedup, "and sites with attention: attention cannot be deduplicated",
+                "drop attention or dedup",
+            )  # fmt: skip
 
     @property
     def blocks(self) -> tuple[int, ...]:
@@ -342,7 +344,7 @@ def parse_part(part: Any) -> tuple[int, int]:
             return k, n
     except ValueError:
         pass
-    raise BlockcapError(f"part={part!r} is not k/n with 0 <= k < n; use e.g. part=0/2 and part=1/2")
+    raise BadValue("part", part, "is not k/n with 0 <= k < n", "use e.g. part=0/2 and part=1/2")
 
 
 def parse_storage_options(value: Any, name: str = "storage_options") -> dict[str, Any]:
@@ -353,9 +355,9 @@ def parse_storage_options(value: Any, name: str = "storage_options") -> dict[str
         try:
             value = json.loads(value)
         except json.JSONDecodeError as e:
-            raise BlockcapError(f"{name}={value!r} is not JSON ({e.msg})") from None
+            raise BadValue(name, value, f"is not JSON ({e.msg})") from None
     if not isinstance(value, dict):
-        raise BlockcapError(f'{name}={value!r} is not a JSON object like {{"anon": true}}')
+        raise BadValue(name, value, 'is not a JSON object like {"anon": true}')
     return value
 
 
@@ -405,7 +407,7 @@ class RunOptions:
             _flag(name, getattr(self, name))
         t = self.stall_timeout
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 1 <= t <= 7 * 86400:
-            raise BlockcapError(f"stall_timeout={t!r} is not a number of seconds in 1..604800")
+            raise BadValue("stall_timeout", t, "is not a number of seconds in 1..604800")
         positive("writers", self.writers, 64)
         parse_part(self.part)
         set_(self, "storage_options", parse_storage_options(self.storage_options))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
-import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -20,7 +19,7 @@ from zarr.storage import MemoryStore
 from zarr.types import ArrayV3
 
 from blockcap.core.dims import ModelDims
-from blockcap.core.errors import BlockcapError
+from blockcap.core.errors import BadValue, BlockcapError
 from blockcap.core.layout import CREATE, FINISH, FORMAT, FORMAT_VERSION, Layout, record_objects
 from blockcap.core.spec import MAX_COUNT, CaptureSpec
 from blockcap.storage.codecs import compressors
@@ -176,7 +175,7 @@ def layout_of(meta: dict[str, Any]) -> Layout:
         try:
             spec = CaptureSpec.from_params(meta["params"])
         except BlockcapError as e:  # the store's field, not the user's option: "name value", no advice
-            what = re.sub(r"^(\w+)=", r"\1 ", str(e).split(";")[0])
+            what = e.fact if isinstance(e, BadValue) else str(e)
             raise BlockcapError(
                 f"the store's metadata is damaged: its recorded params are not a capture ({what})"
             ) from None

@@ -161,7 +161,7 @@ CASES = [
         lambda w: ["run", "--model=/nonexistent/model", f"--dataset={w['text']}"],
         "does not exist",
     ),
-    ("revision-without-model", lambda w: run_args(w, revision="main"), "--revision='main' needs --model="),
+    ("revision-without-model", lambda w: run_args(w, revision="main"), "--revision='main' is for a"),
     ("model-dtype", lambda w: run_args(w, model_dtype="float64"), "--model_dtype='float64' is unknown"),
     ("flag-not-bool", lambda w: run_args(w, compile="maybe"), "--compile='maybe' is not True or False"),
     ("dedup-attention", lambda w: run_args(w, dedup=True, sites="attention"), "cannot be deduplicated"),
@@ -286,3 +286,16 @@ def test_any_batch_size_is_planned_at_once():
 
     assert choose_chunk_windows(10**15, 1000, 500) == 500  # one batch: the run, chunked by size only
     assert choose_chunk_windows(2**40, 10**6, 10**9) == 4  # the divisors of a huge batch, not a scan
+
+
+def test_a_bad_value_survives_pickling():
+    """Ranks hand errors on pickled: a BadValue arrives whole, its parts and wording intact."""
+    import pickle
+
+    from blockcap.core.errors import BadValue
+
+    e = BadValue("model", "gpt2", "and {weights} both given", "pass one", {"weights": "w.pt"})
+    back = pickle.loads(pickle.dumps(e))
+    assert type(back) is BadValue
+    assert str(back) == str(e) == "model='gpt2' and weights='w.pt' both given; pass one"
+    assert back.fact == "model 'gpt2' and weights 'w.pt' both given"

@@ -12,15 +12,27 @@ class BlockcapError(Exception):
 class BadValue(BlockcapError):
     """One option's value is wrong, raised with its parts as data so that each caller words them:
     the library says ``name=value problem; fix``, the CLI turns ``name=`` into ``--name=``, and a
-    damaged store's metadata is reported as ``name value problem`` (``fact``), with no advice."""
+    damaged store's metadata is reported as ``name value problem`` (``fact``), with no advice and
+    no ``name=`` for the CLI to take for an option. ``others``: further fields the problem names,
+    as ``{field}`` placeholders in it."""
 
-    def __init__(self, name: str, value: Any, problem: str, fix: str = "") -> None:
-        self.name, self.value, self.problem, self.fix = name, value, problem, fix
-        super().__init__(f"{name}={value!r} {problem}" + (f"; {fix}" if fix else ""))
+    def __init__(
+        self, name: str, value: Any, problem: str, fix: str = "", others: dict[str, Any] | None = None
+    ) -> None:
+        self.name, self.value, self.problem, self.fix, self.others = name, value, problem, fix, others or {}
+        super().__init__(f"{name}={value!r} {self._problem('=')}" + (f"; {fix}" if fix else ""))
+
+    def _problem(self, sep: str) -> str:
+        if not self.others:  # a problem without placeholders may hold braces of its own
+            return self.problem
+        return self.problem.format(**{k: f"{k}{sep}{v!r}" for k, v in self.others.items()})
 
     @property
     def fact(self) -> str:
-        return f"{self.name} {self.value!r} {self.problem}"
+        return f"{self.name} {self.value!r} {self._problem(' ')}"
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled whole (a torchrun rank hands errors on)
+        return type(self), (self.name, self.value, self.problem, self.fix, self.others)
 
 
 class Interrupted(BlockcapError):

@@ -247,11 +247,12 @@ class CaptureSpec:
             set_(self, name, _sha256(name, getattr(self, name)))
         if self.model is not None and self.weights is not None:
             raise BadValue(
-                "model", self.model, f"and weights={self.weights!r} both given",
+                "model", self.model, "and {weights} both given",
                 "weights is for the char GPT, model for a Hugging Face model: pass one",
+                {"weights": self.weights},
             )  # fmt: skip
         if self.revision is not None and self.model is None:
-            raise BadValue("revision", self.revision, "needs model= (a Hugging Face model)")
+            raise BadValue("revision", self.revision, "is for a Hugging Face model", "pass model= too")
         _choice("model_dtype", self.model_dtype, MODEL_DTYPES)
         _choice("split", self.split, SPLITS)
         if self.separator is not None:
@@ -261,7 +262,10 @@ class CaptureSpec:
             raise BadValue("sample_len", self.sample_len, "is not an integer", "use 1..the model's context")
         positive("sample_len", self.sample_len, MAX_COUNT)
         if self.prepend_bos is True and self.sample_len < 2:
-            raise BadValue("prepend_bos", True, f"needs sample_len=2 or more (got {self.sample_len})")
+            raise BadValue(
+                "prepend_bos", True, "needs windows of 2 tokens or more ({sample_len})", "",
+                {"sample_len": self.sample_len},
+            )  # fmt: skip
         positive("stride", self.stride, MAX_COUNT)
         positive("batch_size", self.batch_size, 1 << 62)
         storage_dtype(self.dtype)

@@ -233,7 +233,8 @@ def prepare(
     if not location.is_empty():
         try:
             old = read_meta(location)
-            old_spec, old_tag = spec_of(old), tag_of(old, layout_of(old))
+            old_layout = layout_of(old)  # first: it names a damaged store's params as damage
+            old_spec, old_tag = spec_of(old), tag_of(old, old_layout)
         except BlockcapError as e:
             if sole and _lost_root_of(location, layout, tag):
                 new = create(location, layout, meta, objects)  # the data stays; every unit is checked

@@ -71,7 +71,7 @@ class ActivationLoader(IterableDataset):
         self._store: CaptureStore | None = store
         self._site: LazyArray | None = None
         # the shuffle buffer, kept for the next epoch: a fresh one costs its page faults again
-        # (measured 24-370 ms for 256 MB, against 0.4 s for an epoch of the benchmark's widest site)
+        # (measured 24-372 ms for 256 MB, against 0.4 s for an epoch of the benchmark's widest site)
         self._kept: list[tuple[np.ndarray, ...]] = []  # at most one; pop and append are atomic
 
     @property

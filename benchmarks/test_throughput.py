@@ -9,7 +9,6 @@ before the timer, which covers computing, encoding, writing and committing every
 
 from __future__ import annotations
 
-import resource
 import shutil
 import statistics
 import time
@@ -40,20 +39,14 @@ def measure(benchmark, setup, variant: str, fn, fresh=None):
     busy: list[float] = []
 
     def timed(*args):
-        cpu, wall = cpu_seconds(), time.perf_counter()
+        cpu, wall = time.process_time(), time.perf_counter()  # CPU time of every thread of the process
         result = fn(*args)
-        busy.append((cpu_seconds() - cpu) / (time.perf_counter() - wall))
+        busy.append((time.process_time() - cpu) / (time.perf_counter() - wall))
         return result
 
     result = benchmark.pedantic(timed, setup=fresh, rounds=ROUNDS, warmup_rounds=1, iterations=1)
     benchmark.extra_info["cores_busy"] = statistics.median(busy[1:] or busy)  # the warmup left out
     return result
-
-
-def cpu_seconds() -> float:
-    """This process's CPU time, every thread's, user and system."""
-    use = resource.getrusage(resource.RUSAGE_SELF)
-    return use.ru_utime + use.ru_stime
 
 
 @pytest.mark.parametrize("how", ["steady", "whole"])
